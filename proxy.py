@@ -1,0 +1,3149 @@
+#!/usr/bin/env python3
+"""cc-proxy: OpenAI- and Anthropic-compatible API in front of coding-agent backends.
+
+One file, Python standard library only, Python 3.9+.
+
+    python3 proxy.py                 # serve on 127.0.0.1:3000 (config.json beside this file)
+    python3 proxy.py help            # commands: start, config, service, version, help
+
+Front ends (what clients speak):  OpenAI Chat Completions  POST /v1/chat/completions
+                                   OpenAI Responses          POST /v1/responses
+                                   Anthropic Messages        POST /v1/messages
+Backends (where answers come from): Command Code (api.commandcode.ai, /alpha/generate NDJSON)
+                                     Claude Code CLI (the local `claude` binary, stream-json)
+
+Data flows through one pipeline, and this file reads in that order:
+
+    client JSON --decode--> Request --backend.stream--> event batches --encode--> SSE or JSON
+
+Sections: configuration, logging, canonical request/events/errors, front ends, backend
+Command Code, backend Claude Code CLI, HTTP server, command line.
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import fnmatch
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import random
+import re
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+__version__ = "0.1.0"
+PROXY_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+# =====================================================================================
+# 2. Configuration: defaults, file, environment, validation
+# =====================================================================================
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "k": 1024, "mb": 1024 ** 2, "m": 1024 ** 2,
+               "gb": 1024 ** 3, "g": 1024 ** 3}
+
+
+def parse_size(value):
+    """'10mb' / '512kb' / 1048576 -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10mb")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("expected a size such as 10mb, 512kb or a byte count")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_int(value, low=None, high=None):
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    try:
+        number = int(str(value).strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+    if low is not None and number < low:
+        raise ValueError("must be at least %d" % low)
+    if high is not None and number > high:
+        raise ValueError("must be at most %d" % high)
+    return number
+
+
+def parse_bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_model_map(value):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError('expected a JSON object such as {"claude-haiku-*": "deepseek/deepseek-v4-flash"}') from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                              for k, v in value.items()):
+        raise ValueError("expected a JSON object mapping model ids or globs to model ids")
+    return dict(value)
+
+
+def _enum(*allowed):
+    def parse(value):
+        text = str(value).strip()
+        if text not in allowed:
+            raise ValueError("expected one of: " + ", ".join(allowed))
+        return text
+    parse.allowed = allowed
+    return parse
+
+
+def _text(value):
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("expected text")
+    return str(value)
+
+
+def _url(value):
+    text = str(value).strip().rstrip("/")
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http(s) URL")
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    env: str
+    default: Any
+    parse: Any
+    kind: str
+    help: str
+    secret: bool = False
+
+
+def _ms(low=0):
+    return lambda v: parse_int(v, low)
+
+
+SETTINGS = [
+    Setting("port", "PORT", 3000, lambda v: parse_int(v, 0, 65535), "port", "listen port"),
+    Setting("host", "HOST", "127.0.0.1", _text, "text", "listen address"),
+    Setting("backend", "BACKEND", "commandcode", _enum("commandcode", "claude-code"), "enum",
+            "which backend answers"),
+    Setting("apiKey", "API_KEY", "", _text, "text", "the proxy's own key (claude-code backend)", True),
+    Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text", "allowed CORS origin; empty disables CORS"),
+    Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum", "log level"),
+    Setting("logFile", "LOG_FILE", "", _text, "path", "also log to this file, rotated"),
+    Setting("logMaxSize", "LOG_MAX_SIZE", 10 * 1024 ** 2, parse_size, "size", "rotate the log file at this size"),
+    Setting("logMaxFiles", "LOG_MAX_FILES", 5, lambda v: parse_int(v, 1, 1000), "int", "rotated log files kept"),
+    Setting("maxBodyBytes", "MAX_BODY_BYTES", 32 * 1024 ** 2, parse_size, "size",
+            "larger request bodies get 413"),
+    Setting("maxInFlight", "MAX_IN_FLIGHT", 64, lambda v: parse_int(v, 1), "int",
+            "more concurrent model requests get 503 + Retry-After"),
+    Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text", "model used when a request names none"),
+    Setting("modelMap", "MODEL_MAP", {}, parse_model_map, "json",
+            "client model id or * glob -> backend model id"),
+    Setting("upstreamRetries", "UPSTREAM_RETRIES", 2, lambda v: parse_int(v, 0, 10), "int",
+            "retries of failures that happen before any byte reached the client"),
+    Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url", "Command Code base URL"),
+    Setting("projectSlug", "PROJECT_SLUG", "cc-proxy", _text, "text", "x-project-slug header"),
+    Setting("ccVersion", "CC_VERSION", "", _text, "text",
+            "x-command-code-version; empty = npm latest, refreshed every 24 h"),
+    Setting("useProviderModels", "CC_USE_PROVIDER_MODELS", True, parse_bool, "bool",
+            "build /v1/models from the live list"),
+    Setting("modelRefreshIntervalMs", "CC_MODEL_REFRESH_MS", 300000, _ms(1000), "ms", "model list cache"),
+    Setting("streamIdleTimeoutMs", "STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
+            "abort a streaming upstream that sends nothing for this long"),
+    Setting("nonStreamIdleTimeoutMs", "NON_STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
+            "abort a non-streaming upstream that sends nothing for this long"),
+    Setting("keepAliveIntervalMs", "KEEPALIVE_INTERVAL_MS", 15000, _ms(10), "ms",
+            "SSE keep-alive comment / ping interval during upstream silence"),
+    Setting("claudePath", "CLAUDE_PATH", "claude", _text, "path", "the Claude Code CLI binary"),
+    Setting("claudeWorkingDir", "CLAUDE_WORKING_DIR", "", _text, "path",
+            "default working directory (empty = the server's cwd)"),
+    Setting("claudePermissionMode", "CLAUDE_PERMISSION_MODE", "default",
+            _enum("default", "acceptEdits", "plan", "dontAsk", "bypassPermissions"), "enum",
+            "permission mode of CLI runs"),
+    Setting("claudeMaxTurns", "CLAUDE_MAX_TURNS", 25, lambda v: parse_int(v, 1), "int",
+            "agentic turns per request"),
+    Setting("claudeTimeoutMs", "CLAUDE_TIMEOUT_MS", 300000, _ms(1), "ms", "wall-clock limit per CLI run"),
+    Setting("claudeMaxProcesses", "CLAUDE_MAX_PROCESSES", 4, lambda v: parse_int(v, 1), "int",
+            "concurrent CLI processes; more wait, then 429"),
+    Setting("claudeAskWorkingDir", "CLAUDE_ASK_WORKING_DIR", True, parse_bool, "bool",
+            "ask a new conversation for its working directory"),
+    Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
+            "conversation -> CLI session mapping lifetime"),
+    Setting("sessionFile", "SESSION_FILE", "", _text, "path", "persist that mapping across restarts"),
+]
+SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+def resolve_setting(name):
+    """camelCase key or its env-style alias (API_KEY) -> Setting, or None."""
+    return SETTINGS_BY_KEY.get(name) or SETTINGS_BY_ENV.get(name) or SETTINGS_BY_ENV.get(name.upper())
+
+
+def default_config_path(environ=None):
+    environ = os.environ if environ is None else environ
+    return environ.get("CC_PROXY_CONFIG") or os.path.join(PROXY_DIR, "config.json")
+
+
+class ConfigError(Exception):
+    pass
+
+
+def read_config_file(path):
+    """The file's raw JSON object ({} when it does not exist)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError("cannot read config file %s: %s" % (path, e)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("config file %s must hold a JSON object" % path)
+    return data
+
+
+def load_config(path=None, environ=None, overrides=None, sources=None):
+    """Defaults, then the file, then the environment, then overrides (command-line flags).
+
+    Returns a dict of every setting with parsed values. `sources`, if given, is filled with
+    where each value came from (default / file / env / flag)."""
+    environ = os.environ if environ is None else environ
+    path = path or default_config_path(environ)
+    layers = [("file", read_config_file(path)),
+              ("env", {s.key: environ[s.env] for s in SETTINGS if s.env in environ}),
+              ("flag", dict(overrides or {}))]
+    config = {s.key: s.default for s in SETTINGS}
+    origin = {s.key: "default" for s in SETTINGS}
+    for layer, values in layers:
+        for name, raw in values.items():
+            setting = resolve_setting(name)
+            if setting is None:
+                continue  # unknown keys are kept in the file but ignored here
+            try:
+                config[setting.key] = setting.parse(raw)
+            except ValueError as e:
+                raise ConfigError("%s (from %s): %s" % (setting.key, layer, e)) from None
+            origin[setting.key] = layer
+    config["configPath"] = os.path.abspath(path)
+    if sources is not None:
+        sources.update(origin)
+    return config
+
+
+# =====================================================================================
+# 3. Logging: levels, rotation, never a key or a prompt
+# =====================================================================================
+
+log = logging.getLogger("cc-proxy")
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def setup_logging(config):
+    log.handlers[:] = []
+    log.setLevel(_LEVELS[config["logLevel"]])
+    log.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(formatter)
+    log.addHandler(console)
+    if config["logFile"]:
+        path = os.path.expanduser(config["logFile"])
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        rotating = logging.handlers.RotatingFileHandler(
+            path, maxBytes=config["logMaxSize"], backupCount=config["logMaxFiles"], encoding="utf-8")
+        rotating.setFormatter(formatter)
+        log.addHandler(rotating)
+
+
+_SECRET_RE = re.compile(r"(user_|sk-(?:ant-)?)[A-Za-z0-9_\-]{4,}")
+
+
+def redact(text):
+    """Strip anything that looks like a key from a message bound for a log."""
+    return _SECRET_RE.sub(lambda m: m.group(1) + "***", str(text))
+
+
+# =====================================================================================
+# 4. Canonical request, events, errors
+# =====================================================================================
+
+class ProxyError(Exception):
+    """Every failure a client can see. Front ends render it in their own protocol's shape.
+
+    kind is one of: invalid_request, authentication, permission, not_found, request_too_large,
+    rate_limit, insufficient_quota, overloaded, timeout, upstream, api_error."""
+
+    def __init__(self, status, kind, message, retry_after=None, code=None, should_retry=None,
+                 retryable=False, param=None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+        self.code = code
+        self.should_retry = should_retry
+        self.retryable = retryable  # may the proxy itself try again (before any client byte)?
+        self.param = param
+
+    def headers(self):
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(int(max(0, self.retry_after)))
+        if self.should_retry is not None:
+            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        return headers
+
+
+def bad_request(message, param=None):
+    return ProxyError(400, "invalid_request", message, param=param)
+
+
+@dataclass
+class Request:
+    """The canonical request every front end decodes into and every backend encodes from.
+
+    messages: [{"role": "user"|"assistant"|"tool", "parts": [part, ...]}] where a part is
+      {"type": "text", "text"}
+      {"type": "image", "media_type", "data"}  or  {"type": "image", "url"}
+      {"type": "reasoning", "text", "signature"}
+      {"type": "tool_call", "id", "name", "arguments": dict}
+      {"type": "tool_result", "call_id", "name", "content": str, "is_error": bool, "images": [image parts]}
+    system: [{"text", "cache": bool}]
+    tools: [{"name", "description", "schema"}]
+    tool_choice: "auto" | "none" | "required" | {"name": ...}
+    """
+    model: str = ""
+    system: List[dict] = field(default_factory=list)
+    messages: List[dict] = field(default_factory=list)
+    tools: List[dict] = field(default_factory=list)
+    tool_choice: Any = "auto"
+    parallel_tool_calls: Optional[bool] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: List[str] = field(default_factory=list)
+    reasoning_effort: Optional[str] = None
+    response_format: Optional[dict] = None
+    stream: bool = False
+    session_id: Optional[str] = None
+    dropped_tools: List[str] = field(default_factory=list)  # tools we could not send, named in a header
+    client_model: str = ""  # the model id as the client asked for it
+    options: Dict[str, Any] = field(default_factory=dict)  # front-end specifics (include_usage, store, ...)
+
+
+# Events a backend yields, in batches (lists). An empty batch is a tick of upstream silence.
+TEXT = "text"              # (TEXT, text)
+REASONING = "reasoning"    # (REASONING, text)
+SIGNATURE = "signature"    # (SIGNATURE, signature) closes the current reasoning block
+TOOL_START = "tool_start"  # (TOOL_START, call_id, name)
+TOOL_DELTA = "tool_delta"  # (TOOL_DELTA, call_id, json_fragment)
+TOOL_END = "tool_end"      # (TOOL_END, call_id, complete_arguments_json)
+USAGE = "usage"            # (USAGE, Usage)
+FINISH = "finish"          # (FINISH, reason, stop_sequence): stop|length|tool_calls|content_filter|stop_sequence|refusal
+MODEL = "model"            # (MODEL, model id the backend really used)
+CONTENT_EVENTS = frozenset((TEXT, REASONING, TOOL_START))
+
+
+@dataclass
+class Usage:
+    input: int = 0          # all prompt tokens, cached ones included
+    cache_read: int = 0
+    cache_write: int = 0
+    output: int = 0         # reasoning included
+    reasoning: int = 0
+
+    @property
+    def uncached_input(self):
+        return max(0, self.input - self.cache_read - self.cache_write)
+
+
+class Completion:
+    """Events folded into one answer: what a non-streaming response is built from."""
+
+    def __init__(self):
+        self.blocks = []      # ["reasoning", text, signature] | ["text", text] | ["tool_call", id, name, args]
+        self.usage = Usage()
+        self.finish = "stop"
+        self.stop_sequence = None
+        self.model = None
+        self._tools = {}
+
+    def add(self, batch):
+        blocks = self.blocks
+        for event in batch:
+            kind = event[0]
+            if kind == TEXT:
+                if blocks and blocks[-1][0] == "text":
+                    blocks[-1][1] += event[1]
+                else:
+                    blocks.append(["text", event[1]])
+            elif kind == REASONING:
+                if blocks and blocks[-1][0] == "reasoning" and blocks[-1][2] is None:
+                    blocks[-1][1] += event[1]
+                else:
+                    blocks.append(["reasoning", event[1], None])
+            elif kind == SIGNATURE:
+                if blocks and blocks[-1][0] == "reasoning":
+                    blocks[-1][2] = event[1]
+            elif kind == TOOL_START:
+                block = ["tool_call", event[1], event[2], ""]
+                self._tools[event[1]] = block
+                blocks.append(block)
+            elif kind == TOOL_DELTA:
+                self._tools[event[1]][3] += event[2]
+            elif kind == TOOL_END:
+                self._tools[event[1]][3] = event[2]
+            elif kind == USAGE:
+                self.usage = event[1]
+            elif kind == FINISH:
+                self.finish, self.stop_sequence = event[1], event[2]
+            elif kind == MODEL:
+                self.model = event[1]
+
+    def text(self):
+        return "".join(b[1] for b in self.blocks if b[0] == "text")
+
+    def reasoning(self):
+        return "".join(b[1] for b in self.blocks if b[0] == "reasoning")
+
+    def tool_calls(self):
+        return [b for b in self.blocks if b[0] == "tool_call"]
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_surrogates(value):
+    """Clients' JSON may hold lone UTF-16 surrogates; upstreams reject them once re-serialised."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [scrub_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub_surrogates(k): scrub_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def parse_json_body(raw):
+    """Request bytes -> dict, with lone surrogates replaced; 400 on anything else."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request("request body is not valid UTF-8 (byte %d)" % e.start) from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise bad_request("request body is nested too deeply") from None
+    except ValueError as e:
+        raise bad_request("request body is not valid JSON: %s" % e) from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    if _LONE_SURROGATE.search(text) or "\\ud" in text or "\\uD" in text:
+        body = scrub_surrogates(body)
+    return body
+
+
+def json_dumps(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class Fields:
+    """Typed access to a client JSON object, so a wrong type is a 400 naming the field."""
+
+    _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+              list: "an array", dict: "an object"}
+
+    def __init__(self, body, prefix=""):
+        self.body = body
+        self.prefix = prefix
+
+    def get(self, name, kind, default=None, required=False):
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise bad_request("'%s%s' is required" % (self.prefix, name), self.prefix + name)
+            return default
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+                 for k in ((int, float) if float in kinds else ()) + kinds)
+        if not ok:
+            expected = " or ".join(self._NAMES.get(k, k.__name__) for k in kinds)
+            raise bad_request("'%s%s' must be %s" % (self.prefix, name, expected), self.prefix + name)
+        return value
+
+
+def data_url_image(url):
+    """'data:image/png;base64,...' -> image part; an http(s) URL -> URL image part."""
+    if url.startswith("data:"):
+        m = re.match(r"data:([^;,]+)?(;base64)?,(.*)", url, re.S)
+        if not m or not m.group(2):
+            raise bad_request("image data URLs must be base64 encoded")
+        return {"type": "image", "media_type": m.group(1) or "image/png", "data": m.group(3)}
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "url": url}
+    raise bad_request("image URL must be a data: URL or an http(s) URL")
+
+
+def arguments_object(text, where):
+    """Tool-call arguments as the JSON text clients send -> the object upstreams want."""
+    if isinstance(text, dict):
+        return text
+    if text in (None, ""):
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise bad_request("%s must be a JSON object encoded as a string" % where) from None
+    if not isinstance(value, dict):
+        raise bad_request("%s must encode a JSON object" % where)
+    return value
+
+
+def json_format_instruction(fmt):
+    """response_format / text.format json modes, honoured by instruction (best effort)."""
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return "Respond with a single valid JSON object and nothing else (no prose, no code fences)."
+    if fmt.get("type") == "json_schema":
+        schema = fmt.get("json_schema", fmt)
+        return ("Respond with a single valid JSON object that conforms to this JSON Schema, and nothing "
+                "else (no prose, no code fences):\n" + json_dumps(schema.get("schema", schema)))
+    raise bad_request("response format type %r is not supported" % fmt.get("type"), "response_format")
+
+
+_CJK = re.compile("[\u1100-\u11ff\u2e80-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+
+
+def estimate_tokens(text):
+    """Local token estimate: ~4 characters per token for Latin text, ~1 token per CJK character."""
+    if not text:
+        return 0
+    cjk = len(_CJK.findall(text))
+    return cjk + (len(text) - cjk + 3) // 4
+
+
+def estimate_request_tokens(request):
+    """Prompt size of a canonical request: system, messages, tools, images (~1 600 tokens each)."""
+    total = sum(estimate_tokens(p["text"]) for p in request.system)
+    for message in request.messages:
+        total += 4
+        for part in message["parts"]:
+            kind = part["type"]
+            if kind in ("text", "reasoning"):
+                total += estimate_tokens(part["text"])
+            elif kind == "image":
+                total += 1600
+            elif kind == "tool_call":
+                total += estimate_tokens(part["name"] + json_dumps(part["arguments"]))
+            elif kind == "tool_result":
+                total += estimate_tokens(part["content"]) + 1600 * len(part.get("images") or ())
+    for tool in request.tools:
+        total += estimate_tokens(tool["name"] + (tool["description"] or "") + json_dumps(tool["schema"]))
+    return max(1, total)
+
+
+def new_id(prefix):
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def fold_system_text(request, text, cache=False):
+    if text:
+        request.system.append({"text": text, "cache": cache})
+
+
+# =====================================================================================
+# 5. Front ends: OpenAI Chat Completions, OpenAI Responses, Anthropic Messages
+#
+# Each front end is a decoder (wire JSON -> Request), a stream encoder (event batches ->
+# SSE bytes), a body renderer (Completion -> JSON) and an error renderer.
+# =====================================================================================
+
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def openai_usage(usage):
+    return {"prompt_tokens": usage.input, "completion_tokens": usage.output,
+            "total_tokens": usage.input + usage.output,
+            "prompt_tokens_details": {"cached_tokens": usage.cache_read},
+            "completion_tokens_details": {"reasoning_tokens": usage.reasoning}}
+
+
+_OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                       "permission": "permission_error", "not_found": "not_found_error",
+                       "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
+                       "insufficient_quota": "insufficient_quota", "overloaded": "server_error",
+                       "timeout": "timeout_error", "upstream": "api_error", "api_error": "api_error"}
+
+
+def openai_error_body(err):
+    return {"error": {"message": err.message, "type": _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
+                      "param": err.param, "code": err.code or err.kind}}
+
+
+def _sse_data(obj):
+    return "data: " + json_dumps(obj) + "\n\n"
+
+
+def text_of_parts(content, where, allowed=("text", "input_text", "output_text")):
+    """A string, or a list of text parts, as one string (system / developer / tool content)."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise bad_request("'%s' must be a string or an array of text parts" % where, where)
+    texts = []
+    for i, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type") in allowed and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise bad_request("'%s[%d]' must be a text part" % (where, i), "%s[%d]" % (where, i))
+    return "\n".join(texts)
+
+
+class ChatCompletions:
+    """OpenAI Chat Completions: POST /v1/chat/completions."""
+
+    name = "chat"
+    id_prefix = "chatcmpl-"
+    keepalive = b": keep-alive\n\n"
+
+    # ---- decode -------------------------------------------------------------------
+    def decode(self, body, headers):
+        f = Fields(body)
+        request = Request(stream=bool(f.get("stream", bool, False)))
+        request.model = request.client_model = f.get("model", str, "")
+        messages = f.get("messages", list, required=True)
+        if not messages:
+            raise bad_request("'messages' must not be empty", "messages")
+        if f.get("n", int, 1) != 1:
+            raise bad_request("'n' other than 1 is not supported: one answer per request", "n")
+        if f.get("logprobs", bool, False) or body.get("top_logprobs") is not None:
+            raise bad_request("'logprobs' is not supported by this backend", "logprobs")
+        tool_names = {}
+        for i, message in enumerate(messages):
+            self._decode_message(request, message, "messages[%d]" % i, tool_names)
+        tools = f.get("tools", list, [])
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request("'tools[%d].function.name' is required" % i, "tools[%d]" % i)
+            request.tools.append({"name": fn["name"], "description": fn.get("description") or "",
+                                  "schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+        for i, fn in enumerate(f.get("functions", list, [])):  # legacy function calling
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request("'functions[%d].name' is required" % i, "functions[%d]" % i)
+            request.tools.append({"name": fn["name"], "description": fn.get("description") or "",
+                                  "schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+        choice = body.get("tool_choice", body.get("function_call"))
+        if choice is None or choice == "auto":
+            request.tool_choice = "auto"
+        elif choice in ("none", "required"):
+            request.tool_choice = choice
+        elif isinstance(choice, dict) and isinstance((choice.get("function") or choice).get("name"), str):
+            request.tool_choice = {"name": (choice.get("function") or choice)["name"]}
+        else:
+            raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
+        request.parallel_tool_calls = f.get("parallel_tool_calls", bool)
+        max_tokens = f.get("max_completion_tokens", int) or f.get("max_tokens", int)
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request("'max_tokens' must be at least 1", "max_tokens")
+        request.max_tokens = max_tokens
+        request.temperature = f.get("temperature", float)
+        request.top_p = f.get("top_p", float)
+        stop = f.get("stop", (str, list))
+        request.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in request.stop):
+            raise bad_request("'stop' must be a string or an array of strings", "stop")
+        effort = f.get("reasoning_effort", str)
+        if effort is not None and effort not in EFFORTS:
+            raise bad_request("'reasoning_effort' must be one of " + ", ".join(EFFORTS), "reasoning_effort")
+        request.reasoning_effort = effort
+        fmt = f.get("response_format", dict)
+        fold_system_text(request, json_format_instruction(fmt))
+        options = f.get("stream_options", dict, {})
+        request.options["include_usage"] = bool(options.get("include_usage"))
+        request.session_id = headers.get("x-session-id") or headers.get("x-claude-code-session-id")
+        return request
+
+    def _decode_message(self, request, message, where, tool_names):
+        if not isinstance(message, dict):
+            raise bad_request("'%s' must be an object" % where, where)
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            fold_system_text(request, text_of_parts(content, where + ".content"))
+        elif role == "user":
+            request.messages.append({"role": "user", "parts": self._user_parts(content, where + ".content")})
+        elif role == "assistant":
+            parts = []
+            reasoning = message.get("reasoning_content", message.get("reasoning"))
+            if isinstance(reasoning, str) and reasoning:
+                parts.append({"type": "reasoning", "text": reasoning, "signature": None})
+            if content:
+                text = text_of_parts(content, where + ".content", ("text", "output_text", "refusal")) \
+                    if not isinstance(content, str) else content
+                if text:
+                    parts.append({"type": "text", "text": text})
+            calls = message.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise bad_request("'%s.tool_calls' must be an array" % where, where + ".tool_calls")
+            for j, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise bad_request("'%s.tool_calls[%d].function.name' is required" % (where, j))
+                call_id = call.get("id") or "call_%d_%d" % (len(request.messages), j)
+                tool_names[call_id] = fn["name"]
+                parts.append({"type": "tool_call", "id": call_id, "name": fn["name"],
+                              "arguments": arguments_object(fn.get("arguments"),
+                                                            "'%s.tool_calls[%d].function.arguments'" % (where, j))})
+            legacy = message.get("function_call")
+            if isinstance(legacy, dict) and isinstance(legacy.get("name"), str):
+                tool_names[legacy["name"]] = legacy["name"]
+                parts.append({"type": "tool_call", "id": legacy["name"], "name": legacy["name"],
+                              "arguments": arguments_object(legacy.get("arguments"), where + ".function_call")})
+            if parts:
+                request.messages.append({"role": "assistant", "parts": parts})
+        elif role in ("tool", "function"):
+            call_id = message.get("tool_call_id") or message.get("name")
+            if not isinstance(call_id, str):
+                raise bad_request("'%s.tool_call_id' is required" % where, where + ".tool_call_id")
+            part = {"type": "tool_result", "call_id": call_id, "name": tool_names.get(call_id, "unknown"),
+                    "content": text_of_parts(content, where + ".content"), "is_error": False, "images": []}
+            if request.messages and request.messages[-1]["role"] == "tool":
+                request.messages[-1]["parts"].append(part)
+            else:
+                request.messages.append({"role": "tool", "parts": [part]})
+        else:
+            raise bad_request("'%s.role' must be system, developer, user, assistant or tool" % where,
+                              where + ".role")
+
+    @staticmethod
+    def _user_parts(content, where):
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise bad_request("'%s' must be a string or an array of parts" % where, where)
+        parts = []
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise bad_request("'%s[%d].image_url.url' is required" % (where, i))
+                parts.append(data_url_image(url))
+            else:
+                raise bad_request("'%s[%d]' has unsupported type %r (text and image_url are supported)"
+                                  % (where, i, kind), "%s[%d]" % (where, i))
+        return parts
+
+    # ---- encode -------------------------------------------------------------------
+    def stream_encoder(self, request, exchange):
+        return ChatStreamEncoder(request, exchange, request.options["include_usage"])
+
+    def render(self, completion, request, exchange):
+        message = {"role": "assistant", "content": completion.text() or None}
+        reasoning = completion.reasoning()
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        calls = completion.tool_calls()
+        if calls:
+            message["tool_calls"] = [{"id": c[1], "type": "function", "function": {"name": c[2], "arguments": c[3]}}
+                                     for c in calls]
+        return {"id": exchange.response_id, "object": "chat.completion", "created": exchange.created,
+                "model": completion.model or request.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": CHAT_FINISH[completion.finish]}],
+                "usage": openai_usage(completion.usage), "system_fingerprint": None}
+
+    error_body = staticmethod(openai_error_body)
+
+
+CHAT_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
+               "stop_sequence": "stop", "refusal": "content_filter"}
+
+
+class ChatStreamEncoder:
+    """Events -> chat.completion.chunk SSE. The JSON around each delta is built once."""
+
+    def __init__(self, request, exchange, include_usage):
+        self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
+                     '"choices":[{"index":0,"delta":' % (json_dumps(exchange.response_id), exchange.created,
+                                                        json_dumps(request.model)))
+        self.tail = ',"logprobs":null,"finish_reason":null}]}\n\n'
+        self.include_usage = include_usage
+        self.tools = {}        # call id -> [index, arguments streamed?]
+        self.usage = Usage()
+        self.exchange = exchange
+        self.model = request.model
+
+    def start(self):
+        return (self.head + '{"role":"assistant","content":""}' + self.tail).encode()
+
+    def encode(self, batch):
+        out = []
+        head, tail, dumps = self.head, self.tail, json_dumps
+        for event in batch:
+            kind = event[0]
+            if kind == TEXT:
+                if event[1]:
+                    out.append(head + '{"content":' + dumps(event[1]) + "}" + tail)
+            elif kind == REASONING:
+                if event[1]:
+                    out.append(head + '{"reasoning_content":' + dumps(event[1]) + "}" + tail)
+            elif kind == TOOL_START:
+                index = len(self.tools)
+                self.tools[event[1]] = [index, False]
+                out.append(head + '{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,'
+                           '"arguments":""}}]}' % (index, dumps(event[1]), dumps(event[2])) + tail)
+            elif kind == TOOL_DELTA:
+                state = self.tools[event[1]]
+                if event[2]:
+                    state[1] = True
+                    out.append(head + '{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
+                               % (state[0], dumps(event[2])) + tail)
+            elif kind == TOOL_END:
+                state = self.tools[event[1]]
+                if not state[1]:  # only the final call arrived: its arguments in one delta
+                    out.append(head + '{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
+                               % (state[0], dumps(event[2])) + tail)
+            elif kind == USAGE:
+                self.usage = event[1]
+            elif kind == FINISH:
+                out.append(self._finish(CHAT_FINISH[event[1]]))
+        return "".join(out).encode()
+
+    def _finish(self, reason):
+        usage = openai_usage(self.usage)
+        chunk = {"id": self.exchange.response_id, "object": "chat.completion.chunk",
+                 "created": self.exchange.created, "model": self.model,
+                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+        if self.include_usage:
+            text = _sse_data(chunk)
+            chunk = dict(chunk, choices=[], usage=usage)
+            return text + _sse_data(chunk) + "data: [DONE]\n\n"
+        chunk["usage"] = usage
+        return _sse_data(chunk) + "data: [DONE]\n\n"
+
+    def error(self, err):
+        return _sse_data(openai_error_body(err)).encode()
+
+
+
+# ---- Anthropic Messages -----------------------------------------------------------
+
+_ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                          "permission": "permission_error", "not_found": "not_found_error",
+                          "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
+                          "insufficient_quota": "rate_limit_error", "overloaded": "overloaded_error",
+                          "timeout": "api_error", "upstream": "api_error", "api_error": "api_error"}
+ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                  "content_filter": "refusal", "stop_sequence": "stop_sequence", "refusal": "refusal"}
+_SESSION_IN_USER_ID = re.compile(r"session_?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+# Anthropic server-side tools (web search, code execution, ...) carry a versioned type; no backend runs them.
+_CUSTOM_TOOL_TYPES = (None, "custom", "function")
+
+
+def anthropic_error_body(err):
+    return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(err.kind, "api_error"),
+                                       "message": err.message}}
+
+
+def anthropic_usage(usage):
+    return {"input_tokens": usage.uncached_input, "output_tokens": usage.output,
+            "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_write}
+
+
+def thinking_signature(text):
+    """A stable, well-formed signature for reasoning that has none of its own. Clients replay
+    it with the thinking block; we accept and drop it, so it only has to look right."""
+    digest = hmac.new(_SIGNATURE_SECRET, text.encode("utf-8", "replace"), hashlib.sha256).digest()
+    return base64.b64encode(b"ccproxy1" + digest).decode()
+
+
+_SIGNATURE_SECRET = secrets.token_bytes(32)
+
+
+def anthropic_session_id(metadata):
+    """Claude Code's metadata.user_id carries its session id (a JSON string, or the older
+    'user_<hash>_account_<uuid>_session_<uuid>' form)."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return None
+    try:
+        decoded = json.loads(user_id)
+        if isinstance(decoded, dict) and isinstance(decoded.get("session_id"), str):
+            return decoded["session_id"]
+    except ValueError:
+        pass
+    m = _SESSION_IN_USER_ID.search(user_id)
+    return m.group(1) if m else None
+
+
+def thinking_effort(thinking, output_config):
+    """thinking / output_config.effort -> canonical reasoning effort (None = backend default)."""
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    if not isinstance(thinking, dict):
+        return effort if effort in EFFORTS else None
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return "none"
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            return effort if effort in EFFORTS else "medium"
+        return "high" if budget >= 10000 else "medium" if budget >= 5000 else "low"
+    if kind == "adaptive":
+        effort = effort or thinking.get("effort")
+        return effort if effort in EFFORTS else None
+    raise bad_request("'thinking.type' must be enabled, adaptive or disabled", "thinking.type")
+
+
+class AnthropicMessages:
+    """Anthropic Messages: POST /v1/messages (and count_tokens)."""
+
+    name = "messages"
+    id_prefix = "msg_"
+    keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def decode(self, body, headers):
+        f = Fields(body)
+        request = Request(stream=bool(f.get("stream", bool, False)))
+        request.model = request.client_model = f.get("model", str, "")
+        system = f.get("system", (str, list))
+        if isinstance(system, str):
+            fold_system_text(request, system, cache=True)
+        elif system:
+            for i, block in enumerate(system):
+                if not isinstance(block, dict) or not isinstance(block.get("text"), str):
+                    raise bad_request("'system[%d]' must be a text block" % i, "system[%d]" % i)
+                fold_system_text(request, block["text"], cache=bool(block.get("cache_control")))
+        messages = f.get("messages", list, required=True)
+        if not messages:
+            raise bad_request("'messages' must not be empty", "messages")
+        for i, message in enumerate(messages):
+            self._decode_message(request, message, "messages[%d]" % i)
+        for i, tool in enumerate(f.get("tools", list, [])):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                raise bad_request("'tools[%d].name' is required" % i, "tools[%d].name" % i)
+            if tool.get("type") not in _CUSTOM_TOOL_TYPES:
+                request.dropped_tools.append(tool["name"])
+                continue
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+                schema = {"type": "object", "properties": {}}  # e.g. Claude Code's deferred placeholder
+            request.tools.append({"name": tool["name"], "description": tool.get("description") or "",
+                                  "schema": schema})
+        choice = f.get("tool_choice", dict)
+        if choice:
+            kind = choice.get("type")
+            if kind == "tool" and isinstance(choice.get("name"), str):
+                request.tool_choice = {"name": choice["name"]}
+            elif kind in ("auto", "any", "none"):
+                request.tool_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
+            else:
+                raise bad_request("'tool_choice.type' must be auto, any, tool or none", "tool_choice.type")
+            if choice.get("disable_parallel_tool_use"):
+                request.parallel_tool_calls = False
+        max_tokens = f.get("max_tokens", int)
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request("'max_tokens' must be at least 1", "max_tokens")
+        request.max_tokens = max_tokens
+        request.temperature = f.get("temperature", float)
+        request.top_p = f.get("top_p", float)
+        f.get("top_k", int)  # validated, then ignored: no backend takes it
+        stops = f.get("stop_sequences", list, [])
+        if not all(isinstance(s, str) for s in stops):
+            raise bad_request("'stop_sequences' must be an array of strings", "stop_sequences")
+        request.stop = stops
+        request.reasoning_effort = thinking_effort(f.get("thinking", dict), f.get("output_config", dict))
+        request.session_id = (headers.get("x-session-id") or headers.get("x-claude-code-session-id")
+                              or anthropic_session_id(f.get("metadata", dict)))
+        return request
+
+    def _decode_message(self, request, message, where):
+        if not isinstance(message, dict):
+            raise bad_request("'%s' must be an object" % where, where)
+        role, content = message.get("role"), message.get("content")
+        if role == "system":  # Claude Code puts its environment block here, list or string
+            fold_system_text(request, text_of_parts(content, where + ".content"))
+            return
+        if role not in ("user", "assistant"):
+            raise bad_request("'%s.role' must be user or assistant" % where, where + ".role")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise bad_request("'%s.content' must be a string or an array of blocks" % where, where + ".content")
+        parts, results = [], []
+        for i, block in enumerate(content):
+            here = "%s.content[%d]" % (where, i)
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                if not isinstance(block.get("text"), str):
+                    raise bad_request("'%s.text' must be a string" % here, here + ".text")
+                if block["text"]:
+                    parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image" and role == "user":
+                parts.append(self._image(block, here))
+            elif kind == "tool_result" and role == "user":
+                results.append(self._tool_result(request, block, here))
+            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+                # earlier reasoning goes back upstream; its signature is ours to accept and drop
+                if kind == "thinking" and block.get("thinking"):
+                    parts.append({"type": "reasoning", "text": str(block["thinking"]),
+                                  "signature": block.get("signature")})
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                    raise bad_request("'%s' needs an id and a name" % here, here)
+                tool_input = block.get("input")
+                if isinstance(tool_input, str):
+                    tool_input = arguments_object(tool_input, "'%s.input'" % here)
+                parts.append({"type": "tool_call", "id": block["id"], "name": block["name"],
+                              "arguments": tool_input if isinstance(tool_input, dict) else {}})
+            elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                          "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
+                continue  # server-executed tool traffic is not replayed (as the official CLI does)
+            elif kind == "document":
+                raise bad_request("'%s': document blocks (PDF) are not supported by this backend; send the "
+                                  "text or images of the document instead" % here, here)
+            else:
+                raise bad_request("'%s' has unsupported type %r for role %s" % (here, kind, role), here)
+        if results:
+            request.messages.append({"role": "tool", "parts": results})
+        if parts:
+            request.messages.append({"role": role, "parts": parts})
+
+    @staticmethod
+    def _image(block, where):
+        source = block.get("source")
+        if not isinstance(source, dict):
+            raise bad_request("'%s.source' is required" % where, where + ".source")
+        if source.get("type") == "base64" and isinstance(source.get("data"), str):
+            return {"type": "image", "media_type": source.get("media_type") or "image/png", "data": source["data"]}
+        if source.get("type") == "url" and isinstance(source.get("url"), str):
+            return data_url_image(source["url"])
+        raise bad_request("'%s.source' must be base64 data or a url" % where, where + ".source")
+
+    def _tool_result(self, request, block, where):
+        call_id = block.get("tool_use_id")
+        if not isinstance(call_id, str):
+            raise bad_request("'%s.tool_use_id' is required" % where, where + ".tool_use_id")
+        content = block.get("content")
+        texts, images = [], []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, item in enumerate(content):
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind == "text":
+                    texts.append(str(item.get("text", "")))
+                elif kind == "image":
+                    images.append(self._image(item, "%s.content[%d]" % (where, j)))
+                else:
+                    texts.append(json_dumps(item))
+        name = "unknown"
+        for message in reversed(request.messages):
+            for part in message["parts"]:
+                if part["type"] == "tool_call" and part["id"] == call_id:
+                    name = part["name"]
+        return {"type": "tool_result", "call_id": call_id, "name": name, "content": "\n".join(texts),
+                "is_error": bool(block.get("is_error")), "images": images}
+
+    def stream_encoder(self, request, exchange):
+        return AnthropicStreamEncoder(request, exchange)
+
+    def render(self, completion, request, exchange):
+        content = []
+        for block in completion.blocks:
+            if block[0] == "text":
+                if block[1]:
+                    content.append({"type": "text", "text": block[1]})
+            elif block[0] == "reasoning":
+                content.append({"type": "thinking", "thinking": block[1],
+                                "signature": block[2] or thinking_signature(block[1])})
+            else:
+                content.append({"type": "tool_use", "id": block[1], "name": block[2],
+                                "input": decoded_arguments(block[3])})
+        return {"id": exchange.response_id, "type": "message", "role": "assistant",
+                "model": completion.model or request.model, "content": content,
+                "stop_reason": ANTHROPIC_STOP[completion.finish], "stop_sequence": completion.stop_sequence,
+                "usage": anthropic_usage(completion.usage)}
+
+    error_body = staticmethod(anthropic_error_body)
+
+    def count_tokens(self, body, headers):
+        return {"input_tokens": estimate_request_tokens(self.decode(dict(body, stream=False), headers))}
+
+
+def decoded_arguments(text):
+    """Arguments JSON from a backend -> object; a model's malformed JSON becomes {}."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _sse_event(name, obj):
+    return "event: " + name + "\ndata: " + json_dumps(obj) + "\n\n"
+
+
+class AnthropicStreamEncoder:
+    """Events -> Anthropic SSE: message_start, content blocks (contiguous indexes), message_delta,
+    message_stop. A thinking block always ends with a signature_delta."""
+
+    def __init__(self, request, exchange):
+        self.request = request
+        self.exchange = exchange
+        self.index = -1
+        self.open = None         # "text" | "thinking" | tool call id
+        self.thinking = []       # text of the open thinking block, for its signature
+        self.streamed_args = False
+        self.usage = None
+
+    def start(self):
+        usage = {"input_tokens": self.exchange.input_estimate, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        message = {"id": self.exchange.response_id, "type": "message", "role": "assistant",
+                   "model": self.request.model, "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": usage}
+        return (_sse_event("message_start", {"type": "message_start", "message": message}) +
+                'event: ping\ndata: {"type":"ping"}\n\n').encode()
+
+    def _close(self, out):
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            out.append(_sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": self.index,
+                "delta": {"type": "signature_delta", "signature": thinking_signature("".join(self.thinking))}}))
+        out.append('event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % self.index)
+        self.open = None
+
+    def _open(self, out, kind, block):
+        self._close(out)
+        self.index += 1
+        self.open = kind
+        out.append(_sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                      "content_block": block}))
+
+    def encode(self, batch):
+        out = []
+        dumps = json_dumps
+        for event in batch:
+            kind = event[0]
+            if kind == TEXT:
+                if not event[1]:
+                    continue
+                if self.open != "text":
+                    self._open(out, "text", {"type": "text", "text": ""})
+                out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                           '"delta":{"type":"text_delta","text":%s}}\n\n' % (self.index, dumps(event[1])))
+            elif kind == REASONING:
+                if not event[1]:
+                    continue
+                if self.open != "thinking":
+                    self._open(out, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    self.thinking = []
+                self.thinking.append(event[1])
+                out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                           '"delta":{"type":"thinking_delta","thinking":%s}}\n\n' % (self.index, dumps(event[1])))
+            elif kind == SIGNATURE:
+                if self.open == "thinking":
+                    out.append(_sse_event("content_block_delta", {
+                        "type": "content_block_delta", "index": self.index,
+                        "delta": {"type": "signature_delta", "signature": event[1]}}))
+                    out.append('event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+                               % self.index)
+                    self.open = None
+            elif kind == TOOL_START:
+                self._open(out, event[1], {"type": "tool_use", "id": event[1], "name": event[2], "input": {}})
+                self.streamed_args = False
+            elif kind == TOOL_DELTA:
+                if self.open == event[1] and event[2]:
+                    self.streamed_args = True
+                    out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                               '"delta":{"type":"input_json_delta","partial_json":%s}}\n\n'
+                               % (self.index, dumps(event[2])))
+            elif kind == TOOL_END:
+                if self.open == event[1]:
+                    if not self.streamed_args:
+                        out.append(_sse_event("content_block_delta", {
+                            "type": "content_block_delta", "index": self.index,
+                            "delta": {"type": "input_json_delta", "partial_json": event[2]}}))
+                    self._close(out)
+            elif kind == USAGE:
+                self.usage = event[1]
+            elif kind == FINISH:
+                self._close(out)
+                usage = anthropic_usage(self.usage or Usage())
+                out.append(_sse_event("message_delta", {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": ANTHROPIC_STOP[event[1]], "stop_sequence": event[2]},
+                    "usage": usage}))
+                out.append('event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        return "".join(out).encode()
+
+    def error(self, err):
+        return _sse_event("error", anthropic_error_body(err)).encode()
+
+
+
+# ---- OpenAI Responses --------------------------------------------------------------
+
+# Built-in Responses tool types no backend here can run; Codex sends some on every request.
+_RESPONSES_FUNCTION_TYPES = ("function",)
+
+
+def completion_message(completion):
+    """The assistant turn a Completion stands for, as a canonical message (for chaining)."""
+    parts = []
+    for block in completion.blocks:
+        if block[0] == "text" and block[1]:
+            parts.append({"type": "text", "text": block[1]})
+        elif block[0] == "reasoning" and block[1]:
+            parts.append({"type": "reasoning", "text": block[1], "signature": block[2]})
+        elif block[0] == "tool_call":
+            parts.append({"type": "tool_call", "id": block[1], "name": block[2],
+                          "arguments": decoded_arguments(block[3])})
+    return {"role": "assistant", "parts": parts}
+
+
+class ResponseStore:
+    """Recent Responses (input + output) so previous_response_id chains work. Bounded, TTL'd."""
+
+    def __init__(self, limit=1000, ttl=3600.0):
+        self.limit, self.ttl = limit, ttl
+        self.lock = threading.Lock()
+        self.items = collections.OrderedDict()  # id -> (expires, response object, canonical messages)
+
+    def put(self, response_id, response, messages):
+        with self.lock:
+            self.items[response_id] = (time.monotonic() + self.ttl, response, messages)
+            self.items.move_to_end(response_id)
+            while len(self.items) > self.limit:
+                self.items.popitem(last=False)
+
+    def get(self, response_id):
+        with self.lock:
+            item = self.items.get(response_id)
+            if item is None or item[0] < time.monotonic():
+                self.items.pop(response_id, None)
+                return None
+            return item
+
+
+RESPONSES = ResponseStore()
+RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
+                    "content_filter": ("incomplete", {"reason": "content_filter"}),
+                    "refusal": ("incomplete", {"reason": "content_filter"})}
+
+
+class OpenAIResponses:
+    """OpenAI Responses: POST /v1/responses, GET /v1/responses/{id} (what Codex CLI speaks)."""
+
+    name = "responses"
+    id_prefix = "resp_"
+    keepalive = b": keep-alive\n\n"
+
+    def decode(self, body, headers):
+        f = Fields(body)
+        request = Request(stream=bool(f.get("stream", bool, False)))
+        request.model = request.client_model = f.get("model", str, "")
+        fold_system_text(request, f.get("instructions", str))
+        previous_id = f.get("previous_response_id", str)
+        if previous_id:
+            previous = RESPONSES.get(previous_id)
+            if previous is None:
+                raise bad_request("previous response %r is unknown or expired (responses are kept for one "
+                                  "hour, and never with store: false)" % previous_id, "previous_response_id")
+            request.messages.extend(previous[2])
+        history_length = len(request.messages)
+        items = f.get("input", (str, list), required=True)
+        if isinstance(items, str):
+            items = [{"type": "message", "role": "user", "content": items}]
+        tool_names = {p["id"]: p["name"] for m in request.messages for p in m["parts"] if p["type"] == "tool_call"}
+        for i, item in enumerate(items):
+            self._decode_item(request, item, "input[%d]" % i, tool_names)
+        for i, tool in enumerate(f.get("tools", list, [])):
+            self._decode_tool(request, tool, "tools[%d]" % i)
+        choice = body.get("tool_choice")
+        if choice is None or choice == "auto":
+            request.tool_choice = "auto"
+        elif choice in ("none", "required"):
+            request.tool_choice = choice
+        elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            request.tool_choice = {"name": choice["name"]}
+        else:
+            raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
+        request.parallel_tool_calls = f.get("parallel_tool_calls", bool)
+        max_tokens = f.get("max_output_tokens", int)
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request("'max_output_tokens' must be at least 1", "max_output_tokens")
+        request.max_tokens = max_tokens
+        request.temperature = f.get("temperature", float)
+        request.top_p = f.get("top_p", float)
+        reasoning = f.get("reasoning", dict, {})
+        effort = reasoning.get("effort")
+        if effort is not None and effort not in EFFORTS:
+            raise bad_request("'reasoning.effort' must be one of " + ", ".join(EFFORTS), "reasoning.effort")
+        request.reasoning_effort = effort
+        text = f.get("text", dict, {})
+        fold_system_text(request, json_format_instruction(text.get("format")))
+        request.session_id = (headers.get("x-session-id") or headers.get("session-id")
+                              or f.get("prompt_cache_key", str))
+        request.options.update(store=f.get("store", bool, True), history_length=history_length,
+                               previous_response_id=previous_id, metadata=f.get("metadata", dict, {}))
+        return request
+
+    def _decode_tool(self, request, tool, where):
+        if not isinstance(tool, dict):
+            raise bad_request("'%s' must be an object" % where, where)
+        kind = tool.get("type")
+        if kind == "namespace":  # Codex groups some functions under a namespace tool
+            for j, inner in enumerate(tool.get("tools") or []):
+                self._decode_tool(request, inner, "%s.tools[%d]" % (where, j))
+        elif kind in _RESPONSES_FUNCTION_TYPES:
+            if not isinstance(tool.get("name"), str):
+                raise bad_request("'%s.name' is required" % where, where + ".name")
+            schema = tool.get("parameters")
+            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+                schema = {"type": "object", "properties": {}}
+            request.tools.append({"name": tool["name"], "description": tool.get("description") or "",
+                                  "schema": schema})
+        else:
+            request.dropped_tools.append(str(tool.get("name") or kind))
+
+    def _decode_item(self, request, item, where, tool_names):
+        if not isinstance(item, dict):
+            raise bad_request("'%s' must be an object" % where, where)
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role, content = item.get("role"), item.get("content")
+            if role in ("system", "developer"):
+                fold_system_text(request, text_of_parts(content, where + ".content"))
+                return
+            if role not in ("user", "assistant"):
+                raise bad_request("'%s.role' must be user, assistant, system or developer" % where, where + ".role")
+            if isinstance(content, str):
+                content = [{"type": "input_text", "text": content}]
+            if not isinstance(content, list):
+                raise bad_request("'%s.content' must be a string or an array" % where, where + ".content")
+            parts = []
+            for j, part in enumerate(content):
+                here = "%s.content[%d]" % (where, j)
+                ptype = part.get("type") if isinstance(part, dict) else None
+                if ptype in ("input_text", "output_text", "text", "refusal"):
+                    text = part.get("text", part.get("refusal"))
+                    if not isinstance(text, str):
+                        raise bad_request("'%s.text' must be a string" % here, here + ".text")
+                    if text:
+                        parts.append({"type": "text", "text": text})
+                elif ptype == "input_image" and role == "user":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str):
+                        raise bad_request("'%s.image_url' must be a data: or http(s) URL (file ids are not "
+                                          "supported)" % here, here + ".image_url")
+                    parts.append(data_url_image(url))
+                else:
+                    raise bad_request("'%s' has unsupported type %r" % (here, ptype), here)
+            if parts:
+                self._append(request, role, parts)
+        elif kind == "function_call":
+            call_id, name = item.get("call_id") or item.get("id"), item.get("name")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise bad_request("'%s' needs call_id and name" % where, where)
+            tool_names[call_id] = name
+            self._append(request, "assistant", [{"type": "tool_call", "id": call_id, "name": name, "arguments":
+                                                 arguments_object(item.get("arguments"), "'%s.arguments'" % where)}])
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise bad_request("'%s.call_id' is required" % where, where + ".call_id")
+            output = item.get("output")
+            self._append(request, "tool", [{"type": "tool_result", "call_id": call_id,
+                                            "name": tool_names.get(call_id, "unknown"),
+                                            "content": output if isinstance(output, str)
+                                            else text_of_parts(output, where + ".output"),
+                                            "is_error": False, "images": []}])
+        elif kind == "reasoning":
+            summary = item.get("summary") or []
+            text = "\n".join(s.get("text", "") for s in summary if isinstance(s, dict))
+            if text:
+                self._append(request, "assistant", [{"type": "reasoning", "text": text, "signature": None}])
+        elif kind in ("web_search_call", "file_search_call", "image_generation_call", "item_reference",
+                      "local_shell_call", "local_shell_call_output", "mcp_list_tools", "mcp_call"):
+            return  # built-in tool traffic no backend here ran: nothing to replay
+        else:
+            raise bad_request("'%s.type' %r is not supported" % (where, kind), where + ".type")
+
+    @staticmethod
+    def _append(request, role, parts):
+        """Consecutive items of one role (reasoning, then a function_call) form one turn."""
+        if request.messages and request.messages[-1]["role"] == role and role != "user":
+            request.messages[-1]["parts"].extend(parts)
+        else:
+            request.messages.append({"role": role, "parts": parts})
+
+    def stream_encoder(self, request, exchange):
+        return ResponsesStreamEncoder(self, request, exchange)
+
+    def response_object(self, request, exchange, completion, status=None, error=None):
+        output = []
+        for i, block in enumerate(completion.blocks):
+            item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(block[0]), 1), i)
+            if block[0] == "text":
+                output.append({"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+                               "content": [{"type": "output_text", "text": block[1], "annotations": []}]})
+            elif block[0] == "reasoning":
+                output.append({"id": item_id, "type": "reasoning",
+                               "summary": [{"type": "summary_text", "text": block[1]}]})
+            else:
+                output.append({"id": item_id, "type": "function_call", "status": "completed",
+                               "call_id": block[1], "name": block[2], "arguments": block[3]})
+        incomplete = None
+        if status is None:
+            status, incomplete = RESPONSES_STATUS.get(completion.finish, ("completed", None))
+        usage = completion.usage
+        return {"id": exchange.response_id, "object": "response", "created_at": exchange.created,
+                "status": status, "error": error, "incomplete_details": incomplete,
+                "model": completion.model or request.model, "output": output,
+                "output_text": completion.text(),
+                "parallel_tool_calls": request.parallel_tool_calls is not False,
+                "previous_response_id": request.options.get("previous_response_id"),
+                "store": request.options.get("store", True), "metadata": request.options.get("metadata") or {},
+                "usage": None if status == "in_progress" else {
+                    "input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cache_read},
+                    "output_tokens": usage.output,
+                    "output_tokens_details": {"reasoning_tokens": usage.reasoning},
+                    "total_tokens": usage.input + usage.output}}
+
+    def render(self, completion, request, exchange):
+        response = self.response_object(request, exchange, completion)
+        self.remember(request, completion, response)
+        return response
+
+    def remember(self, request, completion, response):
+        if request.options.get("store", True):
+            RESPONSES.put(response["id"], response, request.messages + [completion_message(completion)])
+
+    @staticmethod
+    def error_body(err):
+        return openai_error_body(err)
+
+
+def block_prefix(kind):
+    return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_"}[kind]
+
+
+class ResponsesStreamEncoder:
+    """Events -> Responses SSE, in the documented order, numbered by sequence_number. The final
+    response object is built from the same folded events as a non-streaming answer."""
+
+    def __init__(self, frontend, request, exchange):
+        self.frontend, self.request, self.exchange = frontend, request, exchange
+        self.completion = Completion()
+        self.sequence = 0
+        self.open = None       # (kind, item id, output index, key) of the open output item
+        self.texts = []
+        self.streamed_args = False
+
+    def _event(self, name, payload):
+        payload = dict(type=name, sequence_number=self.sequence, **payload)
+        self.sequence += 1
+        return "event: " + name + "\ndata: " + json_dumps(payload) + "\n\n"
+
+    def _snapshot(self, status, error=None):
+        return self.frontend.response_object(self.request, self.exchange, self.completion, status, error)
+
+    def start(self):
+        snapshot = self._snapshot("in_progress")
+        return (self._event("response.created", {"response": snapshot}) +
+                self._event("response.in_progress", {"response": snapshot})).encode()
+
+    def _close(self, out):
+        if self.open is None:
+            return
+        kind, item_id, index, key = self.open
+        text = "".join(self.texts)
+        if kind == "text":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out.append(self._event("response.output_text.done", {"item_id": item_id, "output_index": index,
+                                                                 "content_index": 0, "text": text, "logprobs": []}))
+            out.append(self._event("response.content_part.done", {"item_id": item_id, "output_index": index,
+                                                                  "content_index": 0, "part": part}))
+        elif kind == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out.append(self._event("response.reasoning_summary_text.done", {
+                "item_id": item_id, "output_index": index, "summary_index": 0, "text": text}))
+            out.append(self._event("response.reasoning_summary_part.done", {
+                "item_id": item_id, "output_index": index, "summary_index": 0, "part": part}))
+        else:
+            arguments = self.completion.blocks[index][3]
+            out.append(self._event("response.function_call_arguments.done", {
+                "item_id": item_id, "output_index": index, "arguments": arguments}))
+        item = self._snapshot("in_progress")["output"][index]
+        out.append(self._event("response.output_item.done", {"output_index": index, "item": item}))
+        self.open = None
+
+    def _open(self, out, kind, key):
+        self._close(out)
+        index = len(self.completion.blocks) - 1
+        item = self._snapshot("in_progress")["output"][index]
+        self.open = (kind, item["id"], index, key)
+        self.texts = []
+        if kind == "text":
+            item["status"], item["content"] = "in_progress", []
+        elif kind == "tool_call":
+            item["status"], item["arguments"] = "in_progress", ""
+        else:
+            item["summary"] = []
+        out.append(self._event("response.output_item.added", {"output_index": index, "item": item}))
+        if kind == "text":
+            out.append(self._event("response.content_part.added", {
+                "item_id": item["id"], "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}}))
+        elif kind == "reasoning":
+            out.append(self._event("response.reasoning_summary_part.added", {
+                "item_id": item["id"], "output_index": index, "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""}}))
+
+    def encode(self, batch):
+        out = []
+        for event in batch:
+            kind = event[0]
+            if kind in (TEXT, REASONING) and not event[1]:
+                continue
+            before = len(self.completion.blocks)
+            self.completion.add((event,))
+            grew = len(self.completion.blocks) > before
+            if kind == TEXT:
+                if grew:
+                    self._open(out, "text", None)
+                self.texts.append(event[1])
+                out.append(self._event("response.output_text.delta", {
+                    "item_id": self.open[1], "output_index": self.open[2], "content_index": 0,
+                    "delta": event[1], "logprobs": []}))
+            elif kind == REASONING:
+                if grew:
+                    self._open(out, "reasoning", None)
+                self.texts.append(event[1])
+                out.append(self._event("response.reasoning_summary_text.delta", {
+                    "item_id": self.open[1], "output_index": self.open[2], "summary_index": 0,
+                    "delta": event[1]}))
+            elif kind == TOOL_START:
+                self._open(out, "tool_call", event[1])
+                self.streamed_args = False
+            elif kind == TOOL_DELTA:
+                if self.open and self.open[3] == event[1] and event[2]:
+                    self.streamed_args = True
+                    out.append(self._event("response.function_call_arguments.delta", {
+                        "item_id": self.open[1], "output_index": self.open[2], "delta": event[2]}))
+            elif kind == TOOL_END:
+                if self.open and self.open[3] == event[1]:
+                    if not self.streamed_args:
+                        out.append(self._event("response.function_call_arguments.delta", {
+                            "item_id": self.open[1], "output_index": self.open[2], "delta": event[2]}))
+                    self._close(out)
+            elif kind == FINISH:
+                self._close(out)
+                response = self._snapshot(None)
+                self.frontend.remember(self.request, self.completion, response)
+                name = "response.completed" if response["status"] == "completed" else "response.incomplete"
+                out.append(self._event(name, {"response": response}))
+        return "".join(out).encode()
+
+    def error(self, err):
+        failed = self._snapshot("failed", {"code": err.code or _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
+                                           "message": err.message})
+        return self._event("response.failed", {"response": failed}).encode()
+
+
+
+# =====================================================================================
+# 6. Backend: Command Code (POST /alpha/generate, NDJSON), spoken as the official CLI 1.64 does
+# =====================================================================================
+
+PINNED_CC_VERSION = "1.64.0"   # known-good x-command-code-version when npm cannot be reached
+CC_DEFAULT_MODEL = "deepseek/deepseek-v4-flash"
+CC_MAX_TOKENS_DEFAULT = 64000
+CC_MAX_TOKENS_CAP = 200000
+EFFORT_ORDER = ("minimal", "low", "medium", "high", "xhigh", "max")
+
+# The official CLI 1.64 catalog: id | image input | accepted reasoning_effort values
+# ("reasons" = thinks without effort control, "-" = none) | context window | label.
+CC_CATALOG_TEXT = """
+claude-sonnet-5|image|low,medium,high,xhigh,max|1000000|Claude Sonnet 5
+claude-sonnet-4-6|image|low,medium,high,xhigh,max|1000000|Claude Sonnet 4.6
+claude-fable-5-1|image|low,medium,high,xhigh,max|1000000|Claude Fable 5.1
+claude-fable-5|image|low,medium,high,xhigh,max|1000000|Claude Fable 5
+claude-opus-5-5|image|low,medium,high,xhigh,max|1000000|Claude Opus 5.5
+claude-opus-5|image|low,medium,high,xhigh,max|1000000|Claude Opus 5
+claude-opus-4-8|image|low,medium,high,xhigh,max|1000000|Claude Opus 4.8
+claude-opus-4-7|image|low,medium,high,xhigh,max|1000000|Claude Opus 4.7
+claude-haiku-4-5-20251001|image|-|200000|Claude Haiku 4.5
+gpt-6-astra|image|low,medium,high,xhigh,max|1050000|GPT-6 Astra
+gpt-6-sol|image|low,medium,high,xhigh,max|1050000|GPT-6 Sol
+gpt-6-luna|image|low,medium,high,xhigh,max|1050000|GPT-6 Luna
+gpt-5.6-sol|image|low,medium,high,xhigh,max|1050000|GPT-5.6 Sol
+gpt-5.6-terra|image|low,medium,high,xhigh,max|1050000|GPT-5.6 Terra
+gpt-5.6-luna|image|low,medium,high,xhigh,max|1050000|GPT-5.6 Luna
+gpt-5.5|image|low,medium,high,xhigh|400000|GPT-5.5
+gpt-5.4|image|low,medium,high,xhigh|400000|GPT-5.4
+gpt-5.3-codex|image|low,medium,high,xhigh|400000|GPT-5.3 Codex
+gpt-5.4-mini|image|low,medium,high|400000|GPT-5.4 Mini
+MiniMaxAI/MiniMax-M3-Free|image|low,medium,high|1000000|MiniMax M3
+deepseek/deepseek-v4-pro|-|high,max|1000000|DeepSeek V4 Pro (latest)
+deepseek/deepseek-v4-flash|-|high,max|1000000|DeepSeek V4 Flash (latest)
+deepseek/deepseek-v4-flash-vision-exp|image|high,max|1000000|DeepSeek V4 Flash Vision (exp)
+deepseek/deepseek-v4-flash-fast|-|low,high,max|1000000|DeepSeek V4 Flash Fast
+deepseek/deepseek-v4.1-flash|image|low,high,max|1000000|DeepSeek V4.1 Flash
+moonshotai/Kimi-K3|image|low,high,max|1000000|Kimi K3
+moonshotai/Kimi-K2.7-Code|image|reasons|256000|Kimi K2.7 Code
+moonshotai/Kimi-K2.7-Code-Highspeed|image|reasons|262000|Kimi K2.7 Code HighSpeed
+moonshotai/Kimi-K2.6|image|-|256000|Kimi K2.6
+moonshotai/Kimi-K2.5|image|-|256000|Kimi K2.5
+z-ai/glm-5.3-flash|image|low,high,max|1048576|GLM-5.3 Flash
+z-ai/glm-5.3-flashx|image|low,high,max|1000000|GLM-5.3 FlashX
+zai-org/GLM-5.3|-|low,high,max|1000000|GLM-5.3
+zai-org/GLM-5.2|-|high,max|1000000|GLM-5.2
+zai-org/GLM-5.2-Fast|-|-|1000000|GLM-5.2 Fast
+zai-org/GLM-5.1|-|-|200000|GLM-5.1
+zai-org/GLM-5|-|-|200000|GLM-5
+MiniMaxAI/MiniMax-M3|image|low,medium,high|1000000|MiniMax M3
+MiniMaxAI/MiniMax-M2.7|-|-|200000|MiniMax M2.7
+minimax/minimax-m3-free|image|low,medium,high|1000000|MiniMax M3
+minimax/minimax-m2.7-free|-|-|197000|MiniMax M2.7
+MiniMaxAI/MiniMax-M2.5|-|-|200000|MiniMax M2.5
+xiaomi/mimo-v2.6-pro|image|-|1048576|MiMo V2.6 Pro
+xiaomi/mimo-v2.6-pro-ultraspeed|image|-|1048576|MiMo V2.6 Pro UltraSpeed
+xiaomi/mimo-v2.6-flash|image|-|1048576|MiMo V2.6 Flash
+xiaomi/mimo-v2.5-pro|-|-|1000000|MiMo V2.5 Pro
+xiaomi/mimo-v2.5|image|-|1000000|MiMo V2.5
+Qwen/Qwen3.8-Omni-Flash|image|low,medium,xhigh|1000000|Qwen 3.8 Omni Flash
+Qwen/Qwen3.8-Max-0902|image|low,medium,xhigh|1000000|Qwen 3.8 Max 0902
+Qwen/Qwen3.8-Max|image|low,medium,xhigh|1000000|Qwen 3.8 Max
+Qwen/Qwen3.8-27B|image|low,medium,xhigh|262144|Qwen 3.8 27B
+Qwen/Qwen3.8-Flash|image|low,medium,xhigh|1000000|Qwen 3.8 Flash
+Qwen/Qwen3.7-Max|-|reasons|1000000|Qwen 3.7 Max
+Qwen/Qwen3.7-Plus|image|reasons|1000000|Qwen 3.7 Plus
+Qwen/Qwen3.7-Flash|image|reasons|1000000|Qwen 3.7 Flash
+Qwen/Qwen3.6-Max-Preview|-|reasons|200000|Qwen 3.6 Max Preview
+Qwen/Qwen3.6-Plus|image|reasons|200000|Qwen 3.6 Plus
+meituan/LongCat-2.0|-|reasons|1048576|LongCat 2.0
+meituan/LongCat-2.0:free|-|reasons|1048576|LongCat 2.0
+stepfun/Step-5-Preview|image|low,medium,high|1000000|Step 5 Preview
+stepfun/Step-3.7-Flash|image|reasons|256000|Step 3.7 Flash
+stepfun/Step-3.5-Flash|-|reasons|1000000|Step 3.5 Flash
+tencent/Hy3|-|reasons|262144|Tencent Hy3 (Free)
+tencent/hy3-paid|-|reasons|262144|Tencent Hy3
+tencent/hy4-preview|-|low,medium,high|1048576|Tencent Hy4 Preview
+google/gemini-3.8-flash|image|low,medium,high|1000000|Gemini 3.8 Flash
+google/gemini-3.7-flash|image|low,medium,high|1048576|Gemini 3.7 Flash
+google/gemini-3.6-flash|image|low,medium,high|1000000|Gemini 3.6 Flash
+google/gemini-3.5-flash|image|low,medium,high|1000000|Gemini 3.5 Flash
+google/gemini-3.5-flash-lite|image|low,medium,high|1000000|Gemini 3.5 Flash Lite
+google/gemini-3.1-flash-lite|image|low,medium,high|1000000|Gemini 3.1 Flash Lite
+sakana/fugu-ultra|image|high,xhigh|1000000|Fugu Ultra
+nvidia/nemotron-3-ultra-550b-a55b|-|reasons|1000000|Nemotron 3 Ultra
+thinkingmachines/inkling|image|reasons|256000|Inkling
+thinkingmachines/inkling-small|image|reasons|1000000|Inkling Small
+poolside/laguna-s-2.1-free|-|reasons|256000|Laguna S 2.1
+inclusionai/ling-3.0-flash-free|-|reasons|256000|Ling 3.0 Flash
+inclusionai/ling-3.0-flash-sante:free|-|reasons|262144|Ling 3.0 Flash Sante
+meta/muse-spark-1.1|image|low,medium,high,xhigh|1048576|Muse Spark 1.1
+meta/muse-spark-1.2|image|low,medium,high,xhigh|1048576|Muse Spark 1.2
+meta/muse-spark-1.2-contributor|image|low,medium,high,xhigh|1048576|Muse Spark 1.2 Contributor
+meta/muse-spark-1.3|image|low,medium,high,xhigh,max|1048576|Muse Spark 1.3
+meta/muse-spark-1.3-contributor|image|low,medium,high,xhigh|1048576|Muse Spark 1.3 Contributor
+xai/grok-4.5|image|low,medium,high|500000|Grok 4.5
+xai/grok-4.6|image|low,medium,high,xhigh|500000|Grok 4.6
+xai/grok-4.7|image|low,medium,high,xhigh|500000|Grok 4.7
+"""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    images: bool
+    efforts: tuple
+    context: int
+    label: str
+
+
+CC_CATALOG = {}
+for _line in CC_CATALOG_TEXT.strip().splitlines():
+    _id, _img, _eff, _ctx, _label = _line.split("|")
+    CC_CATALOG[_id.lower()] = ModelInfo(_id, _img == "image", tuple(e for e in _eff.split(",")
+                                                                     if e in EFFORT_ORDER), int(_ctx), _label)
+del _line, _id, _img, _eff, _ctx, _label
+
+# Deprecated ids the CLI rewrites before sending (canonicalizeModelId in CLI 1.64).
+CC_DEPRECATED = {"claude-sonnet-4-20250514": "claude-sonnet-4-6", "claude-sonnet-4-5-20250929": "claude-sonnet-4-6",
+                 "claude-sonnet-4-5": "claude-sonnet-4-6", "claude-sonnet-4": "claude-sonnet-4-6",
+                 "claude-opus-4-5-20251101": "claude-opus-4-7", "claude-opus-4-5": "claude-opus-4-7",
+                 "claude-opus-4-6": "claude-opus-4-7", "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+                 "tencent/hy3": "tencent/Hy3"}
+_DATE_SUFFIX = re.compile(r"[-@]\d{8}$")
+
+
+def map_model(model, model_map, default):
+    """Client model id -> backend model id through modelMap (exact ids first, then globs in order)."""
+    if not model:
+        return default
+    if model in model_map:
+        return model_map[model]
+    lowered = model.lower()
+    for pattern, target in model_map.items():
+        if ("*" in pattern or "?" in pattern) and fnmatch.fnmatchcase(lowered, pattern.lower()):
+            return target
+    return model
+
+
+def canonical_cc_model(model):
+    """Case-insensitive catalog match; deprecated ids and date suffixes as the CLI rewrites them."""
+    lowered = model.lower()
+    for candidate in (lowered, CC_DEPRECATED.get(lowered, "").lower(), _DATE_SUFFIX.sub("", lowered),
+                      CC_DEPRECATED.get(_DATE_SUFFIX.sub("", lowered), "").lower()):
+        if candidate in CC_CATALOG:
+            return CC_CATALOG[candidate].id
+        if candidate and candidate in {v.lower() for v in CC_DEPRECATED.values()}:
+            return next(v for v in CC_DEPRECATED.values() if v.lower() == candidate)
+    return model
+
+
+def clamp_effort(effort, allowed):
+    """Nearest level the model accepts (ties go up); None when it takes no effort at all."""
+    if not effort or effort == "none" or not allowed:
+        return None
+    if effort in allowed:
+        return effort
+    rank = EFFORT_ORDER.index(effort)
+    return min(allowed, key=lambda level: (abs(EFFORT_ORDER.index(level) - rank), -EFFORT_ORDER.index(level)))
+
+
+def image_capable_models():
+    return [m.id for m in CC_CATALOG.values() if m.images]
+
+
+class VersionWatcher:
+    """x-command-code-version: the configured ccVersion, else npm's latest `command-code`,
+    fetched in the background every 24 h, else the pinned known-good version."""
+
+    REGISTRY_URL = "https://registry.npmjs.org/command-code/latest"
+
+    def __init__(self, configured):
+        self.configured = configured
+        self.latest = None
+        self.stop_event = threading.Event()
+
+    @property
+    def version(self):
+        return self.configured or self.latest or PINNED_CC_VERSION
+
+    def start(self):
+        if not self.configured:
+            threading.Thread(target=self._run, name="cc-version", daemon=True).start()
+
+    def _run(self):
+        while not self.stop_event.is_set():
+            try:
+                import urllib.request
+                with urllib.request.urlopen(self.REGISTRY_URL, timeout=10) as response:
+                    version = json.loads(response.read(65536)).get("version")
+                if isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+[\w.\-]*", version):
+                    if version != self.latest:
+                        log.info("command-code version from npm: %s", version)
+                    self.latest = version
+            except Exception as e:  # offline, proxy, registry down: the pinned version serves
+                log.debug("npm version check failed (%s); using %s", type(e).__name__, self.version)
+            self.stop_event.wait(24 * 3600)
+
+
+class UpstreamSessions:
+    """One upstream session (x-session-id = threadId) per client key: 12 h plus a random 0-1 h,
+    unless the client names its own. Also counts consecutive idle timeouts per key."""
+
+    LIFETIME = 12 * 3600
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_key = {}          # sha256(key) -> [session uuid, expires at]
+        self.timeouts = {}        # sha256(key) -> consecutive timeouts
+        self.last_sweep = time.monotonic()
+
+    @staticmethod
+    def _digest(key):
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def session_for(self, key, client_session=None):
+        if client_session:
+            try:
+                return str(uuid.UUID(client_session.strip()))
+            except ValueError:
+                pass  # not a UUID: the upstream would refuse it as threadId, so keep ours
+        digest, now = self._digest(key), time.monotonic()
+        with self.lock:
+            if now - self.last_sweep > 600:
+                self.by_key = {k: v for k, v in self.by_key.items() if v[1] > now}
+                self.last_sweep = now
+            entry = self.by_key.get(digest)
+            if entry is None or entry[1] <= now:
+                entry = [str(uuid.uuid4()), now + self.LIFETIME + random.uniform(0, 3600)]
+                self.by_key[digest] = entry
+            return entry[0]
+
+    def note_timeout(self, key):
+        with self.lock:
+            digest = self._digest(key)
+            self.timeouts[digest] = self.timeouts.get(digest, 0) + 1
+            return self.timeouts[digest]
+
+    def note_success(self, key):
+        with self.lock:
+            self.timeouts.pop(self._digest(key), None)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake."""
+
+    MAX_IDLE = 16
+    IDLE_SECONDS = 50
+
+    def __init__(self, base_url):
+        parts = urllib.parse.urlsplit(base_url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.lock = threading.Lock()
+        self.idle = []  # (connection, released at)
+        self.ssl_context = ssl.create_default_context() if self.tls else None
+
+    def acquire(self, timeout):
+        """(connection, reused?)"""
+        now = time.monotonic()
+        with self.lock:
+            while self.idle:
+                conn, released = self.idle.pop()
+                if now - released < self.IDLE_SECONDS:
+                    conn.timeout = timeout
+                    if conn.sock is not None:
+                        conn.sock.settimeout(timeout)
+                    return conn, True
+                conn.close()
+        if self.tls:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        connect = conn.connect
+
+        def connect_without_nagle():
+            connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.connect = connect_without_nagle
+        return conn, False
+
+    def release(self, conn):
+        with self.lock:
+            if len(self.idle) < self.MAX_IDLE and conn.sock is not None:
+                self.idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+
+class UpstreamCall:
+    """One upstream HTTP exchange, read on its own thread into a small bounded queue: the request
+    thread can then wait with a timeout (keep-alive ticks, idle limit, client checks) and abort at
+    once, and a client that stops reading stops the upstream read too (TCP backpressure)."""
+
+    CHUNK = 65536
+    QUEUE_CHUNKS = 16
+
+    def __init__(self, pool, method, path, headers, body, socket_timeout):
+        self.pool, self.method, self.path, self.headers, self.body = pool, method, path, headers, body
+        self.socket_timeout = socket_timeout
+        self.items = queue.Queue(self.QUEUE_CHUNKS)
+        self.cancelled = threading.Event()
+        self.detached = False   # the consumer has what it needs; drain quietly for reuse
+        self.conn = None
+        threading.Thread(target=self._run, name="upstream-read", daemon=True).start()
+
+    def _put(self, item):
+        while not self.cancelled.is_set():
+            if self.detached and item[0] == "chunk":
+                return True
+            try:
+                self.items.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _exchange(self):
+        conn, reused = self.pool.acquire(self.socket_timeout)
+        self.conn = conn
+        try:
+            conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
+            return conn, conn.getresponse()
+        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState, ConnectionResetError,
+                BrokenPipeError):
+            if not reused or self.cancelled.is_set():
+                raise
+            conn.close()  # a pooled connection the server had closed: once more on a fresh one
+            conn, _ = self.pool.acquire(self.socket_timeout)
+            conn.close()
+            self.conn = conn
+            conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
+            return conn, conn.getresponse()
+
+    def _run(self):
+        conn = None
+        try:
+            conn, response = self._exchange()
+            if self.cancelled.is_set():
+                return
+            if response.status != 200:
+                body = response.read(65536)
+                self._put(("head", response.status, response.getheaders(), body))
+                conn.close()
+                return
+            self._put(("head", 200, response.getheaders(), None))
+            read1 = response.read1
+            while True:
+                chunk = read1(self.CHUNK)
+                if not chunk:
+                    break
+                if not self._put(("chunk", chunk)):
+                    return
+            response.close()  # body complete: the connection is free for the next request
+            self._put(("end",))
+            if response.will_close:
+                conn.close()
+            else:
+                self.pool.release(conn)
+            conn = None
+        except Exception as e:
+            if conn is not None:
+                conn.close()
+            conn = None
+            self._put(("fail", e))
+        finally:
+            if conn is not None and self.cancelled.is_set():
+                conn.close()
+
+    def wait(self, timeout):
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def abort(self):
+        """Close the upstream connection now: the upstream sees the client go away."""
+        self.cancelled.set()
+        conn = self.conn
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def parse_upstream_error(body):
+    """An upstream error body -> (message, code, rateLimit). Shapes seen: {"error": {...}},
+    {"success": false, "error": {...}}, a JSON document inside message, bare prose."""
+    message, code, rate_limit = "", None, None
+    try:
+        doc = json.loads(body) if isinstance(body, (bytes, str)) and body else body
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        error = doc.get("error", doc)
+        if isinstance(error, str):
+            message = error
+        elif isinstance(error, dict):
+            message = str(error.get("message") or "")
+            code = error.get("code") or error.get("type")
+            rate_limit = error.get("rateLimit")
+        code = doc.get("code") if doc.get("code") == "USAGE_EXCEEDED" else code
+    elif body:
+        message = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+        if message.lstrip().startswith("<"):
+            message = "(an HTML page)"
+    return message.strip()[:500], code, rate_limit
+
+
+def classify_upstream_error(status, message, code=None, rate_limit=None, retry_after=None):
+    """Map what Command Code answered to what the client gets (table in the README)."""
+    text = (message or "").lower()
+    code_text = str(code or "").lower()
+    shown = message or "HTTP %s" % status
+    if "premium_credits_exhausted" in text or "insufficient credits" in text or code_text == "usage_exceeded" \
+            or status == 402:
+        return ProxyError(429, "insufficient_quota", "Command Code credits exhausted: " + shown,
+                          code="insufficient_quota", should_retry=False)
+    if code_text == "model_not_in_plan" or "model_not_in_plan" in text:
+        return ProxyError(403, "permission", "model not in your Command Code plan: " + shown,
+                          code="model_not_in_plan")
+    if code_text == "upgrade_required" or "upgrade_required" in text:
+        return ProxyError(502, "upstream", "Command Code refused our client version (upgrade_required). The "
+                          "operator should set ccVersion to the current command-code version: python3 proxy.py "
+                          "config set ccVersion <version>", code="upgrade_required")
+    if status == 401:
+        return ProxyError(401, "authentication", "Command Code rejected the API key: " + shown,
+                          code="invalid_api_key")
+    if status == 403:
+        return ProxyError(403, "permission", "Command Code refused the request: " + shown)
+    if status == 429:
+        if code_text == "rate_limited" and isinstance(rate_limit, dict) and rate_limit.get("window"):
+            reset = rate_limit.get("reset")
+            wait = max(1, int(reset - time.time())) if isinstance(reset, (int, float)) else 3600
+            return ProxyError(429, "rate_limit", "Command Code %s usage limit reached; it resets in %d s: %s"
+                              % (rate_limit.get("window"), wait, shown), retry_after=wait,
+                              code="usage_limit", should_retry=False)
+        return ProxyError(429, "rate_limit", "Command Code is rate limiting: " + shown,
+                          retry_after=retry_after or 30, code="rate_limited")
+    if status == 529:
+        return ProxyError(503, "overloaded", "Command Code is overloaded: " + shown, retry_after=retry_after or 5,
+                          retryable=True, code="overloaded")
+    if status in (408, 504):
+        return ProxyError(504, "timeout", "Command Code timed out: " + shown, retryable=True)
+    if status is None or status >= 500:
+        return ProxyError(502, "upstream", "Command Code error: " + shown, retry_after=retry_after or 5,
+                          retryable=True, code="upstream_error")
+    if status == 404:
+        return ProxyError(404, "not_found", "Command Code: " + shown)
+    if status == 413:
+        return ProxyError(413, "request_too_large", "Command Code: request too large: " + shown)
+    if status in (400, 422):
+        return ProxyError(400, "invalid_request", "Command Code rejected the request: " + shown)
+    return ProxyError(502, "upstream", "Command Code answered HTTP %s: %s" % (status, shown))
+
+
+def stream_error(error):
+    """An in-stream {"type":"error"} payload -> ProxyError. The message may embed
+    '<status> {json}', which the CLI unpacks the same way."""
+    if isinstance(error, dict):
+        message, status = str(error.get("message") or ""), error.get("statusCode")
+    else:
+        message, status = str(error or ""), None
+    m = re.match(r"\s*(\d{3})\s+(\{.*\})\s*$", message, re.S)
+    code, rate_limit = None, None
+    if m:
+        status = status or int(m.group(1))
+        message, code, rate_limit = parse_upstream_error(m.group(2))
+    err = classify_upstream_error(status if isinstance(status, int) else None, message, code, rate_limit)
+    if isinstance(error, dict) and error.get("isRetryable") is True:
+        err.retryable = True
+    return err
+
+
+def cc_usage(raw):
+    if not isinstance(raw, dict):
+        return None
+    details = raw.get("inputTokenDetails") or {}
+    output_details = raw.get("outputTokenDetails") or {}
+    number = lambda v: int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+    return Usage(input=number(raw.get("inputTokens")),
+                 cache_read=number(details.get("cacheReadTokens", raw.get("cachedInputTokens"))),
+                 cache_write=number(details.get("cacheWriteTokens")),
+                 output=number(raw.get("outputTokens")),
+                 reasoning=number(output_details.get("reasoningTokens", raw.get("reasoningTokens"))))
+
+
+CC_FINISH = {"stop": "stop", "length": "length", "tool-calls": "tool_calls", "content-filter": "content_filter",
+             "other": "stop"}
+
+
+class CommandCodeStreamDecoder:
+    """NDJSON lines -> canonical events. Tolerant as the CLI is: blank lines, `data: ` prefixes,
+    non-JSON lines skipped and counted, a last line without newline still read."""
+
+    MAX_LINE = 64 * 1024 * 1024
+
+    def __init__(self, request):
+        self.request = request
+        self.pending = b""
+        self.skipped = 0
+        self.finished = False
+        self.step_usage = None
+        self.tools = {}   # call id -> arguments streamed so far?
+        self.handlers = {"text-delta": self._text, "reasoning-delta": self._reasoning,
+                         "tool-input-start": self._tool_start, "tool-input-delta": self._tool_delta,
+                         "tool-call": self._tool_call, "finish-step": self._finish_step,
+                         "finish": self._finish, "error": self._error, "abort": self._abort}
+
+    def feed(self, data):
+        lines = (self.pending + data).split(b"\n") if self.pending else data.split(b"\n")
+        self.pending = lines.pop()
+        if len(self.pending) > self.MAX_LINE:
+            raise ProxyError(502, "upstream", "Command Code sent a line longer than %d bytes" % self.MAX_LINE)
+        batch = []
+        for line in lines:
+            if not self.finished:
+                self._line(line, batch)
+        return batch
+
+    def close(self):
+        batch = []
+        if self.pending and not self.finished:
+            self._line(self.pending, batch)
+        self.pending = b""
+        return batch
+
+    def _line(self, line, batch):
+        line = line.strip()
+        if not line:
+            return
+        if line.startswith(b"data:"):
+            line = line[5:].lstrip()
+            if line == b"[DONE]":
+                return
+        try:
+            event = json.loads(line)
+            handler = self.handlers.get(event.get("type"))
+        except (ValueError, AttributeError):
+            self.skipped += 1
+            return
+        if handler is not None:
+            handler(event, batch)
+
+    @staticmethod
+    def _delta_text(event):
+        text = event.get("text", event.get("delta", event.get("textDelta")))
+        return text if isinstance(text, str) else ""
+
+    def _text(self, event, batch):
+        batch.append((TEXT, self._delta_text(event)))
+
+    def _reasoning(self, event, batch):
+        batch.append((REASONING, self._delta_text(event)))
+
+    def _tool_start(self, event, batch):
+        call_id = str(event.get("id") or event.get("toolCallId") or new_id("call_"))
+        if event.get("providerExecuted") or call_id in self.tools:
+            return
+        self.tools[call_id] = False
+        batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
+
+    def _tool_delta(self, event, batch):
+        call_id = str(event.get("id") or event.get("toolCallId"))
+        delta = event.get("delta", event.get("inputTextDelta"))
+        if self.tools.get(call_id) is not None and isinstance(delta, str) and delta:
+            self.tools[call_id] = True
+            batch.append((TOOL_DELTA, call_id, delta))
+
+    def _tool_call(self, event, batch):
+        if event.get("providerExecuted"):
+            return
+        call_id = str(event.get("toolCallId") or event.get("id") or new_id("call_"))
+        arguments = event.get("input", event.get("args"))
+        if isinstance(arguments, list) and len(arguments) == 1:
+            arguments = arguments[0]
+        if not isinstance(arguments, str):
+            arguments = json_dumps(arguments if arguments is not None else {})
+        if call_id not in self.tools:
+            self.tools[call_id] = False
+            batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
+        batch.append((TOOL_END, call_id, arguments))
+
+    def _finish_step(self, event, batch):
+        self.step_usage = cc_usage(event.get("usage")) or self.step_usage
+
+    def _finish(self, event, batch):
+        reason = event.get("finishReason")
+        if reason == "error":
+            raise ProxyError(502, "upstream", "Command Code ended the answer with an error", retryable=True)
+        usage = cc_usage(event.get("totalUsage")) or self.step_usage or Usage()
+        finish = CC_FINISH.get(reason, "stop")
+        stop_sequence = None
+        if event.get("rawFinishReason") == "stop_sequence":
+            finish = "stop_sequence"
+            stop_sequence = self.request.stop[0] if len(self.request.stop) == 1 else None
+        self.finished = True
+        batch.append((USAGE, usage))
+        batch.append((FINISH, finish, stop_sequence))
+
+    def _error(self, event, batch):
+        raise stream_error(event.get("error"))
+
+    def _abort(self, event, batch):
+        raise ProxyError(502, "upstream", "Command Code aborted the answer", retryable=True)
+
+
+def wire_system(request):
+    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic allows),
+    or a single space: an empty system makes the server inject ~7.5k tokens of its own prompt."""
+    parts = [p["text"] for p in request.system if p["text"]]
+    if not parts:
+        return " "
+    if len(parts) > 4:
+        parts = parts[:3] + ["\n".join(parts[3:])]
+    last = len(parts) - 1
+    return [{"type": "text", "text": text if i == last else text + "\n", "cache_control": {"type": "ephemeral"}}
+            for i, text in enumerate(parts)]
+
+
+def wire_image(part):
+    if "url" in part:
+        return {"type": "image", "image": part["url"]}
+    return {"type": "image", "image": "data:%s;base64,%s" % (part["media_type"], part["data"]),
+            "mimeType": part["media_type"]}
+
+
+def wire_messages(request):
+    """Canonical messages -> AI-SDK model messages as CLI 1.64 sends them (toWireMessages)."""
+    wire = []
+    for message in request.messages:
+        role = message["role"]
+        content = []
+        hoisted = []  # images inside tool results travel in a following user message
+        for part in message["parts"]:
+            kind = part["type"]
+            if kind == "text":
+                content.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                content.append(wire_image(part))
+            elif kind == "reasoning":
+                content.append({"type": "reasoning", "text": part["text"]})
+            elif kind == "tool_call":
+                content.append({"type": "tool-call", "toolCallId": part["id"], "toolName": part["name"],
+                                "input": part["arguments"]})
+            elif kind == "tool_result":
+                value = part["content"]
+                for image in part.get("images") or ():
+                    hoisted.append(wire_image(image))
+                    value += "\n[image %d attached below]" % len(hoisted)
+                content.append({"type": "tool-result", "toolCallId": part["call_id"], "toolName": part["name"],
+                                "output": {"type": "text", "value": value}})
+        if not content:
+            continue
+        if role == "tool" and wire and wire[-1]["role"] == "tool":
+            wire[-1]["content"].extend(content)
+        else:
+            wire.append({"role": role, "content": content})
+        if hoisted:
+            wire.append({"role": "user", "content": hoisted})
+    return wire
+
+
+def has_images(request):
+    return any(part["type"] == "image" or (part["type"] == "tool_result" and part.get("images"))
+               for message in request.messages for part in message["parts"])
+
+
+class ModelList:
+    """/v1/models for Command Code: the live /provider/v1/models list (cached), else the catalog."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.lock = threading.Lock()
+        self.cached = None
+        self.fetched_at = 0.0
+
+    def ids(self, key):
+        config = self.backend.config
+        if config["useProviderModels"] and key:
+            with self.lock:
+                fresh = self.cached is not None and \
+                    time.monotonic() - self.fetched_at < config["modelRefreshIntervalMs"] / 1000
+            if not fresh:
+                self._refresh(key)
+            with self.lock:
+                if self.cached:
+                    return list(self.cached)
+        return [m.id for m in CC_CATALOG.values()]
+
+    def _refresh(self, key):
+        pool = ConnectionPool(self.backend.config["apiBase"])
+        conn, _ = pool.acquire(10)
+        try:
+            conn.request("GET", pool.prefix + "/provider/v1/models", headers=self.backend.headers(key, None, None))
+            response = conn.getresponse()
+            body = response.read(4 * 1024 * 1024)
+            data = json.loads(body).get("data") if response.status == 200 else None
+            ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if data else None
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as e:
+            log.debug("provider model list unavailable (%s); using the built-in catalog", type(e).__name__)
+            ids = None
+        finally:
+            conn.close()
+        with self.lock:
+            self.fetched_at = time.monotonic()
+            if ids:
+                self.cached = ids
+
+
+class CommandCodeBackend:
+    name = "commandcode"
+    auth_hint = "send your Command Code key (user_...) as Authorization: Bearer or x-api-key"
+
+    def __init__(self, config, metrics):
+        self.config = config
+        self.metrics = metrics
+        self.sessions = UpstreamSessions()
+        self.version = VersionWatcher(config["ccVersion"])
+        self.pool = ConnectionPool(config["apiBase"])
+        self.models = ModelList(self)
+        self.last_upstream_ok = None
+
+    def start(self):
+        self.version.start()
+
+    def stop(self):
+        self.version.stop_event.set()
+
+    # ---- before any upstream call ----------------------------------------------------
+    def authenticate(self, headers):
+        for value in (headers.get("authorization"), headers.get("x-api-key")):
+            m = re.search(r"user_[A-Za-z0-9_\-]+", value or "")
+            if m:
+                return m.group(0)
+        raise ProxyError(401, "authentication", "a Command Code key is required: " + self.auth_hint +
+                         " (sk-... keys are not Command Code keys)", code="invalid_api_key")
+
+    def prepare(self, request):
+        """Model mapping, canonical ids, limits and capability checks, all before any upstream call."""
+        default = self.config["defaultModel"] or CC_DEFAULT_MODEL
+        request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"], default))
+        info = CC_CATALOG.get(request.model.lower())
+        if info is not None and not info.images and has_images(request):
+            raise bad_request("model %s does not accept images; models that do: %s"
+                              % (request.model, ", ".join(image_capable_models())), "model")
+        if info is not None:
+            request.reasoning_effort = clamp_effort(request.reasoning_effort, info.efforts)
+        elif request.reasoning_effort == "none":
+            request.reasoning_effort = None
+        request.max_tokens = min(request.max_tokens or CC_MAX_TOKENS_DEFAULT, CC_MAX_TOKENS_CAP)
+
+    # ---- the wire ---------------------------------------------------------------------
+    def headers(self, key, session_id, traceparent):
+        headers = {"content-type": "application/json", "User-Agent": "cli",
+                   "x-command-code-version": self.version.version, "x-cli-environment": "production",
+                   "x-project-slug": self.config["projectSlug"], "x-taste-learning": "true"}
+        if session_id:
+            headers["x-session-id"] = session_id
+        headers["Authorization"] = "Bearer " + key
+        if traceparent:
+            headers["traceparent"] = traceparent
+        headers.update({"accept": "*/*", "accept-language": "*", "sec-fetch-mode": "cors"})
+        return headers
+
+    def envelope(self, request, session_id):
+        """The /alpha/generate body, keys in the CLI's order, with a neutral environment snapshot."""
+        params = {"model": request.model, "messages": wire_messages(request),
+                  "tools": [] if request.tool_choice == "none" else
+                  [{"name": t["name"], "description": t["description"], "input_schema": t["schema"]}
+                   for t in request.tools],
+                  "system": wire_system(request), "max_tokens": request.max_tokens, "stream": True}
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.top_p is not None:
+            params["top_p"] = request.top_p
+        if request.stop:
+            params["stop"] = request.stop
+        if params["tools"] and request.tool_choice == "required":
+            params["tool_choice"] = {"type": "any"}
+        elif params["tools"] and isinstance(request.tool_choice, dict):
+            params["tool_choice"] = {"type": "tool", "name": request.tool_choice["name"]}
+        if params["tools"] and request.parallel_tool_calls is False:
+            params["parallel_tool_calls"] = False
+        if request.reasoning_effort:
+            params["reasoning_effort"] = request.reasoning_effort
+        config = {"workingDir": "/workspace/" + self.config["projectSlug"],
+                  "date": time.strftime("%Y-%m-%d", time.gmtime()), "environment": "linux", "structure": [],
+                  "isGitRepo": False, "currentBranch": "", "mainBranch": "", "gitStatus": "", "recentCommits": []}
+        return {"config": config, "memory": None, "taste": None, "skills": None, "permissionMode": "standard",
+                "threadId": session_id, "params": params}
+
+    # ---- the stream -------------------------------------------------------------------
+    def stream(self, request, exchange):
+        """Event batches for one attempt; [] while the upstream is silent (a tick)."""
+        key = exchange.credential
+        session_id = self.sessions.session_for(key, request.session_id)
+        body = json_dumps(self.envelope(request, session_id)).encode()
+        traceparent = "00-%s-%s-01" % (exchange.trace_id, secrets.token_hex(8))
+        idle_limit = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
+        call = UpstreamCall(self.pool, "POST", "/alpha/generate", self.headers(key, session_id, traceparent),
+                            body, socket_timeout=idle_limit + 30)
+        decoder = CommandCodeStreamDecoder(request)
+        tick = exchange.tick
+        last_heard = time.monotonic()
+        try:
+            while True:
+                item = call.wait(tick)
+                now = time.monotonic()
+                if item is None:
+                    if now - last_heard >= idle_limit:
+                        raise self._timeout(key, idle_limit)
+                    yield []
+                    continue
+                last_heard = now
+                kind = item[0]
+                if kind == "chunk":
+                    batch = decoder.feed(item[1])
+                    if decoder.finished:
+                        call.detached = True
+                        self._succeeded(key, decoder)
+                        yield batch
+                        return
+                    if batch:
+                        yield batch
+                elif kind == "head":
+                    if item[1] != 200:
+                        headers = {k.lower(): v for k, v in item[2]}
+                        message, code, rate_limit = parse_upstream_error(item[3])
+                        retry_after = headers.get("retry-after")
+                        raise classify_upstream_error(item[1], message, code, rate_limit,
+                                                      int(retry_after) if (retry_after or "").isdigit() else None)
+                    self.last_upstream_ok = time.time()
+                elif kind == "end":
+                    batch = decoder.close()
+                    if decoder.finished:
+                        self._succeeded(key, decoder)
+                        yield batch
+                        return
+                    if batch:
+                        yield batch
+                    raise ProxyError(502, "upstream", "Command Code's stream ended before it finished the answer "
+                                     "(no finish event)", retryable=True, retry_after=2)
+                else:
+                    raise ProxyError(502, "upstream", "cannot reach Command Code (%s)" % type(item[1]).__name__,
+                                     retryable=True, retry_after=2)
+        finally:
+            if not decoder.finished:
+                call.abort()
+            if decoder.skipped:
+                self.metrics.count("upstream_skipped_lines_total", {}, decoder.skipped)
+
+    def _succeeded(self, key, decoder):
+        self.sessions.note_success(key)
+
+    def _timeout(self, key, idle_limit):
+        count = self.sessions.note_timeout(key)
+        message = "Command Code sent nothing for %d s" % idle_limit
+        if count >= 3:
+            message = ("Response timeout (%d in a row) - try reducing the context length: summarize or drop "
+                       "earlier messages" % count)
+        return ProxyError(504, "timeout", message, retry_after=5, code="upstream_timeout")
+
+    def list_models(self, key):
+        return [CC_CATALOG.get(i.lower()) or ModelInfo(i, False, (), 0, i) for i in self.models.ids(key)]
+
+    def health(self):
+        return {"upstream": self.config["apiBase"], "commandCodeVersion": self.version.version,
+                "lastUpstreamOk": self.last_upstream_ok}
+
+
+
+BACKENDS = {"commandcode": CommandCodeBackend}
+
+
+# =====================================================================================
+# 8. HTTP server: routing, auth, CORS, request ids, streaming writer, limits, metrics
+# =====================================================================================
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus text format. Labels never carry keys or prompts."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters = collections.defaultdict(float)
+        self.gauges = collections.defaultdict(float)
+        self.histograms = {}
+
+    @staticmethod
+    def _key(name, labels):
+        return (name, tuple(sorted(labels.items())))
+
+    def count(self, name, labels, value=1):
+        with self.lock:
+            self.counters[self._key(name, labels)] += value
+
+    def gauge(self, name, labels, delta):
+        with self.lock:
+            self.gauges[self._key(name, labels)] += delta
+
+    def observe(self, name, labels, seconds):
+        with self.lock:
+            key = self._key(name, labels)
+            buckets = self.histograms.setdefault(key, [0] * len(self.BUCKETS) + [0, 0.0])
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+            buckets[-2] += 1
+            buckets[-1] += seconds
+
+    def render(self):
+        def labels_text(labels, extra=()):
+            items = list(labels) + list(extra)
+            if not items:
+                return ""
+            return "{" + ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
+                                                .replace("\n", " ")) for k, v in items) + "}"
+        lines = []
+        with self.lock:
+            for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
+                seen = set()
+                for (name, labels), value in sorted(table.items()):
+                    full = "ccproxy_" + name
+                    if full not in seen:
+                        lines.append("# TYPE %s %s" % (full, kind))
+                        seen.add(full)
+                    lines.append("%s%s %s" % (full, labels_text(labels), repr(float(value))))
+            seen = set()
+            for (name, labels), buckets in sorted(self.histograms.items()):
+                full = "ccproxy_" + name
+                if full not in seen:
+                    lines.append("# TYPE %s histogram" % full)
+                    seen.add(full)
+                for bound, count in zip(self.BUCKETS, buckets):
+                    lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", bound)]), count))
+                lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", "+Inf")]), buckets[-2]))
+                lines.append("%s_count%s %d" % (full, labels_text(labels), buckets[-2]))
+                lines.append("%s_sum%s %r" % (full, labels_text(labels), buckets[-1]))
+        return "\n".join(lines) + "\n"
+
+
+class InFlight:
+    """Concurrent model requests; over the limit a request is refused with 503 + Retry-After."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.count = 0
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+
+    def enter(self):
+        with self.lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self):
+        with self.lock:
+            self.count -= 1
+            self.idle.notify_all()
+
+    def wait_idle(self, timeout):
+        with self.lock:
+            return self.idle.wait_for(lambda: self.count == 0, timeout)
+
+
+class ClientGone(Exception):
+    """The client closed its connection (or stopped reading past the socket timeout)."""
+
+
+class Exchange:
+    """What one HTTP request carries through the pipeline besides the canonical Request."""
+
+    def __init__(self, request_id, frontend, tick):
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.response_id = frontend.id_prefix + uuid.uuid4().hex[:24]
+        self.trace_id = secrets.token_hex(16)   # shared by every attempt of this request
+        self.tick = tick
+        self.credential = None
+        self.input_estimate = 0
+        self.committed = False                 # status line sent: no more retries or HTTP statuses
+        self.produced = False                  # any content event seen
+        self.started = time.monotonic()
+        self.first_byte = None
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+FRONT_ENDS = {"/v1/chat/completions": ChatCompletions(), "/v1/responses": OpenAIResponses(),
+              "/v1/messages": AnthropicMessages()}
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "cc-proxy/" + __version__
+    sys_version = ""
+    timeout = 120   # a client that sends or reads nothing for this long is let go
+
+    # ---- plumbing ---------------------------------------------------------------------
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):
+        pass  # one access line per request is written by _access_log instead
+
+    def handle_one_request(self):
+        self.started = time.monotonic()
+        self.status_sent = None
+        self.bytes_sent = 0
+        self.route_name = "-"
+        self.model_name = "-"
+        self.usage = None
+        self.first_byte = None
+        self.request_id = None
+        try:
+            super().handle_one_request()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        if self.request_id and self.status_sent:
+            self._access_log()
+
+    def parse_request(self):
+        ok = super().parse_request()
+        if ok:
+            given = self.headers.get("x-request-id", "")
+            self.request_id = given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex[:24]
+        return ok
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed request lines and the like, still as JSON."""
+        self.request_id = self.request_id or "req_" + uuid.uuid4().hex[:24]
+        self.close_connection = True
+        try:
+            self._send_json(code, openai_error_body(ProxyError(code, "invalid_request", message or "bad request")))
+        except OSError:
+            pass
+
+    def _common_headers(self):
+        self.send_header("X-Request-Id", self.request_id)
+        origin = self.server.config["corsOrigin"]
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Access-Control-Expose-Headers",
+                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, x-cc-proxy-dropped-tools")
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+
+    def _send_head(self, status, content_type, length=None, extra=None):
+        self.send_response(status)
+        self.status_sent = status
+        self.send_header("Content-Type", content_type)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self._common_headers()
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _send_json(self, status, obj, extra=None):
+        data = json_dumps(obj).encode()
+        self._send_head(status, "application/json", len(data), extra)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.bytes_sent += len(data)
+
+    def _send_error(self, err, frontend=None):
+        headers = err.headers()
+        if frontend is AnthropicMessages or isinstance(frontend, AnthropicMessages) or \
+                (frontend is None and self.headers.get("anthropic-version")):
+            headers["request-id"] = self.request_id
+            body = anthropic_error_body(err)
+        else:
+            body = openai_error_body(err)
+        self._send_json(err.status, body, headers)
+
+    def _read_body(self):
+        limit = self.server.config["maxBodyBytes"]
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            data = bytearray()
+            while True:
+                size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline(64)
+                    return bytes(data)
+                if len(data) + size > limit:
+                    self.close_connection = True
+                    raise self._too_large(limit)
+                data += self.rfile.read(size)
+                self.rfile.readline(64)
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            raise bad_request("invalid Content-Length") from None
+        if length > limit:
+            self.close_connection = True  # answer without reading what we refuse
+            raise self._too_large(limit)
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) < length:
+            raise ClientGone()
+        return data
+
+    @staticmethod
+    def _too_large(limit):
+        return ProxyError(413, "request_too_large", "request body is larger than maxBodyBytes (%d bytes)" % limit)
+
+    def _client_gone(self):
+        """True once the client has closed its side (checked while the upstream is silent)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # ---- routing ----------------------------------------------------------------------
+    def do_OPTIONS(self):
+        origin = self.server.config["corsOrigin"]
+        self.send_response(204)
+        self.status_sent = 204
+        self._common_headers()
+        if origin:
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers",
+                             self.headers.get("access-control-request-headers") or "*")
+            self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self):
+        self._route("GET")
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def do_PUT(self):
+        self._route("PUT")
+
+    def do_DELETE(self):
+        self._route("DELETE")
+
+    def do_PATCH(self):
+        self._route("PATCH")
+
+    def _route(self, method):
+        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
+        if not path.startswith("/v1/") and path not in ("/", "/health", "/metrics"):
+            path = "/v1" + path  # clients configured without the /v1 suffix
+        self.route_name = path
+        try:
+            if path == "/health" and method == "GET":
+                return self._send_json(200, self.server.health())
+            if path == "/metrics" and method == "GET":
+                data = self.server.metrics.render().encode()
+                self._send_head(200, "text/plain; version=0.0.4; charset=utf-8", len(data))
+                return self.wfile.write(data) if self.command != "HEAD" else None
+            if path == "/" and method == "GET":
+                return self._send_json(200, {"name": "cc-proxy", "version": __version__,
+                                             "backend": self.server.backend.name})
+            if path in FRONT_ENDS or path == "/v1/messages/count_tokens":
+                if method != "POST":
+                    raise ProxyError(405, "invalid_request", "use POST for " + path)
+                if path == "/v1/messages/count_tokens":
+                    return self._count_tokens()
+                return self._model_request(FRONT_ENDS[path])
+            if path == "/v1/models" or path.startswith("/v1/models/"):
+                if method != "GET":
+                    raise ProxyError(405, "invalid_request", "use GET for " + path)
+                return self._models(path[len("/v1/models/"):] if path != "/v1/models" else None)
+            if path.startswith("/v1/responses/") and method == "GET":
+                return self._stored_response(path[len("/v1/responses/"):])
+            raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
+        except ProxyError as err:
+            self._send_error(err)
+        except ClientGone:
+            self.close_connection = True
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("request %s failed", self.request_id)
+            if not self.status_sent:
+                self._send_error(ProxyError(500, "api_error", "internal proxy error (request id %s)"
+                                            % self.request_id))
+            self.close_connection = True
+
+    def _authenticate(self):
+        return self.server.backend.authenticate(self.headers)
+
+    def _count_tokens(self):
+        self._authenticate()
+        body = parse_json_body(self._read_body())
+        try:
+            self._send_json(200, FRONT_ENDS["/v1/messages"].count_tokens(body, self.headers))
+        except ProxyError as err:
+            self._send_error(err, AnthropicMessages)
+
+    def _models(self, model_id):
+        backend = self.server.backend
+        key = None
+        try:
+            key = self._authenticate()
+        except ProxyError:
+            if backend.name != "commandcode":
+                raise  # the claude-code backend guards everything with its own key
+        models = backend.list_models(key)
+        if model_id is not None:
+            models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
+            if not models:
+                raise ProxyError(404, "not_found", "model %r not found" % model_id)
+        anthropic = bool(self.headers.get("anthropic-version"))
+        if anthropic:
+            data = [{"type": "model", "id": m.id, "display_name": m.label, "created_at": "2026-01-01T00:00:00Z"}
+                    for m in models]
+            if model_id is not None:
+                return self._send_json(200, data[0])
+            return self._send_json(200, {"data": data, "has_more": False,
+                                         "first_id": data[0]["id"] if data else None,
+                                         "last_id": data[-1]["id"] if data else None})
+        data = [{"id": m.id, "object": "model", "created": 0, "owned_by": backend.name} for m in models]
+        if model_id is not None:
+            return self._send_json(200, data[0])
+        return self._send_json(200, {"object": "list", "data": data})
+
+    def _stored_response(self, response_id):
+        self._authenticate()
+        item = RESPONSES.get(response_id)
+        if item is None:
+            raise ProxyError(404, "not_found", "response %r not found (kept for one hour, never with store: "
+                             "false)" % response_id)
+        self._send_json(200, item[1])
+
+    # ---- the model pipeline -----------------------------------------------------------
+    def _model_request(self, frontend):
+        server = self.server
+        self.route_name = frontend.name
+        try:
+            credential = self._authenticate()
+            request = frontend.decode(parse_json_body(self._read_body()), self.headers)
+            server.backend.prepare(request)
+        except ProxyError as err:
+            return self._send_error(err, frontend)
+        self.model_name = request.model
+        if not server.inflight.enter():
+            return self._send_error(ProxyError(503, "overloaded", "too many requests in flight (maxInFlight=%d); "
+                                               "retry shortly" % server.inflight.limit, retry_after=1), frontend)
+        server.metrics.gauge("in_flight", {}, 1)
+        exchange = Exchange(self.request_id, frontend, min(1.0, server.config["keepAliveIntervalMs"] / 1000))
+        exchange.credential = credential
+        exchange.input_estimate = estimate_request_tokens(request)
+        try:
+            if request.stream:
+                self._stream_answer(frontend, request, exchange)
+            else:
+                self._folded_answer(frontend, request, exchange)
+        finally:
+            server.inflight.leave()
+            server.metrics.gauge("in_flight", {}, -1)
+
+    def _extra_headers(self, request):
+        headers = {}
+        if request.dropped_tools:
+            names = ",".join(re.sub(r"[^\x21-\x7e]", "_", n) for n in request.dropped_tools)
+            headers["x-cc-proxy-dropped-tools"] = names[:1000]
+        return headers
+
+    def _attempts(self, request, exchange, sink_for_attempt):
+        """Run the backend, retrying failures while nothing has reached the client."""
+        server = self.server
+        retries = server.config["upstreamRetries"]
+        attempt = 0
+        while True:
+            sink = sink_for_attempt()
+            events = server.backend.stream(request, exchange)
+            try:
+                for batch in events:
+                    sink(batch)
+                return
+            except ProxyError as err:
+                server.metrics.count("upstream_errors_total", {"kind": err.kind})
+                if err.kind == "timeout":
+                    server.metrics.count("upstream_timeouts_total", {})
+                if not err.retryable or exchange.committed or attempt >= retries:
+                    raise
+            finally:
+                events.close()
+            attempt += 1
+            server.metrics.count("upstream_retries_total", {})
+            deadline = time.monotonic() + min(2.0, 0.25 * 2 ** (attempt - 1))
+            while time.monotonic() < deadline:
+                if self._client_gone():
+                    raise ClientGone()
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _check_output(self, exchange, batch):
+        """Zero-output guard: a finish with nothing before it is an error, not an empty 200."""
+        for event in batch:
+            if event[0] in CONTENT_EVENTS:
+                exchange.produced = True
+                return
+            if event[0] == FINISH:
+                raise ProxyError(502, "upstream", "the backend finished without any output", retry_after=10,
+                                 retryable=True, code="empty_response")
+
+    def _note_usage(self, request, batch):
+        for event in batch:
+            if event[0] == USAGE:
+                self.usage = event[1]
+
+    def _stream_answer(self, frontend, request, exchange):
+        encoder = frontend.stream_encoder(request, exchange)
+        chunked = self.request_version != "HTTP/1.0"
+        keepalive_every = self.server.config["keepAliveIntervalMs"] / 1000
+        last_write = [time.monotonic()]
+
+        def write(data):
+            if not data:
+                return
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            except (OSError, ValueError):
+                raise ClientGone() from None
+            self.bytes_sent += len(data)
+            last_write[0] = time.monotonic()
+            if self.first_byte is None:
+                self.first_byte = time.monotonic()
+
+        def commit():
+            if not chunked:
+                self.close_connection = True
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            if chunked:
+                headers["Transfer-Encoding"] = "chunked"
+            headers.update(self._extra_headers(request))
+            self._send_head(200, "text/event-stream; charset=utf-8", None, headers)
+            exchange.committed = True
+            write(encoder.start())
+
+        def sink(batch):
+            if not batch:
+                if self._client_gone():
+                    raise ClientGone()
+                if time.monotonic() - last_write[0] >= keepalive_every:
+                    if not exchange.committed:
+                        commit()
+                    write(frontend.keepalive)
+                return
+            if not exchange.produced:
+                self._check_output(exchange, batch)
+            if not exchange.committed:
+                commit()
+            self._note_usage(request, batch)
+            write(encoder.encode(batch))
+
+        try:
+            self._attempts(request, exchange, lambda: sink)
+        except ProxyError as err:
+            if not exchange.committed:
+                return self._send_error(err, frontend)
+            self._log_failure(err)
+            try:
+                write(encoder.error(err))
+            except ClientGone:
+                self.close_connection = True
+                return
+        except ClientGone:
+            self.close_connection = True
+            self.server.metrics.count("client_disconnects_total", {})
+            if not exchange.committed:
+                self.status_sent = 499  # nginx's "client closed request", for the access log only
+            return
+        if chunked:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True
+
+    def _folded_answer(self, frontend, request, exchange):
+        completion = [None]
+
+        def new_sink():
+            completion[0] = Completion()
+            add = completion[0].add
+
+            def sink(batch):
+                if not batch:
+                    if self._client_gone():
+                        raise ClientGone()
+                    return
+                if not exchange.produced:
+                    self._check_output(exchange, batch)
+                add(batch)
+            return sink
+
+        try:
+            self._attempts(request, exchange, new_sink)
+        except ProxyError as err:
+            return self._send_error(err, frontend)
+        except ClientGone:
+            self.close_connection = True
+            self.status_sent = 499
+            self.server.metrics.count("client_disconnects_total", {})
+            return
+        self.usage = completion[0].usage
+        self.first_byte = time.monotonic()
+        self._send_json(200, frontend.render(completion[0], request, exchange), self._extra_headers(request))
+
+    def _log_failure(self, err):
+        log.warning("%s failed after output started: %s %s", self.request_id, err.status, err.kind)
+
+    def _access_log(self):
+        server = self.server
+        total = time.monotonic() - self.started
+        first = (self.first_byte - self.started) * 1000 if self.first_byte else None
+        usage = self.usage or Usage()
+        route = self.route_name
+        server.metrics.count("requests_total", {"route": route, "backend": server.backend.name,
+                                                "status": self.status_sent})
+        if route in ("chat", "responses", "messages"):
+            server.metrics.observe("request_seconds", {"route": route}, total)
+            if first is not None:
+                server.metrics.observe("first_byte_seconds", {"route": route}, first / 1000)
+            if self.usage:
+                for kind, value in (("input", usage.input), ("cached", usage.cache_read), ("output", usage.output)):
+                    server.metrics.count("tokens_total", {"model": self.model_name, "kind": kind}, value)
+        log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
+                 "tokens_in=%d cached=%d out=%d", self.request_id, self.client_address[0], self.command,
+                 urllib.parse.urlsplit(self.path).path, server.backend.name, self.model_name, self.status_sent,
+                 self.bytes_sent, "%d" % first if first is not None else "-", total * 1000,
+                 usage.input, usage.cache_read, usage.output)
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+    allow_reuse_address = True
+
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics()
+        self.inflight = InFlight(config["maxInFlight"])
+        self.backend = make_backend(config, self.metrics)
+        self.started_at = time.time()
+        host = config["host"]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, config["port"]), ProxyHandler)
+        self.backend.start()
+
+    def health(self):
+        return {"status": "ok", "version": __version__, "backend": self.backend.name,
+                "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.inflight.count,
+                **self.backend.health()}
+
+    def server_close(self):
+        self.backend.stop()
+        super().server_close()
+
+
+def make_backend(config, metrics):
+    return BACKENDS[config["backend"]](config, metrics)
+
+
+def make_server(config):
+    """A bound server (port 0 = any free port); call serve_forever() to run it."""
+    return ProxyServer(config)
+
+
+# =====================================================================================
+# 9. Command line: start, config, service, version, help
+# =====================================================================================
+
+def command_start(args):
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("backend", args.backend))
+                 if v is not None}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print("cc-proxy: %s" % e, file=sys.stderr)
+        return 2
+    setup_logging(config)
+    try:
+        server = make_server(config)
+    except OSError as e:
+        print("cc-proxy: cannot listen on %s:%s: %s" % (config["host"], config["port"], e.strerror or e),
+              file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    log.info("cc-proxy %s listening on http://%s:%s backend=%s config=%s", __version__,
+             host if ":" not in host else "[%s]" % host, port, config["backend"], config["configPath"])
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever(poll_interval=0.25)
+    log.info("shutting down: waiting for %d request(s) in flight", server.inflight.count)
+    server.inflight.wait_idle(30)
+    server.server_close()
+    return 0
+
+
+def command_version(args):
+    print("cc-proxy %s (Python %s)" % (__version__, sys.version.split()[0]))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API in front of "
+                                     "Command Code or the Claude Code CLI")
+    commands = parser.add_subparsers(dest="command")
+    start = commands.add_parser("start", help="run the server in the foreground (the default)")
+    start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json beside proxy.py)")
+    start.add_argument("--host")
+    start.add_argument("--port", type=int)
+    start.add_argument("--backend", choices=("commandcode", "claude-code"))
+    start.set_defaults(func=command_start)
+    commands.add_parser("version", help="print the version").set_defaults(func=command_version)
+    commands.add_parser("help", help="show this help").set_defaults(func=lambda a: parser.print_help() or 0)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv or ["start"])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -270,6 +270,8 @@ def load_config(path=None, environ=None, overrides=None, sources=None):
 # =====================================================================================
 
 log = logging.getLogger("cc-proxy")
+log.addHandler(logging.NullHandler())  # silent until setup_logging (library use, tests)
+log.propagate = False
 _LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 
@@ -3088,6 +3090,232 @@ def make_server(config):
 # 9. Command line: start, config, service, version, help
 # =====================================================================================
 
+def write_json_atomic(path, data, mode=None):
+    """Write JSON next to `path`, then rename over it: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+        if mode is not None:
+            os.chmod(tmp, mode)
+        elif os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _shown(setting, value, mask=True):
+    if setting.secret and mask and value:
+        return "******** (set, %d characters)" % len(value)
+    if isinstance(value, (dict, list, bool)):
+        return json.dumps(value)
+    return str(value)
+
+
+def command_config(args):
+    """config set/get/list/reset/path/help: edit the config file, validating every value."""
+    path = os.path.abspath(args.config or default_config_path())
+    action = args.action
+
+    def setting_or_exit(name):
+        setting = resolve_setting(name)
+        if setting is None:
+            print("cc-proxy: unknown config key %r (see: python3 proxy.py config help)" % name, file=sys.stderr)
+            raise SystemExit(2)
+        return setting
+
+    try:
+        if action == "path":
+            print(path)
+        elif action == "help":
+            print("%-24s %-28s %-8s %-28s %s" % ("key", "env", "type", "default", "meaning"))
+            for s in SETTINGS:
+                kind = s.kind + ("(" + "|".join(s.parse.allowed) + ")" if hasattr(s.parse, "allowed") else "")
+                print("%-24s %-28s %-8s %-28s %s" % (s.key, s.env, kind, _shown(s, s.default, False) or '""', s.help))
+            print("\nSizes: 10mb, 512kb or bytes. Durations: milliseconds. Environment overrides the file.")
+        elif action == "list":
+            sources = {}
+            config = load_config(path, sources=sources)
+            for s in SETTINGS:
+                print("%-24s %-32s (%s)" % (s.key, _shown(s, config[s.key]) or '""', sources[s.key]))
+        elif action == "get":
+            if len(args.rest) != 1:
+                raise ConfigError("usage: config get KEY")
+            setting = setting_or_exit(args.rest[0])
+            print(_shown(setting, load_config(path)[setting.key], mask=False))
+        elif action == "set":
+            if len(args.rest) != 2:
+                raise ConfigError("usage: config set KEY VALUE")
+            setting = setting_or_exit(args.rest[0])
+            raw = args.rest[1]
+            try:
+                value = setting.parse(raw)
+            except ValueError as e:
+                print("cc-proxy: invalid value for %s: %s" % (setting.key, e), file=sys.stderr)
+                return 2
+            stored = raw.strip() if setting.kind == "size" else value
+            data = read_config_file(path)
+            for alias in (setting.env, setting.key):
+                data.pop(alias, None)
+            data[setting.key] = stored
+            write_json_atomic(path, data)
+            print("%s = %s  (%s)" % (setting.key, _shown(setting, value), path))
+            if setting.env in os.environ:
+                print("note: the environment variable %s overrides this value" % setting.env)
+        elif action == "reset":
+            if len(args.rest) != 1:
+                raise ConfigError("usage: config reset KEY")
+            setting = setting_or_exit(args.rest[0])
+            data = read_config_file(path)
+            if any(data.pop(alias, None) is not None for alias in (setting.key, setting.env)):
+                write_json_atomic(path, data)
+            print("%s reset to its default (%s)" % (setting.key, _shown(setting, setting.default) or '""'))
+    except ConfigError as e:
+        print("cc-proxy: %s" % e, file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---- service install: systemd user unit (Linux), LaunchAgent (macOS) -----------------
+
+SERVICE_NAME = "cc-proxy"
+LAUNCHD_LABEL = "com.cc-proxy"
+
+
+def current_platform():
+    return sys.platform
+
+
+def systemd_quote(arg):
+    """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for specifiers)."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return '"%s"' % escaped
+
+
+def service_command_line(config_path):
+    return [sys.executable, os.path.abspath(__file__), "start", "--config", os.path.abspath(config_path)]
+
+
+def systemd_unit(config_path):
+    return "\n".join([
+        "[Unit]",
+        "Description=cc-proxy: OpenAI/Anthropic API in front of Command Code or Claude Code",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        "ExecStart=" + " ".join(systemd_quote(a) for a in service_command_line(config_path)),
+        "Restart=on-failure",
+        "RestartSec=2",
+        "TimeoutStopSec=45",
+        "KillMode=mixed",
+        "Environment=PYTHONUNBUFFERED=1",
+        "NoNewPrivileges=yes",
+        "UMask=0077",
+        "LockPersonality=yes",
+        "RestrictRealtime=yes",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+        ""])
+
+
+def launchd_plist(config_path):
+    logs = os.path.expanduser("~/Library/Logs/cc-proxy")
+    return {"Label": LAUNCHD_LABEL, "ProgramArguments": service_command_line(config_path),
+            "RunAtLoad": True, "KeepAlive": True, "WorkingDirectory": os.path.dirname(os.path.abspath(__file__)),
+            "StandardOutPath": os.path.join(logs, "cc-proxy.out.log"),
+            "StandardErrorPath": os.path.join(logs, "cc-proxy.err.log"),
+            "EnvironmentVariables": {"PYTHONUNBUFFERED": "1"}}
+
+
+def _run_tool(argv):
+    """Run systemctl/launchctl; their own error is shown. Returns the exit code."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=60)
+    except FileNotFoundError:
+        print("cc-proxy: %s not found; is this a %s system? Run `python3 proxy.py start` instead."
+              % (argv[0], "systemd" if argv[0] == "systemctl" else "launchd"), file=sys.stderr)
+        return 127
+    except subprocess.TimeoutExpired:
+        print("cc-proxy: %s did not answer within 60 s" % " ".join(argv), file=sys.stderr)
+        return 1
+    output = done.stdout.decode("utf-8", "replace").rstrip()
+    if output:
+        print(output, file=sys.stderr if done.returncode else sys.stdout)
+    if done.returncode:
+        print("cc-proxy: `%s` failed (exit %d)" % (" ".join(argv), done.returncode), file=sys.stderr)
+    return done.returncode
+
+
+def command_service(args):
+    platform = current_platform()
+    config_path = os.path.abspath(args.config or default_config_path())
+    action = args.action
+    if platform.startswith("linux"):
+        unit_path = os.path.expanduser("~/.config/systemd/user/%s.service" % SERVICE_NAME)
+        systemctl = ["systemctl", "--user"]
+        if action == "install":
+            os.makedirs(os.path.dirname(unit_path), exist_ok=True)
+            with open(unit_path, "w", encoding="utf-8") as f:
+                f.write(systemd_unit(config_path))
+            print("wrote %s" % unit_path)
+            code = _run_tool(systemctl + ["daemon-reload"]) or _run_tool(systemctl + ["enable", SERVICE_NAME])
+            if code == 0:
+                print("installed. Start it: python3 proxy.py service start\n"
+                      "To keep it running without a login session: loginctl enable-linger %s"
+                      % os.environ.get("USER", "$USER"))
+            return 1 if code else 0
+        if action == "uninstall":
+            _run_tool(systemctl + ["disable", "--now", SERVICE_NAME])
+            if os.path.exists(unit_path):
+                os.remove(unit_path)
+                print("removed %s" % unit_path)
+            return 1 if _run_tool(systemctl + ["daemon-reload"]) else 0
+        if not os.path.exists(unit_path) and action != "status":
+            print("cc-proxy: the service is not installed (python3 proxy.py service install)", file=sys.stderr)
+            return 1
+        return 1 if _run_tool(systemctl + [action, SERVICE_NAME]) else 0
+    if platform == "darwin":
+        import plistlib
+        plist_path = os.path.expanduser("~/Library/LaunchAgents/%s.plist" % LAUNCHD_LABEL)
+        domain = "gui/%d" % os.getuid()
+        target = "%s/%s" % (domain, LAUNCHD_LABEL)
+        if action == "install":
+            plist = launchd_plist(config_path)
+            os.makedirs(os.path.dirname(plist["StandardOutPath"]), exist_ok=True)
+            os.makedirs(os.path.dirname(plist_path), exist_ok=True)
+            with open(plist_path, "wb") as f:
+                plistlib.dump(plist, f)
+            print("wrote %s" % plist_path)
+            return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
+        if action == "uninstall":
+            _run_tool(["launchctl", "bootout", target])
+            if os.path.exists(plist_path):
+                os.remove(plist_path)
+                print("removed %s" % plist_path)
+            return 0
+        if not os.path.exists(plist_path):
+            print("cc-proxy: the service is not installed (python3 proxy.py service install)", file=sys.stderr)
+            return 1
+        argv = {"start": ["launchctl", "kickstart", target], "stop": ["launchctl", "kill", "SIGTERM", target],
+                "restart": ["launchctl", "kickstart", "-k", target], "status": ["launchctl", "print", target]}
+        return 1 if _run_tool(argv[action]) else 0
+    print("cc-proxy: no service manager support on %s; run `python3 proxy.py start` (e.g. from your system's "
+          "task scheduler)" % platform, file=sys.stderr)
+    return 1
+
+
 def command_start(args):
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("backend", args.backend))
                  if v is not None}
@@ -3103,19 +3331,33 @@ def command_start(args):
         print("cc-proxy: cannot listen on %s:%s: %s" % (config["host"], config["port"], e.strerror or e),
               file=sys.stderr)
         return 1
+    except ConfigError as e:
+        print("cc-proxy: %s" % e, file=sys.stderr)
+        return 2
     host, port = server.server_address[:2]
     log.info("cc-proxy %s listening on http://%s:%s backend=%s config=%s", __version__,
              host if ":" not in host else "[%s]" % host, port, config["backend"], config["configPath"])
+    stopping = threading.Event()
 
     def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.serve_forever(poll_interval=0.25)
-    log.info("shutting down: waiting for %d request(s) in flight", server.inflight.count)
-    server.inflight.wait_idle(30)
+    # stop accepting, let requests in flight finish (up to a grace period), then stop the backend
+    server.socket.close()
+    if server.inflight.count:
+        log.info("shutting down: waiting up to %d s for %d request(s) in flight", SHUTDOWN_GRACE_SECONDS,
+                 server.inflight.count)
+    server.inflight.wait_idle(SHUTDOWN_GRACE_SECONDS)
     server.server_close()
+    log.info("stopped")
     return 0
+
+
+SHUTDOWN_GRACE_SECONDS = 30
 
 
 def command_version(args):
@@ -3126,22 +3368,40 @@ def command_version(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API in front of "
                                      "Command Code or the Claude Code CLI")
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command", metavar="{start,config,service,version,help}")
     start = commands.add_parser("start", help="run the server in the foreground (the default)")
     start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json beside proxy.py)")
     start.add_argument("--host")
     start.add_argument("--port", type=int)
     start.add_argument("--backend", choices=("commandcode", "claude-code"))
     start.set_defaults(func=command_start)
+    config = commands.add_parser("config", help="show or edit the config file: set/get/list/reset/path/help")
+    config.add_argument("action", choices=("set", "get", "list", "reset", "path", "help"))
+    config.add_argument("rest", nargs="*", metavar="KEY [VALUE]")
+    config.add_argument("--config", help="config file to edit")
+    config.set_defaults(func=command_config)
+    service = commands.add_parser("service", help="systemd user unit / LaunchAgent: install, uninstall, start, "
+                                  "stop, restart, status")
+    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart", "status"))
+    service.add_argument("--config", help="config file the service runs with")
+    service.set_defaults(func=command_service)
     commands.add_parser("version", help="print the version").set_defaults(func=command_version)
     commands.add_parser("help", help="show this help").set_defaults(func=lambda a: parser.print_help() or 0)
     return parser
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(argv or ["start"])
+    argv = list(sys.argv[1:] if argv is None else argv) or ["start"]
+    # argparse cannot take an option between nargs="*" positionals (config set --config F KEY VALUE):
+    # move "--config F" (or --config=F) right behind the command word.
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--config" and i + 1 < len(argv):
+            argv[1:1] = [argv.pop(i), argv.pop(i)]
+            break
+        if arg.startswith("--config="):
+            argv.insert(1, argv.pop(i))
+            break
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -132,6 +133,15 @@ def _text(value):
     return str(value)
 
 
+def parse_networks(value):
+    """'127.0.0.1, 10.0.0.0/8' -> a tuple of networks (the front proxies whose X-Forwarded-For we trust)."""
+    items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+    try:
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
+    except ValueError as e:
+        raise ValueError("expected IP addresses or CIDR ranges: %s" % e) from None
+
+
 def _url(value):
     text = str(value).strip().rstrip("/")
     parts = urllib.parse.urlsplit(text)
@@ -161,6 +171,8 @@ SETTINGS = [
     Setting("backend", "BACKEND", "commandcode", _enum("commandcode", "claude-code"), "enum",
             "which backend answers"),
     Setting("apiKey", "API_KEY", "", _text, "text", "the proxy's own key (claude-code backend)", True),
+    Setting("trustedProxies", "TRUSTED_PROXIES", (), parse_networks, "list",
+            "front proxies (IPs/CIDRs) whose X-Forwarded-For is believed"),
     Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text", "allowed CORS origin; empty disables CORS"),
     Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum", "log level"),
     Setting("logFile", "LOG_FILE", "", _text, "path", "also log to this file, rotated"),
@@ -1276,7 +1288,7 @@ class ResponseStore:
             return item
 
 
-RESPONSES = ResponseStore()
+RESPONSES = ResponseStore(limit=256)
 RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "content_filter": ("incomplete", {"reason": "content_filter"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
@@ -1471,9 +1483,7 @@ class OpenAIResponses:
         if request.options.get("store", True):
             RESPONSES.put(response["id"], response, request.messages + [completion_message(completion)])
 
-    @staticmethod
-    def error_body(err):
-        return openai_error_body(err)
+    error_body = staticmethod(openai_error_body)
 
 
 def block_prefix(kind):
@@ -2685,14 +2695,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.bytes_sent += len(data)
 
     def _send_error(self, err, frontend=None):
+        """Before the status line: a real HTTP status, in the client protocol's error shape."""
         headers = err.headers()
-        if frontend is AnthropicMessages or isinstance(frontend, AnthropicMessages) or \
-                (frontend is None and self.headers.get("anthropic-version")):
+        if frontend is None:
+            anthropic = bool(self.headers and self.headers.get("anthropic-version"))
+            frontend = FRONT_ENDS["/v1/messages" if anthropic else "/v1/chat/completions"]
+        if isinstance(frontend, AnthropicMessages):
             headers["request-id"] = self.request_id
-            body = anthropic_error_body(err)
-        else:
-            body = openai_error_body(err)
-        self._send_json(err.status, body, headers)
+        self._send_json(err.status, frontend.error_body(err), headers)
 
     def _read_body(self):
         limit = self.server.config["maxBodyBytes"]
@@ -2793,7 +2803,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self._stored_response(path[len("/v1/responses/"):])
             raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
         except ProxyError as err:
-            self._send_error(err)
+            self._send_error(err, FRONT_ENDS["/v1/messages"] if path.startswith("/v1/messages") else None)
         except ClientGone:
             self.close_connection = True
         except (ConnectionError, socket.timeout):
@@ -2814,7 +2824,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._send_json(200, FRONT_ENDS["/v1/messages"].count_tokens(body, self.headers))
         except ProxyError as err:
-            self._send_error(err, AnthropicMessages)
+            self._send_error(err, FRONT_ENDS["/v1/messages"])
 
     def _models(self, model_id):
         backend = self.server.backend
@@ -3029,6 +3039,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _log_failure(self, err):
         log.warning("%s failed after output started: %s %s", self.request_id, err.status, err.kind)
 
+    def client_ip(self):
+        """The peer address, or X-Forwarded-For's nearest untrusted hop when the peer is a trusted proxy."""
+        peer = self.client_address[0]
+        trusted = self.server.config["trustedProxies"]
+
+        def is_trusted(address):
+            try:
+                ip = ipaddress.ip_address(address.strip())
+            except ValueError:
+                return False
+            return any(ip in network for network in trusted)
+        if not trusted or not is_trusted(peer) or not self.headers:
+            return peer
+        hops = [h.strip() for h in self.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
     def _access_log(self):
         server = self.server
         total = time.monotonic() - self.started
@@ -3045,7 +3074,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 for kind, value in (("input", usage.input), ("cached", usage.cache_read), ("output", usage.output)):
                     server.metrics.count("tokens_total", {"model": self.model_name, "kind": kind}, value)
         log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
-                 "tokens_in=%d cached=%d out=%d", self.request_id, self.client_address[0], self.command,
+                 "tokens_in=%d cached=%d out=%d", self.request_id, self.client_ip(), self.command,
                  urllib.parse.urlsplit(self.path).path, server.backend.name, self.model_name, self.status_sent,
                  self.bytes_sent, "%d" % first if first is not None else "-", total * 1000,
                  usage.input, usage.cache_read, usage.output)
@@ -3115,6 +3144,8 @@ def write_json_atomic(path, data, mode=None):
 def _shown(setting, value, mask=True):
     if setting.secret and mask and value:
         return "******** (set, %d characters)" % len(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
     if isinstance(value, (dict, list, bool)):
         return json.dumps(value)
     return str(value)
@@ -3161,7 +3192,7 @@ def command_config(args):
             except ValueError as e:
                 print("cc-proxy: invalid value for %s: %s" % (setting.key, e), file=sys.stderr)
                 return 2
-            stored = raw.strip() if setting.kind == "size" else value
+            stored = raw.strip() if setting.kind in ("size", "list") else value
             data = read_config_file(path)
             for alias in (setting.env, setting.key):
                 data.pop(alias, None)

@@ -658,6 +658,7 @@ class ChatCompletions:
 
     name = "chat"
     id_prefix = "chatcmpl-"
+    overloaded_status = 503
     keepalive = b": keep-alive\n\n"
 
     # ---- decode -------------------------------------------------------------------
@@ -959,6 +960,7 @@ class AnthropicMessages:
 
     name = "messages"
     id_prefix = "msg_"
+    overloaded_status = 529   # what Anthropic answers, and what Claude Code and the SDK retry as overloaded
     keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
 
     def decode(self, body, headers):
@@ -1299,6 +1301,7 @@ class OpenAIResponses:
 
     name = "responses"
     id_prefix = "resp_"
+    overloaded_status = 503
     keepalive = b": keep-alive\n\n"
 
     def decode(self, body, headers):
@@ -1445,17 +1448,18 @@ class OpenAIResponses:
         return ResponsesStreamEncoder(self, request, exchange)
 
     def response_object(self, request, exchange, completion, status=None, error=None):
+        item_status = "incomplete" if status in ("failed", "incomplete") else "completed"
         output = []
         for i, block in enumerate(completion.blocks):
             item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(block[0]), 1), i)
             if block[0] == "text":
-                output.append({"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+                output.append({"id": item_id, "type": "message", "status": item_status, "role": "assistant",
                                "content": [{"type": "output_text", "text": block[1], "annotations": []}]})
             elif block[0] == "reasoning":
                 output.append({"id": item_id, "type": "reasoning",
                                "summary": [{"type": "summary_text", "text": block[1]}]})
             else:
-                output.append({"id": item_id, "type": "function_call", "status": "completed",
+                output.append({"id": item_id, "type": "function_call", "status": item_status,
                                "call_id": block[1], "name": block[2], "arguments": block[3]})
         incomplete = None
         if status is None:
@@ -2126,7 +2130,7 @@ class CommandCodeStreamDecoder:
         self.skipped = 0
         self.finished = False
         self.step_usage = None
-        self.tools = {}   # call id -> arguments streamed so far?
+        self.tools = {}   # call id -> argument text streamed so far
         self.handlers = {"text-delta": self._text, "reasoning-delta": self._reasoning,
                          "tool-input-start": self._tool_start, "tool-input-delta": self._tool_delta,
                          "tool-call": self._tool_call, "finish-step": self._finish_step,
@@ -2182,14 +2186,14 @@ class CommandCodeStreamDecoder:
         call_id = str(event.get("id") or event.get("toolCallId") or new_id("call_"))
         if event.get("providerExecuted") or call_id in self.tools:
             return
-        self.tools[call_id] = False
+        self.tools[call_id] = ""
         batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
 
     def _tool_delta(self, event, batch):
         call_id = str(event.get("id") or event.get("toolCallId"))
         delta = event.get("delta", event.get("inputTextDelta"))
         if self.tools.get(call_id) is not None and isinstance(delta, str) and delta:
-            self.tools[call_id] = True
+            self.tools[call_id] += delta
             batch.append((TOOL_DELTA, call_id, delta))
 
     def _tool_call(self, event, batch):
@@ -2202,8 +2206,11 @@ class CommandCodeStreamDecoder:
         if not isinstance(arguments, str):
             arguments = json_dumps(arguments if arguments is not None else {})
         if call_id not in self.tools:
-            self.tools[call_id] = False
+            self.tools[call_id] = ""
             batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
+        streamed = self.tools[call_id]
+        if streamed and decoded_arguments(streamed) == decoded_arguments(arguments):
+            arguments = streamed  # the same bytes the client already saw as deltas
         batch.append((TOOL_END, call_id, arguments))
 
     def _finish_step(self, event, batch):
@@ -2286,6 +2293,14 @@ def wire_messages(request):
     return wire
 
 
+def drop_dangling_reasoning(request):
+    """A conversation must not end in an assistant turn holding only reasoning (clients resend
+    what they kept of a failed attempt); upstream models refuse such a 'prefill'."""
+    while request.messages and request.messages[-1]["role"] == "assistant" and \
+            all(p["type"] == "reasoning" for p in request.messages[-1]["parts"]):
+        request.messages.pop()
+
+
 def has_images(request):
     return any(part["type"] == "image" or (part["type"] == "tool_result" and part.get("images"))
                for message in request.messages for part in message["parts"])
@@ -2364,6 +2379,7 @@ class CommandCodeBackend:
     def prepare(self, request):
         """Model mapping, canonical ids, limits and capability checks, all before any upstream call."""
         default = self.config["defaultModel"] or CC_DEFAULT_MODEL
+        drop_dangling_reasoning(request)
         request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"], default))
         info = CC_CATALOG.get(request.model.lower())
         if info is not None and not info.images and has_images(request):
@@ -2702,7 +2718,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             frontend = FRONT_ENDS["/v1/messages" if anthropic else "/v1/chat/completions"]
         if isinstance(frontend, AnthropicMessages):
             headers["request-id"] = self.request_id
-        self._send_json(err.status, frontend.error_body(err), headers)
+        status = frontend.overloaded_status if err.kind == "overloaded" else err.status
+        self._send_json(status, frontend.error_body(err), headers)
 
     def _read_body(self):
         limit = self.server.config["maxBodyBytes"]
@@ -2798,7 +2815,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 if method != "GET":
                     raise ProxyError(405, "invalid_request", "use GET for " + path)
-                return self._models(path[len("/v1/models/"):] if path != "/v1/models" else None)
+                model_id = urllib.parse.unquote(path[len("/v1/models/"):]) if path != "/v1/models" else None
+                return self._models(model_id)
             if path.startswith("/v1/responses/") and method == "GET":
                 return self._stored_response(path[len("/v1/responses/"):])
             raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))

@@ -492,8 +492,10 @@ def parse_json_body(raw):
     return body
 
 
-def json_dumps(value):
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# One encoder, built once: json.dumps with non-default options builds a new encoder per call,
+# and this runs for every streamed delta. Output is encoded with errors="replace", so a lone
+# surrogate from an upstream's JSON never reaches a client as invalid UTF-8.
+json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class Fields:
@@ -834,7 +836,7 @@ class ChatStreamEncoder:
         self.model = request.model
 
     def start(self):
-        return (self.head + '{"role":"assistant","content":""}' + self.tail).encode()
+        return (self.head + '{"role":"assistant","content":""}' + self.tail).encode("utf-8", "replace")
 
     def encode(self, batch):
         out = []
@@ -867,7 +869,7 @@ class ChatStreamEncoder:
                 self.usage = event[1]
             elif kind == FINISH:
                 out.append(self._finish(CHAT_FINISH[event[1]]))
-        return "".join(out).encode()
+        return "".join(out).encode("utf-8", "replace")
 
     def _finish(self, reason):
         usage = openai_usage(self.usage)
@@ -882,7 +884,7 @@ class ChatStreamEncoder:
         return _sse_data(chunk) + "data: [DONE]\n\n"
 
     def error(self, err):
-        return _sse_data(openai_error_body(err)).encode()
+        return _sse_data(openai_error_body(err)).encode("utf-8", "replace")
 
 
 
@@ -1165,7 +1167,7 @@ class AnthropicStreamEncoder:
                    "model": self.request.model, "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": usage}
         return (_sse_event("message_start", {"type": "message_start", "message": message}) +
-                'event: ping\ndata: {"type":"ping"}\n\n').encode()
+                'event: ping\ndata: {"type":"ping"}\n\n').encode("utf-8", "replace")
 
     def _close(self, out):
         if self.open is None:
@@ -1239,10 +1241,10 @@ class AnthropicStreamEncoder:
                     "delta": {"stop_reason": ANTHROPIC_STOP[event[1]], "stop_sequence": event[2]},
                     "usage": usage}))
                 out.append('event: message_stop\ndata: {"type":"message_stop"}\n\n')
-        return "".join(out).encode()
+        return "".join(out).encode("utf-8", "replace")
 
     def error(self, err):
-        return _sse_event("error", anthropic_error_body(err)).encode()
+        return _sse_event("error", anthropic_error_body(err)).encode("utf-8", "replace")
 
 
 
@@ -1517,7 +1519,7 @@ class ResponsesStreamEncoder:
     def start(self):
         snapshot = self._snapshot("in_progress")
         return (self._event("response.created", {"response": snapshot}) +
-                self._event("response.in_progress", {"response": snapshot})).encode()
+                self._event("response.in_progress", {"response": snapshot})).encode("utf-8", "replace")
 
     def _close(self, out):
         if self.open is None:
@@ -1609,12 +1611,12 @@ class ResponsesStreamEncoder:
                 self.frontend.remember(self.request, self.completion, response)
                 name = "response.completed" if response["status"] == "completed" else "response.incomplete"
                 out.append(self._event(name, {"response": response}))
-        return "".join(out).encode()
+        return "".join(out).encode("utf-8", "replace")
 
     def error(self, err):
         failed = self._snapshot("failed", {"code": err.code or _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
                                            "message": err.message})
-        return self._event("response.failed", {"response": failed}).encode()
+        return self._event("response.failed", {"response": failed}).encode("utf-8", "replace")
 
 
 
@@ -1929,8 +1931,8 @@ class UpstreamCall:
 
     def _put(self, item):
         while not self.cancelled.is_set():
-            if self.detached and item[0] == "chunk":
-                return True
+            if self.detached:
+                return True  # nobody reads any more: drain quietly so the connection can be reused
             try:
                 self.items.put(item, timeout=0.25)
                 return True
@@ -2704,7 +2706,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_json(self, status, obj, extra=None):
-        data = json_dumps(obj).encode()
+        data = json_dumps(obj).encode("utf-8", "replace")
         self._send_head(status, "application/json", len(data), extra)
         if self.command != "HEAD":
             self.wfile.write(data)

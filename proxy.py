@@ -655,19 +655,50 @@ def text_of_parts(content, where, allowed=("text", "input_text", "output_text"))
     return "\n".join(texts)
 
 
-class ChatCompletions:
+class FrontEnd:
+    """What the three client protocols share; each subclass adds its decoder and encoders."""
+
+    overloaded_status = 503
+    keepalive = b": keep-alive\n\n"      # SSE comment during upstream silence
+    error_body = staticmethod(openai_error_body)
+
+    @staticmethod
+    def begin(body, max_tokens_fields):
+        """The fields every protocol has: model, stream, sampling, the output token limit."""
+        f = Fields(body)
+        request = Request(stream=bool(f.get("stream", bool, False)))
+        request.model = request.client_model = f.get("model", str, "")
+        request.temperature = f.get("temperature", float)
+        request.top_p = f.get("top_p", float)
+        for name in max_tokens_fields:
+            request.max_tokens = f.get(name, int)
+            if request.max_tokens is not None:
+                if request.max_tokens < 1:
+                    raise bad_request("'%s' must be at least 1" % name, name)
+                break
+        return f, request
+
+
+def openai_tool_choice(choice):
+    """Chat's {"type":"function","function":{"name"}} or Responses' {"type":"function","name"}."""
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice in ("none", "required"):
+        return choice
+    if isinstance(choice, dict) and isinstance((choice.get("function") or choice).get("name"), str):
+        return {"name": (choice.get("function") or choice)["name"]}
+    raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
+
+
+class ChatCompletions(FrontEnd):
     """OpenAI Chat Completions: POST /v1/chat/completions."""
 
     name = "chat"
     id_prefix = "chatcmpl-"
-    overloaded_status = 503
-    keepalive = b": keep-alive\n\n"
 
     # ---- decode -------------------------------------------------------------------
     def decode(self, body, headers):
-        f = Fields(body)
-        request = Request(stream=bool(f.get("stream", bool, False)))
-        request.model = request.client_model = f.get("model", str, "")
+        f, request = self.begin(body, ("max_completion_tokens", "max_tokens"))
         messages = f.get("messages", list, required=True)
         if not messages:
             raise bad_request("'messages' must not be empty", "messages")
@@ -690,22 +721,8 @@ class ChatCompletions:
                 raise bad_request("'functions[%d].name' is required" % i, "functions[%d]" % i)
             request.tools.append({"name": fn["name"], "description": fn.get("description") or "",
                                   "schema": fn.get("parameters") or {"type": "object", "properties": {}}})
-        choice = body.get("tool_choice", body.get("function_call"))
-        if choice is None or choice == "auto":
-            request.tool_choice = "auto"
-        elif choice in ("none", "required"):
-            request.tool_choice = choice
-        elif isinstance(choice, dict) and isinstance((choice.get("function") or choice).get("name"), str):
-            request.tool_choice = {"name": (choice.get("function") or choice)["name"]}
-        else:
-            raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
+        request.tool_choice = openai_tool_choice(body.get("tool_choice", body.get("function_call")))
         request.parallel_tool_calls = f.get("parallel_tool_calls", bool)
-        max_tokens = f.get("max_completion_tokens", int) or f.get("max_tokens", int)
-        if max_tokens is not None and max_tokens < 1:
-            raise bad_request("'max_tokens' must be at least 1", "max_tokens")
-        request.max_tokens = max_tokens
-        request.temperature = f.get("temperature", float)
-        request.top_p = f.get("top_p", float)
         stop = f.get("stop", (str, list))
         request.stop = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) for s in request.stop):
@@ -813,8 +830,6 @@ class ChatCompletions:
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": CHAT_FINISH[completion.finish]}],
                 "usage": openai_usage(completion.usage), "system_fingerprint": None}
-
-    error_body = staticmethod(openai_error_body)
 
 
 CHAT_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
@@ -957,18 +972,17 @@ def thinking_effort(thinking, output_config):
     raise bad_request("'thinking.type' must be enabled, adaptive or disabled", "thinking.type")
 
 
-class AnthropicMessages:
+class AnthropicMessages(FrontEnd):
     """Anthropic Messages: POST /v1/messages (and count_tokens)."""
 
     name = "messages"
     id_prefix = "msg_"
     overloaded_status = 529   # what Anthropic answers, and what Claude Code and the SDK retry as overloaded
     keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
+    error_body = staticmethod(anthropic_error_body)
 
     def decode(self, body, headers):
-        f = Fields(body)
-        request = Request(stream=bool(f.get("stream", bool, False)))
-        request.model = request.client_model = f.get("model", str, "")
+        f, request = self.begin(body, ("max_tokens",))
         system = f.get("system", (str, list))
         if isinstance(system, str):
             fold_system_text(request, system, cache=True)
@@ -1004,12 +1018,6 @@ class AnthropicMessages:
                 raise bad_request("'tool_choice.type' must be auto, any, tool or none", "tool_choice.type")
             if choice.get("disable_parallel_tool_use"):
                 request.parallel_tool_calls = False
-        max_tokens = f.get("max_tokens", int)
-        if max_tokens is not None and max_tokens < 1:
-            raise bad_request("'max_tokens' must be at least 1", "max_tokens")
-        request.max_tokens = max_tokens
-        request.temperature = f.get("temperature", float)
-        request.top_p = f.get("top_p", float)
         f.get("top_k", int)  # validated, then ignored: no backend takes it
         stops = f.get("stop_sequences", list, [])
         if not all(isinstance(s, str) for s in stops):
@@ -1127,8 +1135,6 @@ class AnthropicMessages:
                 "model": completion.model or request.model, "content": content,
                 "stop_reason": ANTHROPIC_STOP[completion.finish], "stop_sequence": completion.stop_sequence,
                 "usage": anthropic_usage(completion.usage)}
-
-    error_body = staticmethod(anthropic_error_body)
 
     def count_tokens(self, body, headers):
         return {"input_tokens": estimate_request_tokens(self.decode(dict(body, stream=False), headers))}
@@ -1298,18 +1304,14 @@ RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
 
 
-class OpenAIResponses:
+class OpenAIResponses(FrontEnd):
     """OpenAI Responses: POST /v1/responses, GET /v1/responses/{id} (what Codex CLI speaks)."""
 
     name = "responses"
     id_prefix = "resp_"
-    overloaded_status = 503
-    keepalive = b": keep-alive\n\n"
 
     def decode(self, body, headers):
-        f = Fields(body)
-        request = Request(stream=bool(f.get("stream", bool, False)))
-        request.model = request.client_model = f.get("model", str, "")
+        f, request = self.begin(body, ("max_output_tokens",))
         fold_system_text(request, f.get("instructions", str))
         previous_id = f.get("previous_response_id", str)
         if previous_id:
@@ -1327,22 +1329,8 @@ class OpenAIResponses:
             self._decode_item(request, item, "input[%d]" % i, tool_names)
         for i, tool in enumerate(f.get("tools", list, [])):
             self._decode_tool(request, tool, "tools[%d]" % i)
-        choice = body.get("tool_choice")
-        if choice is None or choice == "auto":
-            request.tool_choice = "auto"
-        elif choice in ("none", "required"):
-            request.tool_choice = choice
-        elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-            request.tool_choice = {"name": choice["name"]}
-        else:
-            raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
+        request.tool_choice = openai_tool_choice(body.get("tool_choice"))
         request.parallel_tool_calls = f.get("parallel_tool_calls", bool)
-        max_tokens = f.get("max_output_tokens", int)
-        if max_tokens is not None and max_tokens < 1:
-            raise bad_request("'max_output_tokens' must be at least 1", "max_output_tokens")
-        request.max_tokens = max_tokens
-        request.temperature = f.get("temperature", float)
-        request.top_p = f.get("top_p", float)
         reasoning = f.get("reasoning", dict, {})
         effort = reasoning.get("effort")
         if effort is not None and effort not in EFFORTS:
@@ -1488,8 +1476,6 @@ class OpenAIResponses:
     def remember(self, request, completion, response):
         if request.options.get("store", True):
             RESPONSES.put(response["id"], response, request.messages + [completion_message(completion)])
-
-    error_body = staticmethod(openai_error_body)
 
 
 def block_prefix(kind):

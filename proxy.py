@@ -1898,6 +1898,12 @@ class ConnectionPool:
         conn.connect = connect_without_nagle
         return conn, False
 
+    def close_all(self):
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for conn, _ in idle:
+            conn.close()
+
     def release(self, conn):
         with self.lock:
             if len(self.idle) < self.MAX_IDLE and conn.sock is not None:
@@ -2374,6 +2380,7 @@ class CommandCodeBackend:
 
     def stop(self):
         self.version.stop_event.set()
+        self.pool.close_all()
 
     # ---- before any upstream call ----------------------------------------------------
     def authenticate(self, headers):
@@ -2657,6 +2664,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         pass  # one access line per request is written by _access_log instead
 
     def handle_one_request(self):
+        self.path = "-"   # until a request line names one (the access log reads it)
         self.started = time.monotonic()
         self.status_sent = None
         self.bytes_sent = 0
@@ -2683,6 +2691,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Malformed request lines and the like, still as JSON."""
         self.request_id = self.request_id or "req_" + uuid.uuid4().hex[:24]
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # else http.server writes no status line at all
         try:
             self._send_json(code, openai_error_body(ProxyError(code, "invalid_request", message or "bad request")))
         except OSError:
@@ -3377,9 +3387,16 @@ def command_service(args):
         if not os.path.exists(plist_path):
             print("cc-proxy: the service is not installed (python3 proxy.py service install)", file=sys.stderr)
             return 1
-        argv = {"start": ["launchctl", "kickstart", target], "stop": ["launchctl", "kill", "SIGTERM", target],
-                "restart": ["launchctl", "kickstart", "-k", target], "status": ["launchctl", "print", target]}
-        return 1 if _run_tool(argv[action]) else 0
+        if action == "status":
+            return 1 if _run_tool(["launchctl", "print", target]) else 0
+        if action == "stop":  # KeepAlive would restart a killed job: take it out of launchd instead
+            return 1 if _run_tool(["launchctl", "bootout", target]) else 0
+        loaded = subprocess.run(["launchctl", "print", target], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL).returncode == 0 if shutil.which("launchctl") else False
+        if not loaded:
+            return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
+        argv = ["launchctl", "kickstart", "-k", target] if action == "restart" else ["launchctl", "kickstart", target]
+        return 1 if _run_tool(argv) else 0
     print("cc-proxy: no service manager support on %s; run `python3 proxy.py start` (e.g. from your system's "
           "task scheduler)" % platform, file=sys.stderr)
     return 1

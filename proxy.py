@@ -213,6 +213,16 @@ SETTINGS = [
             "concurrent CLI processes; more wait, then 429"),
     Setting("claudeAskWorkingDir", "CLAUDE_ASK_WORKING_DIR", True, parse_bool, "bool",
             "ask a new conversation for its working directory"),
+    Setting("claudeToolNotes", "CLAUDE_TOOL_NOTES", True, parse_bool, "bool",
+            "show the CLI's own tool calls and results as short reasoning notes (never as tool calls)"),
+    Setting("claudeSystemPromptMode", "CLAUDE_SYSTEM_PROMPT_MODE", "append", _enum("append", "replace"), "enum",
+            "client system text: append to Claude Code's prompt or replace it"),
+    Setting("claudeAllowedDirs", "CLAUDE_ALLOWED_DIRS", "", _text, "text",
+            "working directories clients may choose, comma-separated (empty = any)"),
+    Setting("claudeQueueWaitMs", "CLAUDE_QUEUE_WAIT_MS", 10000, _ms(0), "ms",
+            "how long a request waits for a free CLI process before 429"),
+    Setting("claudeTools", "CLAUDE_TOOLS", "", _text, "text",
+            "built-in tools offered to the CLI: empty = its default, none, or a list like Read,Grep"),
     Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
             "conversation -> CLI session mapping lifetime"),
     Setting("sessionFile", "SESSION_FILE", "", _text, "path", "persist that mapping across restarts"),
@@ -247,6 +257,31 @@ def read_config_file(path):
     if not isinstance(data, dict):
         raise ConfigError("config file %s must hold a JSON object" % path)
     return data
+
+
+def write_json_atomic(path, data, mode=None):
+    """Write JSON next to `path`, fsync, then rename over it: readers see the old or the new file,
+    never half of one. Sorted and indented, so the file stays human-editable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        elif os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def load_config(path=None, environ=None, overrides=None, sources=None):
@@ -377,6 +412,8 @@ class Request:
     session_id: Optional[str] = None
     dropped_tools: List[str] = field(default_factory=list)  # tools we could not send, named in a header
     client_model: str = ""  # the model id as the client asked for it
+    explicit_session: Optional[str] = None  # X-Session-Id: the client names its conversation
+    working_dir: Optional[str] = None       # X-Working-Dir (claude-code backend)
     options: Dict[str, Any] = field(default_factory=dict)  # front-end specifics (include_usage, store, ...)
 
 
@@ -2526,7 +2563,1282 @@ class CommandCodeBackend:
 
 
 
-BACKENDS = {"commandcode": CommandCodeBackend}
+# =====================================================================================
+# 7. Backend: Claude Code CLI (the local `claude` binary, stream-json in and out)
+#
+# One CLI process per request: `claude -p --input-format stream-json --output-format
+# stream-json --verbose --include-partial-messages ...`, the user turn written to stdin as one
+# JSON line, stdin closed. Conversations map to CLI sessions (--session-id, then --resume);
+# the CLI's own tool activity becomes short reasoning notes, never tool calls.
+# Facts behind every choice here: shared/protocol/claude-cli.md.
+# =====================================================================================
+
+CLAUDE_DEFAULT_MODEL = "sonnet"
+# Aliases the CLI resolves itself (they move with CLI releases, so they are passed through).
+CLAUDE_ALIASES = ("sonnet", "opus", "haiku", "fable", "opusplan", "sonnet[1m]", "opus[1m]")
+CLAUDE_KNOWN_MODELS = (("claude-opus-4-8", "Claude Opus 4.8"), ("claude-sonnet-5", "Claude Sonnet 5"),
+                       ("claude-haiku-4-5-20251001", "Claude Haiku 4.5"), ("claude-fable-5", "Claude Fable 5"),
+                       ("claude-opus-4-6", "Claude Opus 4.6"), ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5"))
+CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
+                  "max": "max"}
+CLAUDE_PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "bypassPermissions", "auto")
+_CLAUDE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]\-]{0,127}$")
+
+CLAUDE_KILL_GRACE_S = 1.5      # SIGINT -> SIGTERM -> SIGKILL, this long between steps
+CLAUDE_EXIT_WAIT_S = 5.0       # after the result line, time the CLI gets to exit by itself
+CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv strings cap at 128 KiB)
+CLAUDE_STDERR_KEEP = 16384
+
+# What the child's environment is built from (nothing else of ours leaks in).
+CLAUDE_ENV_NAMES = frozenset((
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TMPDIR", "TZ", "TERM",
+    "IS_SANDBOX", "API_TIMEOUT_MS", "MAX_THINKING_TOKENS", "MCP_TIMEOUT", "MCP_TOOL_TIMEOUT",
+    "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
+    "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUD_ML_REGION"))
+CLAUDE_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "LC_", "DISABLE_", "AWS_", "VERTEX_REGION_", "AZURE_")
+CLAUDE_ENV_DROP = frozenset(("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_CODE_SSE_PORT"))
+CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"), ("DISABLE_TELEMETRY", "1"),
+                        ("DISABLE_ERROR_REPORTING", "1"), ("DISABLE_AUTOUPDATER", "1"))
+CLAUDE_DEFAULT_MAX_RETRIES = "1"   # the CLI's default 10 (401 included) can hold a request for minutes
+
+CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "refusal",
+                 "tool_use": "stop", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+
+
+def claude_env(environ=None):
+    """The CLI's environment: PATH/HOME/locale, auth and provider variables, nothing else."""
+    environ = os.environ if environ is None else environ
+    ours = set(SETTINGS_BY_ENV)  # the proxy's own settings (CLAUDE_PATH, ...) are not for the CLI
+    env = {}
+    for name, value in environ.items():
+        if name in CLAUDE_ENV_DROP or name in ours:
+            continue
+        if name in CLAUDE_ENV_NAMES or name.startswith(CLAUDE_ENV_PREFIXES):
+            env[name] = value
+    for name, value in CLAUDE_NO_PHONE_HOME:
+        env.setdefault(name, value)
+    env.setdefault("CLAUDE_CODE_MAX_RETRIES", CLAUDE_DEFAULT_MAX_RETRIES)
+    env.setdefault("PATH", os.defpath)
+    if "HOME" not in env:
+        env["HOME"] = os.path.expanduser("~")
+    return env
+
+
+def ensure_api_key(config, out=None):
+    """First start of the claude-code backend without an apiKey: generate one, save it into the
+    config file (other keys kept), print it once. Returns the key."""
+    if config.get("apiKey"):
+        return config["apiKey"]
+    key = "sk-ccp-" + secrets.token_urlsafe(32)
+    path = config.get("configPath")
+    saved = False
+    if path:
+        try:
+            data = read_config_file(path)
+            data["apiKey"] = key
+            write_json_atomic(path, data, 0o600)
+            saved = True
+        except (ConfigError, OSError) as e:
+            log.error("could not save the generated apiKey to %s: %s", path, e)
+    config["apiKey"] = key
+    out = out or sys.stdout
+    where = ("saved to %s" % path) if saved else "NOT saved (set API_KEY or apiKey to keep it)"
+    out.write("cc-proxy: no apiKey was configured; generated one and %s.\n\n    %s\n\n"
+              "Clients send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.\n" % (where, key))
+    out.flush()
+    return key
+
+
+# ---- conversations -> CLI sessions ----------------------------------------------------
+
+def _claude_norm(text):
+    # all whitespace out: content-array vs string, trimmed or re-wrapped text hash the same
+    return re.sub(r"\s+", "", text)
+
+
+def normalised_turns(messages):
+    """Messages -> [[role, normalised text]], consecutive same-role messages merged, reasoning
+    ignored (clients keep or drop it at will)."""
+    turns = []
+    for message in messages:
+        role = "assistant" if message["role"] == "assistant" else "user"
+        pieces = []
+        for part in message["parts"]:
+            kind = part["type"]
+            if kind == "text":
+                pieces.append(part["text"])
+            elif kind == "image":
+                pieces.append("[image:%s]" % hashlib.sha256(
+                    (part.get("data") or part.get("url") or "").encode()).hexdigest()[:16])
+            elif kind == "tool_call":
+                pieces.append("[call:%s]" % part["name"])
+            elif kind == "tool_result":
+                pieces.append(part.get("content") or "")
+        text = _claude_norm("".join(pieces))
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += text
+        else:
+            turns.append([role, text])
+    return turns
+
+
+def conversation_key(cwd, turns=None, explicit=None, namespace=None):
+    """Session-store key, always with the working directory (CLI sessions live per directory):
+    the client's explicit session id (X-Session-Id: sticky, whatever history comes with it), else
+    the normalised history, within the client's own session hint (Claude Code's metadata
+    session) when there is one, so equal histories of two client sessions never share a CLI
+    session, and a side request of that client (a title, one message) never resumes it."""
+    digest = hashlib.sha256(b"cc-proxy/claude/1\0" + cwd.encode("utf-8", "replace") + b"\0")
+    if explicit is not None:
+        digest.update(b"explicit\0" + explicit.encode("utf-8", "replace"))
+    else:
+        if namespace:
+            digest.update(b"namespace\0" + namespace.encode("utf-8", "replace") + b"\0")
+        digest.update(json_dumps(turns).encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def split_trailing_turn(messages):
+    """(earlier messages up to the last assistant turn, the user messages after it)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return messages[:last + 1], messages[last + 1:]
+
+
+class KeyedLocks:
+    """One lock per key, created on demand and dropped when nobody uses it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.table = {}   # key -> [Lock, users]
+
+    def enter(self, key):
+        with self.lock:
+            item = self.table.setdefault(key, [threading.Lock(), 0])
+            item[1] += 1
+            return item[0]
+
+    def leave(self, key):
+        with self.lock:
+            item = self.table.get(key)
+            if item is not None:
+                item[1] -= 1
+                if item[1] <= 0:
+                    del self.table[key]
+
+
+class ClaudeSessions:
+    """conversation key -> {"session": CLI session uuid, "cwd": dir, "expires": epoch s}.
+    Expiry is wall-clock so it survives restarts through sessionFile."""
+
+    def __init__(self, ttl_ms, path=""):
+        self.ttl = ttl_ms / 1000.0
+        self.path = os.path.abspath(os.path.expanduser(path)) if path else ""
+        self.lock = threading.Lock()
+        self.file_lock = threading.Lock()
+        self.entries = {}
+        self.locks = KeyedLocks()
+
+    def __len__(self):
+        return len(self.entries)
+
+    def load(self):
+        if not self.path:
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            sessions = data.get("sessions") if isinstance(data, dict) else None
+            if not isinstance(sessions, dict):
+                raise ValueError("no 'sessions' object")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("session file %s is unreadable or corrupt (%s); starting with no sessions",
+                        self.path, e)
+            return
+        now = time.time()
+        loaded = {}
+        for key, entry in sessions.items():
+            if isinstance(entry, dict) and isinstance(entry.get("session"), str) and \
+                    isinstance(entry.get("cwd"), str) and isinstance(entry.get("expires"), (int, float)) \
+                    and entry["expires"] > now:
+                loaded[key] = {"session": entry["session"], "cwd": entry["cwd"], "expires": entry["expires"]}
+        with self.lock:
+            self.entries.update(loaded)
+        log.info("loaded %d Claude Code session(s) from %s", len(loaded), self.path)
+
+    def save(self):
+        if not self.path:
+            return
+        with self.file_lock:
+            with self.lock:
+                data = {"version": 1, "sessions": dict(self.entries)}
+            try:
+                write_json_atomic(self.path, data, 0o600)
+            except OSError as e:
+                log.error("cannot write session file %s: %s", self.path, e)
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            if entry["expires"] <= time.time():
+                del self.entries[key]
+                return None
+            return dict(entry)
+
+    def put(self, key, session, cwd):
+        with self.lock:
+            self.entries[key] = {"session": session, "cwd": cwd, "expires": time.time() + self.ttl}
+        self.save()
+
+    def discard(self, key):
+        with self.lock:
+            found = self.entries.pop(key, None) is not None
+        if found:
+            self.save()
+
+    def sweep(self):
+        now = time.time()
+        with self.lock:
+            expired = [k for k, v in self.entries.items() if v["expires"] <= now]
+            for key in expired:
+                del self.entries[key]
+        if expired:
+            self.save()
+        return len(expired)
+
+
+# ---- the working-directory dialogue (ccp's) ---------------------------------------------
+
+_DIALOGUE_ASK = "\U0001F4C2 cc-proxy:"          # open folder
+_DIALOGUE_CONFIRM = "\u2705 cc-proxy:"           # check mark
+_DIALOGUE_REJECT = "\u274C cc-proxy:"            # cross
+_PSEUDO_FILESYSTEMS = ("/proc", "/sys", "/dev")
+
+
+def _message_text(message):
+    return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+
+
+def dialogue_kind(message):
+    """'ask' | 'confirm' | 'reject' for the proxy's own canned assistant messages, else None."""
+    if message["role"] != "assistant":
+        return None
+    text = _message_text(message).lstrip()
+    for prefix, kind in ((_DIALOGUE_ASK, "ask"), (_DIALOGUE_CONFIRM, "confirm"), (_DIALOGUE_REJECT, "reject")):
+        if text.startswith(prefix):
+            return kind
+    return None
+
+
+def allowed_dirs(config):
+    raw = config["claudeAllowedDirs"]
+    items = raw if isinstance(raw, (list, tuple)) else re.split(r"[,%s]" % re.escape(os.pathsep), str(raw))
+    return [os.path.realpath(os.path.expanduser(item.strip())) for item in items if item.strip()]
+
+
+def check_working_dir(path, allowed=()):
+    """A user- or client-named directory -> (real path, None) or (None, reason)."""
+    text = path.strip().strip("`'\"").strip()
+    if not text:
+        return None, "no directory was given"
+    expanded = os.path.expanduser(text)
+    if not os.path.isabs(expanded):
+        return None, "%s is not an absolute path" % text
+    real = os.path.realpath(expanded)
+    for pseudo in _PSEUDO_FILESYSTEMS:   # as named and as resolved: /proc/self/cwd is refused too
+        if any(p == pseudo or p.startswith(pseudo + "/") for p in (os.path.normpath(expanded), real)):
+            return None, "%s is inside %s, which is refused" % (text, pseudo)
+    if not os.path.isdir(real):
+        return None, "%s is not an existing directory" % text
+    if allowed and not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+        return None, "%s is outside the allowed directories (%s)" % (text, ", ".join(allowed))
+    return real, None
+
+
+def _looks_like_path(text):
+    text = text.strip().strip("`'\"").strip()
+    return bool(text) and "\n" not in text and text[0] in "/~"
+
+
+def working_dir_dialogue(messages, default_dir, allowed):
+    """ccp's dialogue. -> (cwd, messages without the dialogue, None) when the CLI should run,
+    or (None, None, canned reply) when the proxy answers by itself."""
+    hint = "Reply with an absolute path (or ~/path) to an existing directory, or `default` for %s." % default_dir
+    ask = "%s which working directory should Claude Code use for this conversation?\n\n%s" % (_DIALOGUE_ASK, hint)
+
+    def answer(text):
+        if text.strip().strip("`'\"").lower() in ("default", "."):
+            return default_dir, None
+        if not _looks_like_path(text):
+            return None, None
+        return check_working_dir(text, allowed)
+
+    def verdict(text):
+        directory, reason = answer(text)
+        if directory:
+            return ("%s working directory set to %s. Claude Code will work there for the rest of this "
+                    "conversation. What should it do?" % (_DIALOGUE_CONFIRM, directory))
+        if reason:
+            return "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason, hint)
+        return ask
+
+    kinds = [dialogue_kind(m) for m in messages]
+    canned = [i for i, kind in enumerate(kinds) if kind]
+    if not canned:
+        if any(m["role"] == "assistant" for m in messages):
+            return default_dir, messages, None   # a real conversation from elsewhere: no question
+        last = _message_text(messages[-1]) if messages and messages[-1]["role"] == "user" else ""
+        return None, None, verdict(last) if _looks_like_path(last) else ask
+    strip = set(canned)
+    confirmed = None
+    for i in canned:
+        if kinds[i] in ("confirm", "reject") and i > 0 and messages[i - 1]["role"] == "user":
+            strip.add(i - 1)   # the path answer itself is not for Claude
+        if kinds[i] == "confirm":
+            confirmed = i - 1 if i > 0 and messages[i - 1]["role"] == "user" else None
+        elif confirmed is not None and i > confirmed:
+            confirmed = None   # asked again after a confirmation
+    last_canned = canned[-1]
+    if confirmed is None or last_canned == len(messages) - 1:
+        tail = [m for m in messages[last_canned + 1:] if m["role"] == "user"]
+        return None, None, verdict(_message_text(tail[-1])) if tail else ask
+    directory, reason = answer(_message_text(messages[confirmed]))
+    if not directory:
+        return None, None, "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason or "that directory is no longer usable", hint)
+    return directory, [m for i, m in enumerate(messages) if i not in strip], None
+
+
+# ---- request -> CLI invocation ----------------------------------------------------------
+
+def _claude_part_text(part):
+    kind = part["type"]
+    if kind == "text":
+        return part["text"]
+    if kind == "image":
+        return "[image]"
+    if kind == "tool_call":
+        return "[called tool %s with %s]" % (part["name"], json_dumps(part["arguments"]))
+    if kind == "tool_result":
+        return "[result of tool %s%s]\n%s" % (part.get("name") or "", " (error)" if part.get("is_error") else "",
+                                               part.get("content") or "")
+    return ""
+
+
+def claude_user_blocks(messages):
+    """The trailing user messages -> Anthropic content blocks for the stdin line."""
+    blocks = []
+    for message in messages:
+        for part in message["parts"]:
+            if part["type"] == "image":
+                if part.get("data"):
+                    blocks.append({"type": "image", "source": {"type": "base64", "media_type": part["media_type"],
+                                                               "data": part["data"]}})
+                else:
+                    blocks.append({"type": "image", "source": {"type": "url", "url": part["url"]}})
+            elif part["type"] != "reasoning":
+                text = _claude_part_text(part)
+                if text.strip():
+                    blocks.append({"type": "text", "text": text})
+    return blocks
+
+
+def claude_transcript(messages):
+    """Earlier turns as one text block, for a conversation the CLI has no session of."""
+    lines = ["[cc-proxy: this conversation began before this Claude Code session existed. Its earlier "
+             "turns follow; continue it as the assistant.]", "", "<conversation_history>"]
+    for message in messages:
+        label = {"user": "User", "assistant": "Assistant"}.get(message["role"], "Tool")
+        text = "\n".join(t for t in (_claude_part_text(p) for p in message["parts"]) if t.strip())
+        if text:
+            lines.append("%s: %s" % (label, text))
+            lines.append("")
+    lines.append("</conversation_history>")
+    lines.append("")
+    lines.append("The user's new message:")
+    return "\n".join(lines)
+
+
+def claude_argv(cli, config, request, session_id, resume, system_file=None):
+    argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+            "--include-partial-messages"]
+    if request.model and request.model != "default":
+        argv += ["--model", request.model]
+    argv += ["--resume", session_id] if resume else ["--session-id", session_id]
+    system = "\n\n".join(p["text"] for p in request.system if p["text"])
+    if system:
+        replace = config["claudeSystemPromptMode"] == "replace"
+        if system_file:
+            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file", system_file]
+        else:
+            argv += ["--system-prompt" if replace else "--append-system-prompt", system]
+    tools = config["claudeTools"].strip()
+    if tools:
+        argv += ["--tools", "" if tools.lower() == "none" else tools]
+    effort = CLAUDE_EFFORTS.get(request.reasoning_effort or "")
+    if effort:
+        argv += ["--effort", effort]
+    argv += ["--permission-mode", config["claudePermissionMode"], "--max-turns", str(config["claudeMaxTurns"])]
+    return argv
+
+
+# ---- CLI output -> canonical events -------------------------------------------------------
+
+def claude_usage(result):
+    """Usage of a whole run: modelUsage summed (result.usage can be zero or short)."""
+    number = lambda v: int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+    usage = Usage()
+    per_model = result.get("modelUsage")
+    if isinstance(per_model, dict) and per_model:
+        for item in per_model.values():
+            if not isinstance(item, dict):
+                continue
+            read, write = number(item.get("cacheReadInputTokens")), number(item.get("cacheCreationInputTokens"))
+            usage.input += number(item.get("inputTokens")) + read + write
+            usage.cache_read += read
+            usage.cache_write += write
+            usage.output += number(item.get("outputTokens"))
+        return usage
+    raw = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+    read, write = number(raw.get("cache_read_input_tokens")), number(raw.get("cache_creation_input_tokens"))
+    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read, cache_write=write,
+                 output=number(raw.get("output_tokens")))
+
+
+def classify_claude_error(status, kind, text, retry_after=None):
+    """is_error result -> ProxyError, from api_error_status and the synthetic error kind only."""
+    shown = redact(" ".join(str(text or "").split()))[:500] or "no details"
+    if status == 401:
+        return ProxyError(401, "authentication", "Claude Code's upstream rejected its credentials: %s (fix the "
+                          "CLI's login or ANTHROPIC_API_KEY on the proxy host)" % shown, code="upstream_auth")
+    if status is None and kind == "authentication_failed":
+        return ProxyError(502, "upstream", "the Claude Code CLI is not logged in: %s (run `claude` once as the "
+                          "proxy's user and log in, or set ANTHROPIC_API_KEY)" % shown, code="cli_not_logged_in")
+    if status == 403 or kind == "billing_error":
+        return ProxyError(403, "permission", "Claude Code: " + shown, code="billing_error"
+                          if kind == "billing_error" else None)
+    if status == 404 or kind == "model_not_found":
+        return ProxyError(404, "not_found", "Claude Code: " + shown, code="model_not_found")
+    if status == 429 or kind == "rate_limit":
+        return ProxyError(429, "rate_limit", "Claude Code is rate limited: " + shown,
+                          retry_after=max(1, int(retry_after + 0.999)) if retry_after else 30, code="rate_limited")
+    if status == 413:
+        return ProxyError(413, "request_too_large", "Claude Code: " + shown)
+    if status in (400, 422) or kind == "invalid_request":
+        return ProxyError(400, "invalid_request", "Claude Code: " + shown)
+    if status == 529 or kind == "overloaded":
+        return ProxyError(503, "overloaded", "Claude Code's upstream is overloaded: " + shown, retry_after=5,
+                          retryable=True, code="overloaded")
+    if status in (408, 504):
+        return ProxyError(504, "timeout", "Claude Code's upstream timed out: " + shown, retry_after=5,
+                          retryable=True)
+    return ProxyError(502, "upstream", "Claude Code failed: " + shown, retry_after=5,
+                      retryable=status is None or status >= 500, code="upstream_error")
+
+
+def _short(text, limit):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def claude_tool_note(name, tool_input):
+    """'⏺ Bash(echo hi)': the CLI's own tool call as Claude Code's UI shows it."""
+    summary = None
+    if isinstance(tool_input, dict):
+        for field_name in ("command", "file_path", "path", "pattern", "url", "query", "description", "prompt"):
+            if isinstance(tool_input.get(field_name), str) and tool_input[field_name].strip():
+                summary = tool_input[field_name]
+                break
+        if summary is None and tool_input:
+            summary = json_dumps(tool_input)
+    return "\u23fa %s(%s)\n" % (name, _short(summary or "", 160))
+
+
+def claude_result_note(content, is_error):
+    if isinstance(content, list):
+        content = " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
+    text = _short(content or "", 200) or "(no output)"
+    return "  \u23bf  %s%s\n" % ("error: " if is_error else "", text)
+
+
+class ClaudeStreamDecoder:
+    """stream-json lines -> event lists. Streaming requests take text from the token deltas and
+    reconcile them with the per-block `assistant` lines; non-streaming ones take the `assistant`
+    lines only (they are the truth when the CLI silently replaced a broken stream)."""
+
+    def __init__(self, use_deltas=True, tool_notes=True):
+        self.use_deltas = use_deltas
+        self.tool_notes = tool_notes
+        self.answer = []            # every TEXT emitted: what the client will echo back
+        self.last_text = ""
+        self.last_reasoning = ""
+        self.produced = False
+        self.continuation = False   # next text block continues a max_tokens cut: no separator
+        self.block_started = False  # the open text block has emitted nothing yet
+        self.open_text = None       # [message id, streamed text] of the open streamed text block
+        self.open_thinking = None   # message id whose thinking block streamed
+        self.message_id = None
+        self.last_stop = None
+        self.model = None
+        self.session_id = None
+        self.init_seen = False
+        self.result = None
+        self.synthetic_error = None
+        self.synthetic_text = ""
+        self.retry_after = None
+        self.skipped = 0
+        self.held = []              # events kept back until content (or the end) comes
+
+    # -- emit helpers
+    def _text(self, out, text, new_block):
+        if not text:
+            return
+        if new_block and self.answer and not self.continuation:
+            last = self.last_text
+            if last.endswith("\n\n") or text.startswith("\n\n"):
+                sep = ""
+            elif last.endswith("\n") or text.startswith("\n"):
+                sep = "\n"
+            else:
+                sep = "\n\n"
+            text = sep + text
+        self.continuation = False
+        out.append((TEXT, text))
+        self.answer.append(text)
+        self.last_text = text
+        self.produced = True
+
+    def _reasoning(self, out, text):
+        if text:
+            out.append((REASONING, text))
+            self.last_reasoning = text
+            self.produced = True
+
+    def _note(self, out, text):
+        if self.tool_notes:
+            if self.last_reasoning and not self.last_reasoning.endswith("\n"):
+                text = "\n" + text
+            self._reasoning(out, text)
+
+    def _model(self, out, model):
+        if isinstance(model, str) and model and model != "<synthetic>":
+            model = model.replace("[1m]", "")
+            if model != self.model:
+                self.model = model
+                out.append((MODEL, model))
+
+    # -- lines
+    def feed(self, line):
+        try:
+            item = json.loads(line)
+        except ValueError:
+            self.skipped += 1
+            return []
+        if not isinstance(item, dict):
+            self.skipped += 1
+            return []
+        out = []
+        kind = item.get("type")
+        if kind == "stream_event":
+            if item.get("parent_tool_use_id") is None and isinstance(item.get("event"), dict):
+                self._stream_event(out, item["event"])
+        elif kind == "assistant":
+            self._assistant(out, item)
+        elif kind == "user":
+            self._user(out, item)
+        elif kind == "system":
+            subtype = item.get("subtype")
+            if subtype == "init":
+                self.init_seen = True
+                self.session_id = item.get("session_id")
+                self._model(out, item.get("model"))
+            elif subtype == "api_retry":
+                delay = item.get("retry_delay_ms")
+                if item.get("error_status") == 429 and isinstance(delay, (int, float)):
+                    self.retry_after = delay / 1000.0
+                log.debug("claude api_retry attempt=%s status=%s error=%s", item.get("attempt"),
+                          item.get("error_status"), item.get("error"))
+        elif kind == "result":
+            self.result = item
+        return out
+
+    def _stream_event(self, out, event):
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.message_id = message.get("id")
+            self._model(out, message.get("model"))
+            self.continuation = self.last_stop == "max_tokens"
+            self.last_stop = None
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "text":
+                self.open_text = [self.message_id, ""]
+                self.block_started = True
+            elif block.get("type") == "thinking" and self.use_deltas:
+                self.open_thinking = self.message_id
+        elif kind == "content_block_delta" and self.use_deltas:
+            delta = event.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta" and self.open_text is not None:
+                text = delta.get("text") or ""
+                self._text(out, text, self.block_started)
+                if text:
+                    self.block_started = False
+                self.open_text[1] += text
+            elif dtype == "thinking_delta":
+                self._reasoning(out, delta.get("thinking") or "")
+            elif dtype == "signature_delta" and delta.get("signature"):
+                out.append((SIGNATURE, delta["signature"]))
+                self.last_reasoning = "\n"
+        elif kind == "content_block_stop":
+            self.open_text = None
+        elif kind == "message_delta":
+            self.last_stop = (event.get("delta") or {}).get("stop_reason")
+
+    def _assistant(self, out, item):
+        message = item.get("message") if isinstance(item.get("message"), dict) else {}
+        content = message.get("content") if isinstance(message.get("content"), list) else []
+        if message.get("model") == "<synthetic>":
+            self.synthetic_error = item.get("error") or "unknown"
+            self.synthetic_text = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+            return
+        sub_agent = item.get("parent_tool_use_id") is not None
+        message_id = message.get("id")
+        if message_id != self.message_id and not self.use_deltas:
+            # a new upstream call seen through assistant lines only
+            self.continuation = self.last_stop == "max_tokens"
+            self.message_id = message_id
+        if not sub_agent:
+            self._model(out, message.get("model"))
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "tool_use":
+                self._note(out, ("  " if sub_agent else "") + claude_tool_note(block.get("name", "tool"),
+                                                                               block.get("input")))
+            elif sub_agent:
+                continue
+            elif kind == "text":
+                self._assistant_text(out, message_id, block.get("text") or "")
+            elif kind == "thinking":
+                if self.use_deltas and self.open_thinking == message_id:
+                    continue   # streamed already, signature included
+                self._reasoning(out, block.get("thinking") or "")
+                if block.get("signature") and block.get("thinking"):
+                    out.append((SIGNATURE, block["signature"]))
+                    self.last_reasoning = "\n"
+
+    def _assistant_text(self, out, message_id, text):
+        if not self.use_deltas:
+            self._text(out, text, True)
+            return
+        if self.open_text is not None and self.open_text[0] == message_id:
+            streamed = self.open_text[1]
+            if text.startswith(streamed):
+                self._text(out, text[len(streamed):], not streamed)
+            else:   # the CLI replaced what it streamed: say so rather than diverge silently
+                self._text(out, text, True)
+            self.open_text[1] = text
+            self.block_started = False
+        else:       # a block that arrived without deltas (non-streaming fallback)
+            self._text(out, text, True)
+
+    def _user(self, out, item):
+        message = item.get("message") if isinstance(item.get("message"), dict) else {}
+        content = message.get("content")
+        if not isinstance(content, list) or item.get("isReplay"):
+            return
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                self._note(out, ("  " if item.get("parent_tool_use_id") else "") +
+                           claude_result_note(block.get("content"), block.get("is_error")))
+
+
+# ---- processes --------------------------------------------------------------------------
+
+class ClaudeProcess:
+    """One CLI child in its own process group; stdout lines arrive on a queue."""
+
+    def __init__(self, argv, cwd, env, stdin_data):
+        self.lines = queue.Queue()
+        self.stderr_chunks = collections.deque()
+        self.stderr_size = 0
+        self.lock = threading.Lock()
+        self.closed = False
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.pid = self.proc.pid
+        self.threads = [threading.Thread(target=self._write, args=(stdin_data,), daemon=True),
+                        threading.Thread(target=self._read_stdout, daemon=True),
+                        threading.Thread(target=self._read_stderr, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _write(self, data):
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                self.proc.stdin.close()   # the CLI waits for more input while stdin is open
+            except (OSError, ValueError):
+                pass
+
+    def _read_stdout(self):
+        try:
+            for line in iter(self.proc.stdout.readline, b""):
+                if line.strip():
+                    self.lines.put(line)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.lines.put(None)
+
+    def _read_stderr(self):
+        try:
+            for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
+                self.stderr_chunks.append(chunk)
+                self.stderr_size += len(chunk)
+                while self.stderr_size > CLAUDE_STDERR_KEEP and len(self.stderr_chunks) > 1:
+                    self.stderr_size -= len(self.stderr_chunks.popleft())
+        except (OSError, ValueError):
+            pass
+
+    def stderr_text(self):
+        self.threads[2].join(1.0)
+        text = b"".join(self.stderr_chunks).decode("utf-8", "replace")
+        return redact(text.strip())[-600:]
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _signal(self, sig):
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        except OSError:
+            pass
+
+    def close(self, natural=False):
+        """Stop the child and reap it: after its result it may exit by itself, otherwise
+        SIGINT (the CLI saves the session), SIGTERM, SIGKILL. Leftover members of its process
+        group (tool subprocesses) are killed too. Idempotent and thread-safe."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        proc = self.proc
+        try:
+            if natural:
+                self.wait(CLAUDE_EXIT_WAIT_S)
+            if proc.poll() is None:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self._signal(sig)
+                    if self.wait(CLAUDE_KILL_GRACE_S) is not None:
+                        break
+                if proc.poll() is None:
+                    self._signal(signal.SIGKILL)
+                    proc.wait()
+            self._signal(signal.SIGKILL)
+        finally:
+            for stream in (proc.stdout, proc.stderr):
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
+
+
+class ProcessSlots:
+    """At most `limit` CLI processes at once; waiting is done by the caller in ticks."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def try_acquire(self, timeout):
+        with self.cond:
+            if self.used >= self.limit:
+                self.cond.wait(timeout)
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def release(self):
+        with self.cond:
+            self.used -= 1
+            self.cond.notify()
+
+
+# ---- the backend ------------------------------------------------------------------------
+
+class ClaudeCodeBackend:
+    name = "claude-code"
+    auth_hint = "send the proxy's apiKey as Authorization: Bearer <key> or x-api-key"
+
+    def __init__(self, config, metrics):
+        self.config = config
+        self.metrics = metrics
+        self.sessions = ClaudeSessions(config["sessionTtlMs"], config["sessionFile"])
+        self.slots = ProcessSlots(config["claudeMaxProcesses"])
+        self.processes = set()
+        self.processes_lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.cli_path = None
+        self.cli_version = None
+        self.cli_error = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self):
+        self.check_cli()
+        self.sessions.load()
+        mode = self.config["claudePermissionMode"]
+        if mode == "bypassPermissions":
+            log.warning("claudePermissionMode is bypassPermissions: every client can make Claude Code run any "
+                        "command and edit any file as this user, without asking")
+            if hasattr(os, "geteuid") and os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
+                log.warning("running as root: the CLI refuses bypassPermissions as root unless IS_SANDBOX=1")
+        if not self.config.get("apiKey"):
+            log.error("no apiKey is configured: every request will get 401 (start with `python3 proxy.py` once "
+                      "to generate one, or set API_KEY)")
+        threading.Thread(target=self._sweep, name="claude-sessions", daemon=True).start()
+
+    def stop(self):
+        self.stop_event.set()
+        with self.processes_lock:
+            running = list(self.processes)
+        threads = [threading.Thread(target=p.close, daemon=True) for p in running]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(3 * CLAUDE_KILL_GRACE_S + 5)
+        self.sessions.save()
+
+    def _sweep(self):
+        interval = max(1.0, min(60.0, self.sessions.ttl / 2))
+        while not self.stop_event.wait(interval):
+            try:
+                self.sessions.sweep()
+            except Exception:   # never let the sweeper die
+                log.exception("session sweep failed")
+
+    def check_cli(self):
+        """Find the CLI and ask its version, with errors a new user can act on."""
+        configured = os.path.expanduser(self.config["claudePath"] or "claude")
+        self.cli_path, self.cli_version, self.cli_error = None, None, None
+        if os.sep in configured:
+            if not os.path.exists(configured):
+                self.cli_error = "claudePath %s does not exist" % configured
+            elif os.path.isdir(configured) or not os.access(configured, os.X_OK):
+                self.cli_error = "claudePath %s is not an executable file (chmod +x?)" % configured
+            else:
+                self.cli_path = os.path.abspath(configured)
+        else:
+            found = shutil.which(configured)
+            if found:
+                self.cli_path = found
+            else:
+                self.cli_error = ("Claude Code CLI %r not found on PATH: install it (npm install -g "
+                                  "@anthropic-ai/claude-code), log in once with `claude`, or set claudePath"
+                                  % configured)
+        if self.cli_path:
+            try:
+                done = subprocess.run([self.cli_path, "--version"], env=claude_env(), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+                output = done.stdout.decode("utf-8", "replace").strip()
+                if done.returncode == 0 and output:
+                    self.cli_version = output.splitlines()[0].replace("(Claude Code)", "").strip()
+                else:
+                    self.cli_error = "`%s --version` failed (exit %s): %s" % (
+                        self.cli_path, done.returncode, redact(done.stderr.decode("utf-8", "replace").strip())[:300])
+            except subprocess.TimeoutExpired:
+                self.cli_error = "`%s --version` did not answer within 30 s" % self.cli_path
+            except OSError as e:
+                self.cli_error = "cannot run %s: %s" % (self.cli_path, e.strerror or e)
+        if self.cli_error:
+            log.error("%s", self.cli_error)
+        else:
+            log.info("Claude Code CLI %s at %s", self.cli_version, self.cli_path)
+
+    # ---- before anything runs -----------------------------------------------------------
+    def authenticate(self, headers):
+        expected = (self.config.get("apiKey") or "").encode("utf-8")
+        if not expected:
+            raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the operator must set "
+                             "one (API_KEY) before clients can use it", code="invalid_api_key")
+        authorization = (headers.get("authorization") or "").strip()
+        candidates = [headers.get("x-api-key") or "",
+                      authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
+        ok = False
+        for given in candidates:   # both compared, so the time taken says nothing about either
+            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+        if not ok:
+            raise ProxyError(401, "authentication", "invalid or missing API key: " + self.auth_hint,
+                             code="invalid_api_key")
+        return "proxy-key"
+
+    def prepare(self, request):
+        config = self.config
+        default = config["defaultModel"] or CLAUDE_DEFAULT_MODEL
+        model = map_model(request.model, config["modelMap"], default)
+        if model.lower() in CLAUDE_ALIASES or model.lower() == "default":
+            model = model.lower()
+        elif model.lower() in ("claude", "claude-code"):
+            model = default
+        if not _CLAUDE_MODEL_NAME.match(model):
+            raise bad_request("model %r is not a valid Claude model name" % model, "model")
+        request.model = model
+        if request.tools:
+            if request.tool_choice == "required" or isinstance(request.tool_choice, dict):
+                raise bad_request("the Claude Code backend runs its own tools and cannot call client-side tools; "
+                                  "a forced tool_choice cannot be honoured", "tool_choice")
+            request.dropped_tools.extend(t["name"] for t in request.tools)
+            request.tools = []
+        request.options["claude"] = self.plan(request)
+
+    def plan(self, request):
+        """Where the CLI runs, what it is sent, and which session it continues."""
+        named = request.working_dir
+        allowed = allowed_dirs(self.config)
+        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"] or os.getcwd()))
+        messages = request.messages
+        if named:
+            cwd, reason = check_working_dir(named, allowed)
+            if reason:
+                raise bad_request("X-Working-Dir: " + reason, "X-Working-Dir")
+            reply = None
+        elif self.config["claudeAskWorkingDir"]:
+            cwd, messages, reply = working_dir_dialogue(messages, default_dir, allowed)
+        else:
+            cwd, reply = default_dir, None
+        if reply is not None:
+            return {"reply": reply}
+        earlier, trailing = split_trailing_turn(messages)
+        if not trailing:
+            raise bad_request("the last message must come from the user (the Claude Code backend cannot continue "
+                              "an assistant prefill)", "messages")
+        blocks = claude_user_blocks(trailing)
+        if not blocks:
+            raise bad_request("the last user message has no text or image content", "messages")
+        explicit = (request.explicit_session or "").strip() or None
+        hint = None if explicit else (request.session_id or "").strip() or None
+        if explicit is not None:
+            lookup = conversation_key(cwd, explicit=explicit)
+        elif earlier:
+            lookup = conversation_key(cwd, normalised_turns(earlier), namespace=hint)
+        else:
+            lookup = None   # a new conversation: nothing to continue
+        return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing, "blocks": blocks,
+                "explicit": explicit, "hint": hint, "lookup": lookup, "messages": messages}
+
+    # ---- the run ------------------------------------------------------------------------
+    def stream(self, request, exchange):
+        plan = request.options.get("claude") or self.plan(request)
+        if plan["reply"] is not None:
+            yield [(MODEL, request.model), (TEXT, plan["reply"]), (USAGE, Usage()), (FINISH, "stop", None)]
+            return
+        tick = exchange.tick
+        held = []            # (key, lock) pairs this request holds
+        procs = []
+        slot = False
+        try:
+            if plan["lookup"]:
+                yield from self._lock_session(plan["lookup"], held, tick)
+            if not self.cli_path:
+                self.check_cli()
+                if not self.cli_path:
+                    raise ProxyError(502, "upstream", self.cli_error or "Claude Code CLI not found",
+                                     code="cli_not_found")
+            yield from self._take_slot(tick)
+            slot = True
+            entry = self.sessions.get(plan["lookup"]) if plan["lookup"] else None
+            if entry is not None and entry["cwd"] != plan["cwd"]:
+                entry = None
+            for _ in range(2):
+                resume = entry is not None
+                session_id = entry["session"] if resume else str(uuid.uuid4())
+                if resume or not plan["earlier"]:
+                    blocks = plan["blocks"]
+                else:   # a conversation the CLI never saw (or lost): its history as a transcript
+                    blocks = [{"type": "text", "text": claude_transcript(plan["earlier"])}] + plan["blocks"]
+                decoder = ClaudeStreamDecoder(use_deltas=request.stream,
+                                              tool_notes=self.config["claudeToolNotes"])
+                proc = self._spawn(request, plan, session_id, resume, blocks)
+                procs.append(proc)
+                self.metrics.count("claude_runs_total", {"session": "resume" if resume else
+                                                         ("transcript" if plan["earlier"] else "new")})
+                rc = yield from self._pump(proc, decoder, request, tick)
+                proc.natural = decoder.result is not None   # it printed its result: let it exit by itself
+                if resume and not decoder.produced and self._resume_failed(decoder, rc):
+                    log.info("%s claude session %s is gone (cwd %s); replaying the history as a transcript",
+                             exchange.request_id, session_id, plan["cwd"])
+                    self.sessions.discard(plan["lookup"])
+                    entry = None
+                    continue
+                break
+            final = self._finish(decoder, rc, proc, request, resume)
+            self._remember(plan, request, decoder, session_id, held)
+            cost = decoder.result.get("total_cost_usd")
+            if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+                request.options.setdefault("response_headers", {})["X-Claude-Cost-Usd"] = "%.6f" % cost
+                self.metrics.count("claude_cost_usd_total", {}, cost)
+            log.info("%s claude session=%s %s turns=%s cost_usd=%s duration_ms=%s", exchange.request_id,
+                     session_id, "resumed" if resume else "new", decoder.result.get("num_turns"),
+                     cost, decoder.result.get("duration_ms"))
+            yield final
+        finally:
+            for proc in procs:
+                self._reap(proc, getattr(proc, "natural", False))
+            if slot:
+                self.slots.release()
+            for key, lock in reversed(held):
+                lock.release()
+                self.sessions.locks.leave(key)
+
+    def _lock_session(self, key, held, tick):
+        """One request per conversation at a time; the others queue (ticking) behind it."""
+        lock = self.sessions.locks.enter(key)
+        deadline = time.monotonic() + self.config["claudeTimeoutMs"] / 1000 + 10
+        try:
+            while not lock.acquire(timeout=tick):
+                if time.monotonic() >= deadline:
+                    raise ProxyError(429, "rate_limit", "this conversation is busy with an earlier request; retry "
+                                     "when it has finished", retry_after=5, code="session_busy")
+                yield []
+        except BaseException:
+            self.sessions.locks.leave(key)
+            raise
+        held.append((key, lock))
+
+    def _take_slot(self, tick):
+        wait = self.config["claudeQueueWaitMs"] / 1000
+        deadline = time.monotonic() + wait
+        while not self.slots.try_acquire(min(tick, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self.metrics.count("claude_busy_total", {})
+                raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy (claudeMaxProcesses); "
+                                 "retry shortly" % self.slots.limit, retry_after=max(1, int(wait) or 1),
+                                 code="cli_busy")
+            yield []
+
+    def _spawn(self, request, plan, session_id, resume, blocks):
+        system_file = None
+        system = "\n\n".join(p["text"] for p in request.system if p["text"])
+        if len(system.encode("utf-8", "replace")) > CLAUDE_SYSTEM_ARG_LIMIT:
+            fd, system_file = tempfile.mkstemp(prefix="cc-proxy-system-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+                f.write(system)
+        argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
+        line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
+        try:
+            proc = ClaudeProcess(argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"))
+        except FileNotFoundError:
+            self._drop_file(system_file)
+            self.cli_path = None
+            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0], code="cli_not_found")
+        except PermissionError:
+            self._drop_file(system_file)
+            raise ProxyError(502, "upstream", "Claude Code CLI at %s is not executable" % argv[0],
+                             code="cli_not_found")
+        except OSError as e:
+            self._drop_file(system_file)
+            raise ProxyError(502, "upstream", "cannot start the Claude Code CLI: %s" % (e.strerror or e))
+        proc.system_file = system_file
+        with self.processes_lock:
+            self.processes.add(proc)
+        self.metrics.gauge("claude_processes", {}, 1)
+        return proc
+
+    @staticmethod
+    def _drop_file(path):
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _reap(self, proc, natural):
+        try:
+            proc.close(natural)
+        finally:
+            self._drop_file(getattr(proc, "system_file", None))
+            with self.processes_lock:
+                if proc in self.processes:
+                    self.processes.discard(proc)
+                    self.metrics.gauge("claude_processes", {}, -1)
+            self.metrics.observe("claude_run_seconds", {}, time.monotonic() - proc.started)
+
+    def _pump(self, proc, decoder, request, tick):
+        """Lines -> batches until the result line (or EOF); [] while the CLI is silent.
+        Returns the exit code when the CLI ended without a result, else None."""
+        held = decoder.held   # non-content events (the model) wait for content: a bare MODEL batch
+        wall = self.config["claudeTimeoutMs"] / 1000  # would commit the response before an error
+        idle = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
+        last_line = last_yield = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - proc.started >= wall:
+                raise self._timeout("did not finish within claudeTimeoutMs (%d s)" % wall, proc)
+            if now - last_line >= idle:
+                raise self._timeout("printed nothing for %d s" % idle, proc)
+            try:
+                line = proc.lines.get(timeout=max(0.01, min(tick, wall - (now - proc.started),
+                                                            idle - (now - last_line))))
+            except queue.Empty:
+                last_yield = time.monotonic()
+                yield []
+                continue
+            batch, ended = [], False
+            while True:
+                if line is None:
+                    ended = True
+                    break
+                batch.extend(decoder.feed(line))
+                if decoder.result is not None:
+                    break
+                try:
+                    line = proc.lines.get_nowait()
+                except queue.Empty:
+                    break
+            last_line = time.monotonic()
+            if not decoder.produced:
+                held.extend(batch)
+                batch = []
+            elif held:
+                batch[:0] = held
+                del held[:]
+            if decoder.result is not None:
+                if batch:
+                    yield batch
+                return None
+            if ended:
+                if batch:
+                    yield batch
+                rc = proc.wait(CLAUDE_EXIT_WAIT_S)
+                return rc if rc is not None else -1
+            if batch or last_line - last_yield >= tick:
+                last_yield = last_line
+                yield batch
+
+    def _timeout(self, what, proc):
+        self.metrics.count("claude_timeouts_total", {})
+        proc.close()   # at once: the client must not wait for the grace periods twice
+        return ProxyError(504, "timeout", "the Claude Code CLI %s and was stopped" % what, retry_after=5,
+                          code="cli_timeout")
+
+    @staticmethod
+    def _resume_failed(decoder, rc):
+        """--resume of a session the CLI does not have: an error_during_execution result with no
+        turn taken, or an exit before it even started (seen from another cwd or a wiped HOME)."""
+        result = decoder.result
+        if result is not None:
+            return result.get("subtype") == "error_during_execution" and not result.get("num_turns")
+        return rc not in (None, 0) and not decoder.init_seen
+
+    def _finish(self, decoder, rc, proc, request, resume):
+        """The last batch of a run that ended: usage, finish reason, or the right ProxyError."""
+        result = decoder.result
+        if result is None:
+            stderr = proc.stderr_text()
+            if rc:
+                raise ProxyError(502, "upstream", "the Claude Code CLI exited with status %s without an answer%s"
+                                 % (rc, (": " + stderr) if stderr else ""), code="cli_crashed",
+                                 retryable=not resume and not decoder.produced)
+            raise ProxyError(502, "upstream", "the Claude Code CLI ended without a result%s"
+                             % ((": " + stderr) if stderr else ""), code="cli_no_result")
+        out = decoder.held
+        subtype = result.get("subtype")
+        finish = CLAUDE_FINISH.get(result.get("stop_reason") or "end_turn", "stop")
+        if result.get("is_error"):
+            status = result.get("api_error_status")
+            status = status if isinstance(status, int) and not isinstance(status, bool) else None
+            if subtype in ("error_max_turns", "error_max_budget_usd"):
+                why = ("it reached the limit of %d agentic turns (claudeMaxTurns)" % self.config["claudeMaxTurns"]
+                       if subtype == "error_max_turns" else "it reached its cost budget")
+                decoder._text(out, "[cc-proxy: Claude Code stopped because %s; say \"continue\" to let it go "
+                              "on.]" % why, True)
+                finish = "length"
+            elif decoder.synthetic_error == "max_output_tokens" and status is None:
+                decoder._text(out, "[cc-proxy: the answer was cut at the model's output token limit.]", True)
+                finish = "length"
+            elif subtype == "success" or decoder.synthetic_error:
+                err = classify_claude_error(status, decoder.synthetic_error,
+                                            result.get("result") or decoder.synthetic_text, decoder.retry_after)
+                err.retryable = err.retryable and not resume and not decoder.produced
+                raise err
+            else:
+                errors = result.get("errors") if isinstance(result.get("errors"), list) else []
+                stderr = proc.stderr_text()
+                detail = "; ".join(str(e) for e in errors) or stderr or subtype or "unknown error"
+                raise ProxyError(502, "upstream", "the Claude Code CLI failed: %s" % redact(detail)[:500],
+                                 code="cli_error")
+        if not decoder.answer:
+            text = result.get("result") if isinstance(result.get("result"), str) else ""
+            decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)", True)
+        out.append((USAGE, claude_usage(result)))
+        out.append((FINISH, finish, None))
+        return out
+
+    def _remember(self, plan, request, decoder, session_id, held):
+        """Store the session under the key the next turn will look it up by, before the client
+        can send that turn; hold that key's lock until this child is reaped."""
+        if plan["explicit"] is not None:
+            key = plan["lookup"]
+        else:
+            answer = {"role": "assistant", "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
+            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]), namespace=plan["hint"])
+            if plan["lookup"] and plan["lookup"] != key:
+                self.sessions.discard(plan["lookup"])   # that history now continues under the new key
+            if all(k != key for k, _ in held):
+                lock = self.sessions.locks.enter(key)
+                if lock.acquire(blocking=False):
+                    held.append((key, lock))
+                else:
+                    self.sessions.locks.leave(key)
+        self.sessions.put(key, session_id, plan["cwd"])
+
+    # ---- the rest of the interface ------------------------------------------------------
+    def list_models(self, key):
+        efforts = tuple(e for e in EFFORT_ORDER if e != "minimal")
+        seen, models = set(), []
+
+        def add(model_id, label):
+            if model_id.lower() not in seen:
+                seen.add(model_id.lower())
+                models.append(ModelInfo(model_id, True, efforts, 200000, label))
+        for alias in ("sonnet", "opus", "haiku"):
+            add(alias, "Claude %s (latest, alias)" % alias.capitalize())
+        for model_id, label in CLAUDE_KNOWN_MODELS:
+            add(model_id, label)
+        if self.config["defaultModel"]:
+            add(self.config["defaultModel"], self.config["defaultModel"])
+        for pattern in self.config["modelMap"]:
+            if "*" not in pattern and "?" not in pattern:
+                add(pattern, pattern)
+        return models
+
+    def health(self):
+        info = {"claude": self.cli_path, "claudeVersion": self.cli_version, "claudeProcesses": self.slots.used,
+                "claudeSessions": len(self.sessions)}
+        if self.cli_error:
+            info["claudeError"] = self.cli_error
+        return info
+
+
+BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 
 
 # =====================================================================================
@@ -2704,7 +4016,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers",
-                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, x-cc-proxy-dropped-tools")
+                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, x-cc-proxy-dropped-tools, "
+                             "X-Claude-Cost-Usd")
             if origin != "*":
                 self.send_header("Vary", "Origin")
 
@@ -2908,6 +4221,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         try:
             credential = self._authenticate()
             request = frontend.decode(parse_json_body(self._read_body()), self.headers)
+            request.explicit_session = self.headers.get("x-session-id")
+            request.working_dir = self.headers.get("x-working-dir")
             server.backend.prepare(request)
         except ProxyError as err:
             return self._send_error(err, frontend)
@@ -2929,7 +4244,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             server.metrics.gauge("in_flight", {}, -1)
 
     def _extra_headers(self, request):
-        headers = {}
+        headers = dict(request.options.get("response_headers") or {})
         if request.dropped_tools:
             names = ",".join(re.sub(r"[^\x21-\x7e]", "_", n) for n in request.dropped_tools)
             headers["x-cc-proxy-dropped-tools"] = names[:1000]
@@ -3167,28 +4482,6 @@ def make_server(config):
 # 9. Command line: start, config, service, version, help
 # =====================================================================================
 
-def write_json_atomic(path, data, mode=None):
-    """Write JSON next to `path`, then rename over it: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        if mode is not None:
-            os.chmod(tmp, mode)
-        elif os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _shown(setting, value, mask=True):
     if setting.secret and mask and value:
         return "******** (set, %d characters)" % len(value)
@@ -3411,6 +4704,8 @@ def command_start(args):
         print("cc-proxy: %s" % e, file=sys.stderr)
         return 2
     setup_logging(config)
+    if config["backend"] == "claude-code":
+        ensure_api_key(config)
     try:
         server = make_server(config)
     except OSError as e:

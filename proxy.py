@@ -1912,7 +1912,7 @@ class ConnectionPool:
         with self.lock:
             while self.idle:
                 conn, released = self.idle.pop()
-                if now - released < self.IDLE_SECONDS:
+                if now - released < self.IDLE_SECONDS and conn.sock is not None and conn.sock.fileno() != -1:
                     reused = conn
                     break
                 stale.append(conn)
@@ -1964,6 +1964,8 @@ class UpstreamCall:
         self.cancelled = threading.Event()
         self.detached = False   # the consumer has what it needs; drain quietly for reuse
         self.conn = None
+        self.ownership = threading.Lock()  # pool release and abort exclude each other
+        self.released = False
         threading.Thread(target=self._run, name="upstream-read", daemon=True).start()
 
     def _put(self, item):
@@ -2015,10 +2017,12 @@ class UpstreamCall:
                     return
             response.close()  # body complete: the connection is free for the next request
             self._put(("end",))
-            if response.will_close:
-                conn.close()
-            else:
-                self.pool.release(conn)
+            with self.ownership:
+                if response.will_close or self.cancelled.is_set():
+                    conn.close()
+                else:
+                    self.released = True
+                    self.pool.release(conn)
             conn = None
         except Exception as e:
             if conn is not None:
@@ -2037,7 +2041,10 @@ class UpstreamCall:
 
     def abort(self):
         """Close the upstream connection now: the upstream sees the client go away."""
-        self.cancelled.set()
+        with self.ownership:
+            self.cancelled.set()
+            if self.released:
+                return  # already back in the pool, whole: it belongs to the next request now
         conn = self.conn
         sock = getattr(conn, "sock", None)
         if sock is not None:

@@ -632,6 +632,31 @@ def estimate_request_tokens(request):
     return max(1, total)
 
 
+class Slots:
+    """A counted limit shared by request threads: model requests in flight, CLI processes running."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def acquire(self, timeout=0.0):
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.count < self.limit, timeout):
+                return False
+            self.count += 1
+            return True
+
+    def release(self):
+        with self.changed:
+            self.count -= 1
+            self.changed.notify_all()
+
+    def wait_idle(self, timeout):
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count == 0, timeout)
+
+
 def new_id(prefix):
     return prefix + uuid.uuid4().hex[:24]
 
@@ -3367,29 +3392,6 @@ class ClaudeProcess:
                     pass
 
 
-class ProcessSlots:
-    """At most `limit` CLI processes at once; waiting is done by the caller in ticks."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.used = 0
-        self.cond = threading.Condition()
-
-    def try_acquire(self, timeout):
-        with self.cond:
-            if self.used >= self.limit:
-                self.cond.wait(timeout)
-            if self.used >= self.limit:
-                return False
-            self.used += 1
-            return True
-
-    def release(self):
-        with self.cond:
-            self.used -= 1
-            self.cond.notify()
-
-
 # ---- the backend ------------------------------------------------------------------------
 
 class ClaudeCodeBackend:
@@ -3400,7 +3402,7 @@ class ClaudeCodeBackend:
         self.config = config
         self.metrics = metrics
         self.sessions = ClaudeSessions(config["sessionTtlMs"], config["sessionFile"])
-        self.slots = ProcessSlots(config["claudeMaxProcesses"])
+        self.slots = Slots(config["claudeMaxProcesses"])
         self.processes = set()
         self.processes_lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -3633,7 +3635,7 @@ class ClaudeCodeBackend:
     def _take_slot(self, tick):
         wait = self.config["claudeQueueWaitMs"] / 1000
         deadline = time.monotonic() + wait
-        while not self.slots.try_acquire(min(tick, max(0.0, deadline - time.monotonic()))):
+        while not self.slots.acquire(min(tick, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 self.metrics.count("claude_busy_total", {})
                 raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy (claudeMaxProcesses); "
@@ -3838,7 +3840,7 @@ class ClaudeCodeBackend:
         return models
 
     def health(self):
-        info = {"claude": self.cli_path, "claudeVersion": self.cli_version, "claudeProcesses": self.slots.used,
+        info = {"claude": self.cli_path, "claudeVersion": self.cli_version, "claudeProcesses": self.slots.count,
                 "claudeSessions": len(self.sessions)}
         if self.cli_error:
             info["claudeError"] = self.cli_error
@@ -3914,32 +3916,6 @@ class Metrics:
                 lines.append("%s_count%s %d" % (full, labels_text(labels), buckets[-2]))
                 lines.append("%s_sum%s %r" % (full, labels_text(labels), buckets[-1]))
         return "\n".join(lines) + "\n"
-
-
-class InFlight:
-    """Concurrent model requests; over the limit a request is refused with 503 + Retry-After."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.count = 0
-        self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
-
-    def enter(self):
-        with self.lock:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
-            return True
-
-    def leave(self):
-        with self.lock:
-            self.count -= 1
-            self.idle.notify_all()
-
-    def wait_idle(self, timeout):
-        with self.lock:
-            return self.idle.wait_for(lambda: self.count == 0, timeout)
 
 
 class ClientGone(Exception):
@@ -4234,7 +4210,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ProxyError as err:
             return self._send_error(err, frontend)
         self.model_name = request.model
-        if not server.inflight.enter():
+        if not server.inflight.acquire():
             return self._send_error(ProxyError(503, "overloaded", "too many requests in flight (maxInFlight=%d); "
                                                "retry shortly" % server.inflight.limit, retry_after=1), frontend)
         server.metrics.gauge("in_flight", {}, 1)
@@ -4247,7 +4223,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self._folded_answer(frontend, request, exchange)
         finally:
-            server.inflight.leave()
+            server.inflight.release()
             server.metrics.gauge("in_flight", {}, -1)
 
     def _extra_headers(self, request):
@@ -4456,7 +4432,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config):
         self.config = config
         self.metrics = Metrics()
-        self.inflight = InFlight(config["maxInFlight"])
+        self.inflight = Slots(config["maxInFlight"])
         self.backend = make_backend(config, self.metrics)
         self.started_at = time.time()
         host = config["host"]

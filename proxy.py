@@ -424,7 +424,7 @@ SIGNATURE = "signature"    # (SIGNATURE, signature) closes the current reasoning
 TOOL_START = "tool_start"  # (TOOL_START, call_id, name)
 TOOL_DELTA = "tool_delta"  # (TOOL_DELTA, call_id, json_fragment)
 TOOL_END = "tool_end"      # (TOOL_END, call_id, complete_arguments_json)
-USAGE = "usage"            # (USAGE, Usage)
+USAGE = "usage"            # (USAGE, Usage), in the batch that ends with FINISH
 FINISH = "finish"          # (FINISH, reason, stop_sequence): stop|length|tool_calls|content_filter|stop_sequence|refusal
 MODEL = "model"            # (MODEL, model id the backend really used)
 CONTENT_EVENTS = frozenset((TEXT, REASONING, TOOL_START))
@@ -4271,10 +4271,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise ProxyError(502, "upstream", "the backend finished without any output", retry_after=10,
                                  retryable=True, code="empty_response")
 
-    def _note_usage(self, request, batch):
-        for event in batch:
-            if event[0] == USAGE:
-                self.usage = event[1]
+    def _note_usage(self, batch):
+        """For the access log and metrics. Backends report usage just before FINISH, so only the
+        last batch of a stream is looked at (not every event of every batch)."""
+        if batch[-1][0] == FINISH:
+            for event in batch:
+                if event[0] == USAGE:
+                    self.usage = event[1]
 
     def _stream_answer(self, frontend, request, exchange):
         encoder = frontend.stream_encoder(request, exchange)
@@ -4322,7 +4325,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self._check_output(exchange, batch)
             if not exchange.committed:
                 commit()
-            self._note_usage(request, batch)
+            self._note_usage(batch)
             write(encoder.encode(batch))
 
         try:

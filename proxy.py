@@ -517,23 +517,37 @@ def parse_json_body(raw):
     except UnicodeDecodeError as e:
         raise bad_request("request body is not valid UTF-8 (byte %d)" % e.start) from None
     try:
-        body = json.loads(text)
+        body = _json_decode(text)
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object")
+        if _LONE_SURROGATE.search(text) or "\\ud" in text or "\\uD" in text:
+            body = scrub_surrogates(body)
     except RecursionError:
         raise bad_request("request body is nested too deeply") from None
     except ValueError as e:
         raise bad_request("request body is not valid JSON: %s" % e) from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    if _LONE_SURROGATE.search(text) or "\\ud" in text or "\\uD" in text:
-        body = scrub_surrogates(body)
     return body
 
 
 # One encoder, built once: json.dumps with non-default options builds a new encoder per call,
 # and this runs for every streamed delta. Output is encoded with errors="replace", so a lone
 # surrogate from an upstream's JSON never reaches a client as invalid UTF-8.
-json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_json_decode = json.JSONDecoder().decode
+json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number %s is out of range" % text)
+    return value
+
+
+# NaN, Infinity and 1e999 are not JSON: refuse them rather than forward something invalid.
+_json_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
 
 
 class Fields:
@@ -577,25 +591,48 @@ def arguments_object(text, where):
     """Tool-call arguments as the JSON text clients send -> the object upstreams want."""
     if isinstance(text, dict):
         return text
-    if text in (None, ""):
+    if text is None or text == "":
         return {}
+    if not isinstance(text, str):
+        raise bad_request("%s must be a JSON object encoded as a string" % where)
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = _json_decode(text)
+    except (ValueError, RecursionError):
         raise bad_request("%s must be a JSON object encoded as a string" % where) from None
     if not isinstance(value, dict):
         raise bad_request("%s must encode a JSON object" % where)
     return value
 
 
+def tool_definition(spec, schema_field, where):
+    """A client's function tool -> canonical tool. A missing or non-object root schema becomes an
+    empty object schema: Command Code refuses the whole request over one such tool."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad_request("'%s.name' is required" % where, where + ".name")
+    description = spec.get("description") or ""
+    if not isinstance(description, str):
+        raise bad_request("'%s.description' must be a string" % where, where + ".description")
+    schema = spec.get(schema_field)
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        schema = {"type": "object", "properties": {}}
+    return {"name": spec["name"], "description": description, "schema": schema}
+
+
 def json_format_instruction(fmt):
     """response_format / text.format json modes, honoured by instruction (best effort)."""
-    if not fmt or fmt.get("type") in (None, "text"):
+    if not fmt:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_request("the response format must be an object such as {\"type\": \"json_object\"}",
+                          "response_format")
+    if fmt.get("type") in (None, "text"):
         return None
     if fmt.get("type") == "json_object":
         return "Respond with a single valid JSON object and nothing else (no prose, no code fences)."
     if fmt.get("type") == "json_schema":
         schema = fmt.get("json_schema", fmt)
+        if not isinstance(schema, dict):
+            raise bad_request("'json_schema' must be an object", "response_format.json_schema")
         return ("Respond with a single valid JSON object that conforms to this JSON Schema, and nothing "
                 "else (no prose, no code fences):\n" + json_dumps(schema.get("schema", schema)))
     raise bad_request("response format type %r is not supported" % fmt.get("type"), "response_format")
@@ -748,8 +785,9 @@ def openai_tool_choice(choice):
         return "auto"
     if choice in ("none", "required"):
         return choice
-    if isinstance(choice, dict) and isinstance((choice.get("function") or choice).get("name"), str):
-        return {"name": (choice.get("function") or choice)["name"]}
+    named = choice.get("function") or choice if isinstance(choice, dict) else None
+    if isinstance(named, dict) and isinstance(named.get("name"), str):
+        return {"name": named["name"]}
     raise bad_request("'tool_choice' must be none, auto, required or a function", "tool_choice")
 
 
@@ -772,18 +810,11 @@ class ChatCompletions(FrontEnd):
         tool_names = {}
         for i, message in enumerate(messages):
             self._decode_message(request, message, "messages[%d]" % i, tool_names)
-        tools = f.get("tools", list, [])
-        for i, tool in enumerate(tools):
-            fn = tool.get("function") if isinstance(tool, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise bad_request("'tools[%d].function.name' is required" % i, "tools[%d]" % i)
-            request.tools.append({"name": fn["name"], "description": fn.get("description") or "",
-                                  "schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+        for i, tool in enumerate(f.get("tools", list, [])):
+            request.tools.append(tool_definition(tool.get("function") if isinstance(tool, dict) else None,
+                                                 "parameters", "tools[%d].function" % i))
         for i, fn in enumerate(f.get("functions", list, [])):  # legacy function calling
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise bad_request("'functions[%d].name' is required" % i, "functions[%d]" % i)
-            request.tools.append({"name": fn["name"], "description": fn.get("description") or "",
-                                  "schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+            request.tools.append(tool_definition(fn, "parameters", "functions[%d]" % i))
         request.tool_choice = openai_tool_choice(body.get("tool_choice", body.get("function_call")))
         request.parallel_tool_calls = f.get("parallel_tool_calls", bool)
         stop = f.get("stop", (str, list))
@@ -828,6 +859,8 @@ class ChatCompletions(FrontEnd):
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise bad_request("'%s.tool_calls[%d].function.name' is required" % (where, j))
                 call_id = call.get("id") or "call_%d_%d" % (len(request.messages), j)
+                if not isinstance(call_id, str):
+                    raise bad_request("'%s.tool_calls[%d].id' must be a string" % (where, j))
                 tool_names[call_id] = fn["name"]
                 parts.append({"type": "tool_call", "id": call_id, "name": fn["name"],
                               "arguments": arguments_object(fn.get("arguments"),
@@ -1065,11 +1098,8 @@ class AnthropicMessages(FrontEnd):
             if tool.get("type") not in _CUSTOM_TOOL_TYPES:
                 request.dropped_tools.append(tool["name"])
                 continue
-            schema = tool.get("input_schema")
-            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-                schema = {"type": "object", "properties": {}}  # e.g. Claude Code's deferred placeholder
-            request.tools.append({"name": tool["name"], "description": tool.get("description") or "",
-                                  "schema": schema})
+            # a tool without input_schema (Claude Code's deferred placeholder) gets an empty one
+            request.tools.append(tool_definition(tool, "input_schema", "tools[%d]" % i))
         choice = f.get("tool_choice", dict)
         if choice:
             kind = choice.get("type")
@@ -1415,13 +1445,7 @@ class OpenAIResponses(FrontEnd):
             for j, inner in enumerate(tool.get("tools") or []):
                 self._decode_tool(request, inner, "%s.tools[%d]" % (where, j))
         elif kind in _RESPONSES_FUNCTION_TYPES:
-            if not isinstance(tool.get("name"), str):
-                raise bad_request("'%s.name' is required" % where, where + ".name")
-            schema = tool.get("parameters")
-            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-                schema = {"type": "object", "properties": {}}
-            request.tools.append({"name": tool["name"], "description": tool.get("description") or "",
-                                  "schema": schema})
+            request.tools.append(tool_definition(tool, "parameters", where))
         else:
             request.dropped_tools.append(str(tool.get("name") or kind))
 
@@ -2248,7 +2272,7 @@ class CommandCodeStreamDecoder:
         try:
             event = _json_decode(line)
             handler = self.handlers.get(event.get("type"))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             self.skipped += 1
             return
         if handler is not None:
@@ -2580,7 +2604,7 @@ class CommandCodeBackend:
 
     def _timeout(self, key, idle_limit):
         count = self.sessions.note_timeout(key)
-        message = "Command Code sent nothing for %d s" % idle_limit
+        message = "Command Code sent nothing for %g s" % idle_limit
         if count >= 3:
             message = ("Response timeout (%d in a row) - try reducing the context length: summarize or drop "
                        "earlier messages" % count)

@@ -22,6 +22,9 @@ import threading
 import time
 import unittest
 import uuid
+import concurrent.futures
+import gc
+import tracemalloc
 from unittest import mock
 import contextlib
 import io
@@ -5248,6 +5251,1224 @@ class AuthAndModelsTest(Case):
         out2 = io.StringIO()
         self.assertEqual(proxy.ensure_api_key(again, out2), key)
         self.assertEqual(out2.getvalue(), "")
+
+# =====================================================================================
+# Resilience: upstream faults x front ends, hostile clients, backpressure, leaks, concurrency
+# =====================================================================================
+
+RES_FRONTS = ("chat", "messages", "responses")
+RES_COMBOS = [(front, streaming) for front in RES_FRONTS for streaming in (False, True)]
+RES_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+RES_HANG_LIMIT = 8.0  # no single fault case may take longer than this (a hang is a failure)
+RES_GATEWAY = (502, 503, 504)
+
+
+def res_minimal_body(front, stream=False, text="Say hello"):
+    if front == "chat":
+        body = {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": text}]}
+    elif front == "messages":
+        body = {"model": "claude-sonnet-5", "max_tokens": 256,
+                "messages": [{"role": "user", "content": text}]}
+    else:
+        body = {"model": "claude-sonnet-5", "input": text}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def res_headers(front, key=KEY):
+    h = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+    if front == "messages":
+        h["anthropic-version"] = "2023-06-01"
+    return h
+
+
+def res_raw_head(front, length, key=KEY, extra=""):
+    """Request head bytes for a POST to a front end (the body is the caller's business)."""
+    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer %s\r\n" % (RES_PATHS[front], key))
+    if front == "messages":
+        head += "anthropic-version: 2023-06-01\r\n"
+    if length is not None:
+        head += "Content-Length: %d\r\n" % length
+    return (head + extra + "\r\n").encode("latin-1")
+
+
+def res_read_response(sock, deadline):
+    """(status, header lines, body) of one HTTP response read from a raw socket; chunked or
+    Content-Length or read-to-close; raises AssertionError past the deadline."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline:
+            raise AssertionError("no response head before the deadline: %r" % buf[:300])
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        piece = sock.recv(65536)
+        if not piece:
+            raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
+        buf += piece
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = lines[1:]
+    length = next((int(v) for v in ops_header_values(headers, "content-length")), None)
+    chunked = any("chunked" in v.lower() for v in ops_header_values(headers, "transfer-encoding"))
+
+    def more():
+        if time.monotonic() > deadline:
+            raise AssertionError("response body not complete before the deadline")
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        return sock.recv(65536)
+
+    if length is not None:
+        while len(body) < length:
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        return status, headers, body[:length]
+    if chunked:
+        while not body.endswith(b"0\r\n\r\n"):
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        return status, headers, out
+    while True:
+        piece = more()
+        if not piece:
+            return status, headers, body
+        body += piece
+
+
+def res_sse_text(front, resp):
+    """The answer text a client sees in a stream, per protocol."""
+    if front == "chat":
+        return chunk_content(resp.chunks())
+    out = ""
+    for name, data in resp.typed_events():
+        if front == "messages":
+            if data.get("type") == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                out += data["delta"]["text"]
+        elif name == "response.output_text.delta":
+            out += data["delta"]
+    return out
+
+
+def res_body_text(front, body):
+    if front == "chat":
+        return body["choices"][0]["message"]["content"] or ""
+    if front == "messages":
+        return "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
+    return body["output_text"]
+
+
+def res_strict_json(raw):
+    """The upstream must receive strict JSON: UTF-8, no NaN/Infinity, no lone surrogates."""
+    def no_constant(name):
+        raise AssertionError("upstream got non-standard JSON constant %s: %r" % (name, raw[:300]))
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except ValueError as e:
+        raise AssertionError("upstream got invalid JSON (%s): %r" % (e, raw[:300])) from None
+
+    def walk(v):
+        if isinstance(v, str):
+            if re.search("[\ud800-\udfff]", v):
+                raise AssertionError("upstream got a lone surrogate in %r" % v[:80])
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k)
+                walk(x)
+    walk(doc)
+    return doc
+
+
+class _ExcRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        if record.exc_info or record.levelno >= logging.ERROR:
+            self.records.append(record)
+
+
+class ResilienceCase(ProxyTestCase):
+    """ProxyTestCase plus 'never a traceback': exceptions logged by the proxy, escaping a handler
+    (socketserver.handle_error) or killing a thread are all recorded and fail the test."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # The fixture's accept backlog (5) is sized for one client at a time; with several
+        # simultaneous requests a dropped SYN costs a 1 s retransmit, longer than the idle limits.
+        cls.upstream.server.socket.listen(128)
+        cls.exc_log = _ExcRecorder()
+        logging.getLogger("cc-proxy").addHandler(cls.exc_log)
+        cls.escaped = []
+        cls.server.handle_error = lambda request, address: cls.escaped.append(sys.exc_info()[1])
+        cls._old_hook = threading.excepthook
+
+        def hook(args):
+            cls.escaped.append(args.exc_value)
+            cls._old_hook(args)
+        threading.excepthook = hook
+
+    @classmethod
+    def tearDownClass(cls):
+        threading.excepthook = cls._old_hook
+        logging.getLogger("cc-proxy").removeHandler(cls.exc_log)
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.exc_log.records.clear()
+        del self.escaped[:]
+
+    def assertNoTraceback(self, resp=None):
+        if resp is not None:
+            self.assertNotIn(b"Traceback", resp.data)
+        logged = ["%s: %s" % (r.getMessage(), r.exc_info[1] if r.exc_info else "")
+                  for r in self.exc_log.records]
+        self.assertEqual(logged, [], "the proxy logged an exception")
+        self.assertEqual(self.escaped, [], "an exception escaped a handler or a thread")
+
+    # -- requests ---------------------------------------------------------------------------
+    def call(self, front, streaming, key=None, **kw):
+        key = key or unique_key()
+        return getattr(self, front)(stream=streaming, key=key, **kw)
+
+    def post_raw(self, front, raw, headers=None, key=KEY):
+        h = res_headers(front, key)
+        h.update(headers or {})
+        return http_request(self.port, "POST", RES_PATHS[front], raw, h)
+
+    # -- protocol-level assertions --------------------------------------------------------
+    def assertProtocolError(self, resp, front, statuses):
+        statuses = tuple(statuses)
+        if front == "messages" and 503 in statuses:
+            statuses += (529,)  # Anthropic's overloaded status
+        self.assertIn(resp.status, statuses, resp)
+        self.assertTrue((resp.header("Content-Type") or "").startswith("application/json"), resp)
+        body = resp.json()
+        if front == "messages":
+            self.assertEqual(body.get("type"), "error", body)
+            self.assertIsInstance(body.get("error"), dict, body)
+            self.assertIsInstance(body["error"].get("type"), str, body)
+            err = body["error"]
+        else:
+            err = body.get("error")
+            self.assertIsInstance(err, dict, body)
+            self.assertIn("type", err, body)
+            self.assertIn("code", err, body)
+        self.assertIsInstance(err.get("message"), str, body)
+        self.assertTrue(err["message"], body)
+        self.assertNotIn("Traceback", err["message"])
+        self.assertTrue(resp.header("X-Request-Id"), resp)
+        return err
+
+    def assertCleanAnswer(self, resp, front, streaming, text):
+        self.assertEqual(resp.status, 200, resp)
+        if not streaming:
+            body = resp.json()
+            self.assertEqual(res_body_text(front, body), text)
+            if front == "chat":
+                self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+            elif front == "messages":
+                self.assertEqual(body["stop_reason"], "end_turn")
+            else:
+                self.assertEqual(body["status"], "completed")
+            return
+        self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
+        self.assertEqual(res_sse_text(front, resp), text)
+        if front == "chat":
+            chunks = resp.chunks()
+            self.assertTrue(resp.done(), resp)
+            self.assertEqual(finish_reasons(chunks), ["stop"])
+            self.assertFalse(any("error" in c for c in chunks))
+        else:
+            names = [n for n, _ in resp.typed_events()]
+            self.assertNotIn("error", names)
+            self.assertNotIn("response.failed", names)
+            self.assertEqual(names[-1], "message_stop" if front == "messages" else "response.completed")
+
+    def assertFailedAfterOutput(self, resp, front, prefix):
+        """An in-stream error as the last event, what was streamed before it, and no normal ending."""
+        self.assertEqual(resp.status, 200, resp)
+        self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
+        self.assertEqual(res_sse_text(front, resp), prefix)
+        if front == "chat":
+            chunks = resp.chunks()
+            self.assertFalse(resp.done(), "a failed stream must not end with [DONE]")
+            self.assertEqual(finish_reasons(chunks), [], "no fake finish_reason on a failed stream")
+            self.assertIn("error", chunks[-1], chunks[-1])
+            self.assertTrue(chunks[-1]["error"].get("message"))
+        else:
+            events = resp.typed_events()
+            names = [n for n, _ in events]
+            if front == "messages":
+                self.assertNotIn("message_stop", names)
+                self.assertFalse(any(d.get("type") == "message_delta" for _, d in events),
+                                 "no stop_reason on a failed stream")
+                self.assertEqual(names[-1], "error", names)
+                self.assertEqual(events[-1][1].get("type"), "error")
+                self.assertTrue(events[-1][1]["error"].get("message"))
+            else:
+                self.assertNotIn("response.completed", names)
+                self.assertNotIn("response.incomplete", names)
+                self.assertEqual(names[-1], "response.failed", names)
+                self.assertEqual(events[-1][1]["response"]["status"], "failed")
+                self.assertTrue(events[-1][1]["response"]["error"]["message"])
+
+    # -- the front end x stream mode table --------------------------------------------------
+    def matrix(self, make_reply, check, parallel=False, combos=RES_COMBOS):
+        """One request per (front end, stream mode), each answered by a fresh make_reply();
+        check(front, streaming, response). parallel=True runs the six at once (same reply)."""
+        if parallel:
+            self.upstream.script(*[make_reply() for _ in combos])
+            with concurrent.futures.ThreadPoolExecutor(len(combos)) as pool:
+                futures = [pool.submit(self.call, f, s) for f, s in combos]
+                results = []
+                for fu in futures:
+                    try:
+                        results.append(fu.result())
+                    except Exception as e:  # noqa: BLE001 - reported per sub-test below
+                        results.append(e)
+            for (front, streaming), resp in zip(combos, results):
+                with self.subTest(front=front, stream=streaming):
+                    if isinstance(resp, Exception):
+                        raise resp
+                    self.assertLess(resp.elapsed, RES_HANG_LIMIT, resp)
+                    check(front, streaming, resp)
+                    self.assertNoTraceback(resp)
+            return
+        for front, streaming in combos:
+            with self.subTest(front=front, stream=streaming):
+                self.upstream.reset()
+                self.exc_log.records.clear()
+                del self.escaped[:]
+                self.upstream.script(make_reply())
+                resp = self.call(front, streaming)
+                self.assertLess(resp.elapsed, RES_HANG_LIMIT, resp)
+                check(front, streaming, resp)
+                self.assertNoTraceback(resp)
+
+
+def res_partial_then(*tail):
+    """Output ("partial") then the given tail items."""
+    return Reply(200, START + text_parts("partial")[:2] + list(tail))
+
+
+# =======================================================================================
+# Upstream faults x every front end x both stream modes
+# =======================================================================================
+
+class TestResilienceUpstreamFaults(ResilienceCase):
+    """Retries are off so each scripted fault maps to exactly one client-visible result."""
+
+    proxy_overrides = {"upstreamRetries": 0, "streamIdleTimeoutMs": 500, "nonStreamIdleTimeoutMs": 500}
+
+    def error_before_output(self, statuses=RES_GATEWAY):
+        return lambda front, streaming, r: self.assertProtocolError(r, front, statuses)
+
+    def error_after_output(self, statuses=RES_GATEWAY):
+        def check(front, streaming, r):
+            if streaming:
+                self.assertFailedAfterOutput(r, front, "partial")
+            else:
+                self.assertProtocolError(r, front, statuses)
+        return check
+
+    def answer(self, text):
+        return lambda front, streaming, r: self.assertCleanAnswer(r, front, streaming, text)
+
+    def test_reset_mid_stream(self):
+        self.matrix(lambda: res_partial_then(Sleep(0.05), Reset()), self.error_after_output())
+
+    def test_reset_after_headers_before_output(self):
+        self.matrix(lambda: Reply(200, START + [Reset()]), self.error_before_output())
+
+    def test_stall_before_output_is_idle_timeout(self):
+        def check(front, streaming, r):
+            self.assertProtocolError(r, front, (504,))
+            self.assertLess(r.elapsed, 4)
+        self.matrix(lambda: Reply(200, START + [Stall(6)] + stream(text_parts("late"))[2:]), check,
+                    parallel=True)
+        gens = self.upstream.generates()
+        self.assertEqual(len(gens), len(RES_COMBOS))
+        self.assertTrue(self.upstream.wait_for(lambda: all(g["disconnected_at"] for g in gens), 3),
+                        "the stalled upstream connections were not closed")
+
+    def test_stall_after_output_is_idle_timeout(self):
+        def check(front, streaming, r):
+            self.error_after_output((504,))(front, streaming, r)
+            self.assertLess(r.elapsed, 4)
+        self.matrix(lambda: res_partial_then(Stall(6), *finish_parts()), check, parallel=True)
+
+    def test_slow_drip_50ms_apart_succeeds(self):
+        words = ["w%d " % i for i in range(12)]
+        lines = START + [{"type": "text-start", "id": "t"}]
+        for w in words:
+            lines += [Sleep(0.05), {"type": "text-delta", "id": "t", "text": w}]
+        lines += [Sleep(0.05), {"type": "text-end", "id": "t"}] + finish_parts()
+        self.matrix(lambda: Reply(200, lines), self.answer("".join(words)), parallel=True)
+
+    def test_ten_megabyte_single_line_succeeds(self):
+        # CommandCodeStreamDecoder.MAX_LINE is 64 MiB: a 10 MiB line is a legal (if huge) delta.
+        big = "0123456789abcdef" * (10 * 1024 * 1024 // 16)
+        line = Raw(json.dumps({"type": "text-delta", "id": "t", "text": big}).encode() + b"\n")
+        reply = lambda: Reply(200, START + [{"type": "text-start", "id": "t"}, line,
+                                            {"type": "text-end", "id": "t"}] + finish_parts())
+        self.matrix(reply, self.answer(big))
+
+    def test_line_over_max_line_is_a_clean_error(self):
+        # Over the decoder's limit: a clean 502 before output, never unbounded buffering.
+        with mock.patch.object(proxy.CommandCodeStreamDecoder, "MAX_LINE", 256 * 1024):
+            piece = Raw(b'{"type":"text-delta","id":"t","text":"' + b"x" * 65536)
+            self.matrix(lambda: Reply(200, START + [piece] * 8 + [Raw(b'"}\n')] + finish_parts()),
+                        self.error_before_output((502,)))
+
+    def test_garbage_and_non_json_lines_are_skipped(self):
+        garbage = ["this is not json", "{broken", "<html><body>oops</body></html>", "[1, 2, 3]", "42",
+                   "null", '"a string"', "true", "data: {not json", "event: message", ": comment",
+                   '{"type": ["text-delta"], "text": "LIST-TYPED"}', '{"type": {"x": 1}}',
+                   '{"type": 7}', '{"type": null}', '{"no_type": 1}',
+                   '{"type": "text-delta", "id": "t", "text": {"nested": "obj"}}',
+                   '{"type": "text-delta", "id": "t", "text": 12345}',
+                   '{"type": "finish-step", "usage": "not an object"}',
+                   '{"type": "tool-input-delta", "id": "never-started", "delta": "x"}',
+                   Raw(b"\xff\xfe\x00\x01 binary \xc3\x28 junk\n"), Raw(b"\x00\x00\x00\n"),
+                   "x" * 200000]
+        items = stream(text_parts("Still", " fine"))
+        lines = items[:3] + garbage + items[3:4] + garbage[::-1] + items[4:]
+        self.matrix(lambda: Reply(200, lines), self.answer("Still fine"))
+
+    def test_html_page_with_status_200(self):
+        html = ("<!DOCTYPE html>\n<html><head><title>Just a moment...</title></head>\n"
+                "<body><h1>Checking your browser</h1>\n<p>Please wait</p></body></html>\n")
+        self.matrix(lambda: Reply(200, [Raw(html)], content_type="text/html; charset=utf-8",
+                                  framing="close"),
+                    self.error_before_output())
+
+    def test_html_page_as_200_json_body(self):
+        self.matrix(lambda: Reply(200, body="<html><body>maintenance</body></html>"),
+                    self.error_before_output())
+
+    def test_truncated_without_finish_before_output(self):
+        self.matrix(lambda: Reply(200, START), self.error_before_output())
+
+    def test_truncated_without_finish_after_output(self):
+        self.matrix(lambda: Reply(200, START + text_parts("partial")), self.error_after_output())
+
+    def test_truncated_by_connection_close_after_output(self):
+        self.matrix(lambda: Reply(200, START + text_parts("partial"), framing="close"),
+                    self.error_after_output())
+
+    def test_truncated_mid_line_after_output(self):
+        cut = Raw(json.dumps(finish_parts()[0])[:40])  # half a finish-step line, then EOF
+        self.matrix(lambda: Reply(200, START + text_parts("partial") + [cut], framing="close"),
+                    self.error_after_output())
+
+    def test_error_event_before_output(self):
+        self.matrix(lambda: Reply(200, START + [error_event("upstream exploded", 500)]),
+                    self.error_before_output((502,)))
+
+    def test_error_event_before_output_client_error_status(self):
+        self.matrix(lambda: Reply(200, START + [error_event("prompt is too long", 400)]),
+                    self.error_before_output((400,)))
+
+    def test_error_event_after_output(self):
+        self.matrix(lambda: res_partial_then(error_event("upstream exploded", 500), *finish_parts()),
+                    self.error_after_output((502,)))
+
+    def test_finish_with_error_reason_after_output(self):
+        self.matrix(lambda: res_partial_then({"type": "finish", "finishReason": "error"}),
+                    self.error_after_output((502,)))
+
+    def test_abort_event_after_output(self):
+        self.matrix(lambda: res_partial_then({"type": "abort"}), self.error_after_output((502,)))
+
+    def test_wrong_content_type_on_valid_stream_succeeds(self):
+        self.matrix(lambda: Reply(200, stream(text_parts("Typed", " wrong")),
+                                  content_type="text/html; charset=utf-8"),
+                    self.answer("Typed wrong"))
+
+
+class _RstUpstream:
+    """A loopback 'upstream' that reads each request and then resets or closes the connection
+    without sending a single response byte (reset/close before headers)."""
+
+    def __init__(self, mode="rst"):
+        self.mode = mode
+        self.count = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.1)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(2)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    data += piece
+                m = re.search(rb"(?i)content-length:\s*(\d+)", data)
+                need = int(m.group(1)) if m else 0
+                body = data.partition(b"\r\n\r\n")[2]
+                while len(body) < need:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    body += piece
+                self.count += 1
+                if self.mode == "rst":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+class TestResilienceResetBeforeHeaders(ResilienceCase):
+    proxy_overrides = {"upstreamRetries": 0}
+    mode = "rst"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.rst = _RstUpstream(cls.mode)
+        cls.api_base = cls.rst.url
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.rst.stop()
+
+    def test_no_response_head_is_a_gateway_error(self):
+        before = self.rst.count
+        self.matrix(lambda: None, lambda front, streaming, r: self.assertProtocolError(r, front, RES_GATEWAY))
+        self.assertEqual(self.rst.count - before, len(RES_COMBOS), "one upstream attempt per request")
+
+
+class TestResilienceCloseBeforeHeaders(TestResilienceResetBeforeHeaders):
+    mode = "close"
+
+
+class TestResilienceConnectionRefused(ResilienceCase):
+    proxy_overrides = {"upstreamRetries": 1}
+
+    @classmethod
+    def setUpClass(cls):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        cls.api_base = "http://127.0.0.1:%d" % s.getsockname()[1]
+        s.close()
+        super().setUpClass()
+
+    def test_connection_refused_every_front_end_and_mode(self):
+        def check(front, streaming, r):
+            self.assertProtocolError(r, front, RES_GATEWAY)
+            self.assertLess(r.elapsed, 5)
+            self.assertTrue(r.header("Retry-After"), r)
+        self.matrix(lambda: None, check)
+
+
+# =======================================================================================
+# Hostile clients
+# =======================================================================================
+
+RES_WRONG_TYPES = {
+    "chat": [("model", 5), ("messages", "hello"), ("messages", {}), ("messages", [5]),
+             ("messages", [{"role": 5, "content": "x"}]), ("messages", [{"role": "user", "content": 5}]),
+             ("messages", [{"role": "user", "content": [5]}]),
+             ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+             ("messages", [{"role": "assistant", "content": "x", "tool_calls": "x"}]),
+             ("messages", [{"role": "assistant", "content": "x", "tool_calls": [{"function": 5}]}]),
+             ("messages", [{"role": "tool", "content": "x", "tool_call_id": 5}]),
+             ("temperature", "hot"), ("temperature", [1]), ("top_p", {}), ("max_tokens", "10"),
+             ("max_tokens", 1.5), ("max_tokens", 0), ("max_tokens", True), ("max_completion_tokens", "x"),
+             ("stream", "yes"), ("n", "1"), ("tools", {}), ("tools", [5]), ("tools", [{"function": 5}]),
+             ("tools", [{"function": {"name": 5}}]), ("tool_choice", 5), ("tool_choice", ["auto"]),
+             ("tool_choice", {"type": "function", "function": "get_weather"}), ("stop", 5), ("stop", [5]),
+             ("reasoning_effort", 5), ("reasoning_effort", "ultra"), ("response_format", "json"),
+             ("response_format", {"type": 5}), ("response_format", {"type": "json_schema", "json_schema": "x"}),
+             ("stream_options", "x"), ("parallel_tool_calls", "no"), ("logprobs", "x"), ("functions", {})],
+    "messages": [("model", 5), ("max_tokens", "1"), ("max_tokens", 0), ("max_tokens", 2.5), ("system", 5),
+                 ("system", [5]), ("system", [{"type": "text", "text": 5}]), ("messages", "x"),
+                 ("messages", [5]), ("messages", [{"role": "user", "content": 5}]),
+                 ("messages", [{"role": "robot", "content": "x"}]),
+                 ("messages", [{"role": "user", "content": [5]}]),
+                 ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+                 ("messages", [{"role": "user", "content": [{"type": "image", "source": "x"}]}]),
+                 ("messages", [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 5}]}]),
+                 ("messages", [{"role": "assistant", "content": [{"type": "tool_use", "id": 5, "name": "x"}]}]),
+                 ("tools", {}), ("tools", [5]), ("tools", [{"name": 5}]), ("tool_choice", "auto"),
+                 ("tool_choice", {"type": 5}), ("top_k", "x"), ("stop_sequences", "x"),
+                 ("stop_sequences", [5]), ("thinking", "x"), ("thinking", {"type": "sometimes"}),
+                 ("metadata", "x"), ("temperature", "x"), ("stream", "x"), ("output_config", "x")],
+    "responses": [("model", 5), ("input", 5), ("input", {}), ("input", [5]),
+                  ("input", [{"role": "user", "content": 5}]), ("input", [{"role": "robot", "content": "x"}]),
+                  ("input", [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]}]),
+                  ("input", [{"type": "message", "role": "user", "content": [5]}]),
+                  ("input", [{"type": "function_call", "call_id": 5, "name": "x"}]),
+                  ("input", [{"type": "function_call_output", "call_id": 5, "output": "x"}]),
+                  ("instructions", 5), ("tools", {}), ("tools", [5]), ("tools", [{"type": "function", "name": 5}]),
+                  ("tool_choice", 5), ("reasoning", "x"), ("reasoning", {"effort": "ultra"}), ("text", "x"),
+                  ("text", {"format": "json"}), ("text", {"format": {"type": 5}}), ("store", "x"),
+                  ("metadata", "x"), ("max_output_tokens", "x"), ("max_output_tokens", 0),
+                  ("previous_response_id", 5), ("parallel_tool_calls", "x"), ("prompt_cache_key", 5),
+                  ("temperature", "x"), ("stream", "x")],
+}
+
+
+def res_rich_body(front):
+    """A valid body that uses most documented fields, for structural fuzzing."""
+    tool_schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    if front == "chat":
+        return {"model": "claude-sonnet-5", "stream": False, "temperature": 0.5, "top_p": 0.9,
+                "max_tokens": 100, "stop": ["END"], "reasoning_effort": "low", "n": 1,
+                "response_format": {"type": "json_object"}, "stream_options": {"include_usage": True},
+                "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                                             "parameters": tool_schema}}],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                "parallel_tool_calls": True,
+                "messages": [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                             {"role": "assistant", "content": "ok", "tool_calls": [
+                                 {"id": "c1", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": "{\"city\":\"x\"}"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                             {"role": "user", "content": "and now?"}]}
+    if front == "messages":
+        return {"model": "claude-sonnet-5", "max_tokens": 100, "temperature": 0.5, "top_k": 5,
+                "stop_sequences": ["END"], "system": [{"type": "text", "text": "be brief"}],
+                "thinking": {"type": "enabled", "budget_tokens": 2000}, "metadata": {"user_id": "u"},
+                "tools": [{"name": "get_weather", "description": "d", "input_schema": tool_schema}],
+                "tool_choice": {"type": "auto"},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                             {"role": "assistant", "content": [
+                                 {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                                 {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "x"}}]},
+                             {"role": "user", "content": [
+                                 {"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                                 {"type": "text", "text": "and now?"}]}]}
+    return {"model": "claude-sonnet-5", "instructions": "be brief", "max_output_tokens": 100,
+            "temperature": 0.5, "reasoning": {"effort": "low"}, "store": False,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": tool_schema}},
+            "tools": [{"type": "function", "name": "get_weather", "description": "d", "parameters": tool_schema}],
+            "tool_choice": "auto", "parallel_tool_calls": True, "metadata": {"a": "b"},
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                      {"type": "function_call", "call_id": "c1", "name": "get_weather",
+                       "arguments": "{\"city\":\"x\"}"},
+                      {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                      {"role": "user", "content": "and now?"}]}
+
+
+def res_paths(value, prefix=()):
+    """Every JSON path inside value (dict keys and list indexes)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield prefix + (k,)
+            yield from res_paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield prefix + (i,)
+            yield from res_paths(v, prefix + (i,))
+
+
+def res_replaced(value, path, new):
+    if not path:
+        return new
+    copy = list(value) if isinstance(value, list) else dict(value)
+    copy[path[0]] = res_replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+class TestResilienceHostileClients(ResilienceCase):
+    proxy_overrides = {"maxBodyBytes": 1024 * 1024, "upstreamRetries": 0}
+
+    def assertRejected(self, resp, front, status=400):
+        self.assertProtocolError(resp, front, (status,))
+        self.assertNoTraceback(resp)
+
+    def test_malformed_json_every_front_end(self):
+        bodies = [b'{"model": "x", "messages": [', b"", b"   ", b"null", b"[]", b'"text"', b"42",
+                  b'{"a": 1}{"b": 2}', b"{'single': 'quotes'}", b'{"a": 1,}', b"{\"a\": \x01}",
+                  b'{"model": "x"', b"\xef\xbb\xbf{}"]
+        for front in RES_FRONTS:
+            for raw in bodies:
+                with self.subTest(front=front, body=raw[:30]):
+                    self.upstream.reset()
+                    self.assertRejected(self.post_raw(front, raw), front)
+                    self.assertEqual(self.upstream.generates(), [])
+
+    def test_wrong_types_for_documented_fields_are_400(self):
+        for front, cases in RES_WRONG_TYPES.items():
+            for field, value in cases:
+                with self.subTest(front=front, field=field, value=value):
+                    self.upstream.reset()
+                    self.exc_log.records.clear()
+                    body = res_minimal_body(front)
+                    body[field] = value
+                    self.assertRejected(self.post_raw(front, body), front)
+                    self.assertEqual(self.upstream.generates(), [], "a rejected request went upstream")
+
+    def test_structural_type_fuzz_never_500(self):
+        """Every value of a rich valid body replaced by each wrong-typed value: 2xx or 4xx, never
+        5xx, never a traceback, and what went upstream is strict JSON."""
+        replacements = [None, 7, 2.5, "x", [7], {"x": 7}]
+        cases = [(front, path, new) for front in RES_FRONTS for path in res_paths(res_rich_body(front))
+                 for new in replacements]
+
+        def one(case):
+            front, path, new = case
+            return self.post_raw(front, res_replaced(res_rich_body(front), path, new), key=unique_key())
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, cases))
+        for (front, path, new), r in zip(cases, results):
+            with self.subTest(front=front, path=path, value=new):
+                self.assertLess(r.status, 500, r)
+                if r.status >= 400:
+                    self.assertProtocolError(r, front, (r.status,))
+        for g in self.upstream.generates():
+            res_strict_json(g["raw"])
+        self.assertNoTraceback()
+
+    def test_non_finite_numbers_never_reach_upstream_as_invalid_json(self):
+        # Python's json accepts NaN/Infinity and 1e999; a strict upstream (JSON.parse) does not.
+        for front in RES_FRONTS:
+            for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):
+                with self.subTest(front=front, value=literal):
+                    self.upstream.reset()
+                    raw = json.dumps(res_minimal_body(front))[:-1].encode() + b', "temperature": ' + literal + b"}"
+                    r = self.post_raw(front, raw)
+                    if r.status == 200:
+                        for g in self.upstream.generates():
+                            res_strict_json(g["raw"])
+                    else:
+                        self.assertRejected(r, front)
+
+    def test_deep_nesting_is_400_not_a_crash(self):
+        for front in RES_FRONTS:
+            for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
+                with self.subTest(front=front, nesting=opener):
+                    self.upstream.reset()
+                    field = b'"messages"' if front != "responses" else b'"input"'
+                    raw = (b'{"model": "claude-sonnet-5", "max_tokens": 5, ' + field + b": "
+                           + opener * 100000 + b"1" + closer * 100000 + b"}")
+                    self.assertRejected(self.post_raw(front, raw), front)
+                    self.assertEqual(self.upstream.generates(), [])
+
+    def test_nesting_just_under_the_parser_limit_is_not_a_crash(self):
+        """Bodies json.loads accepts but deep enough to break naive recursion later on (surrogate
+        scrubbing, token estimation, re-serialisation of a tool schema upstream): 200 or 400."""
+        def deep(levels, surrogate):
+            leaf = '{"type": "string", "description": "%s"}' % ("bad \\ud800" if surrogate else "ok")
+            return '{"type": "object", "properties": {"p": ' * levels + leaf + "}}" * levels
+
+        for front in RES_FRONTS:
+            for levels in (150, 440):  # ~300 and ~880 JSON nesting levels (json.loads allows ~1000)
+                for where, surrogate in (("extra", True), ("schema", False), ("schema", True)):
+                    with self.subTest(front=front, levels=levels, where=where, surrogate=surrogate):
+                        self.upstream.reset()
+                        self.exc_log.records.clear()
+                        tree = deep(levels, surrogate)
+                        if where == "extra":
+                            extra = '"x_extension": ' + tree
+                        elif front == "chat":
+                            extra = '"tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]' % tree
+                        elif front == "messages":
+                            extra = '"tools": [{"name": "f", "input_schema": %s}]' % tree
+                        else:
+                            extra = '"tools": [{"type": "function", "name": "f", "parameters": %s}]' % tree
+                        raw = (json.dumps(res_minimal_body(front))[:-1] + ", " + extra + "}").encode()
+                        r = self.post_raw(front, raw)
+                        self.assertIn(r.status, (200, 400), r)
+                        if r.status != 200:
+                            self.assertProtocolError(r, front, (r.status,))
+                        for g in self.upstream.generates():
+                            res_strict_json(g["raw"])
+                        self.assertNoTraceback(r)
+
+    def test_invalid_utf8_is_400(self):
+        for front in RES_FRONTS:
+            for bad in (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"):
+                with self.subTest(front=front, bytes=bad):
+                    self.upstream.reset()
+                    raw = json.dumps(res_minimal_body(front, text="XX")).encode().replace(b"XX", b"a" + bad + b"b")
+                    self.assertRejected(self.post_raw(front, raw), front)
+                    self.assertEqual(self.upstream.generates(), [])
+
+    def test_lone_surrogates_never_reach_upstream(self):
+        for front in RES_FRONTS:
+            with self.subTest(front=front):
+                self.upstream.reset()
+                body = res_rich_body(front)
+                text = json.dumps(body)
+                text = text.replace('"hi"', '"lone \\ud800 high, \\udfff low, \\ude00\\ud83d reversed, '
+                                    'pair \\ud83d\\ude00 ok"')
+                text = text.replace('"be brief"', '"sys \\udbff"')
+                text = text.replace('"city"', '"ci\\udc00ty"')  # a dict key in the tool schema
+                r = self.post_raw(front, text.encode())
+                self.assertEqual(r.status, 200, r)
+                raw = self.last_generate()["raw"]
+                doc = res_strict_json(raw)
+                dumped = json.dumps(doc, ensure_ascii=False)
+                self.assertIn("\U0001F600", dumped, "a valid escaped surrogate pair must survive")
+                self.assertIn("lone \ufffd high", dumped)
+                self.assertNoTraceback(r)
+
+    def test_oversized_content_length_is_413_without_reading_the_body(self):
+        for front in RES_FRONTS:
+            with self.subTest(front=front):
+                self.upstream.reset()
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    t0 = time.monotonic()
+                    s.sendall(res_raw_head(front, 10 ** 12) + b'{"model": "x", "messages": [' + b" " * 4000)
+                    status, lines, body = res_read_response(s, t0 + 3)
+                    self.assertEqual(status, 413)
+                    self.assertLess(time.monotonic() - t0, 2)
+                    resp = Response(status, {}, body, 0)
+                    if front == "messages":
+                        self.assertEqual(resp.json()["type"], "error")
+                    else:
+                        self.assertIn("error", resp.json())
+                    # the connection is closed, not left to swallow the 1 TB body
+                    self.assertIn("close", ",".join(ops_header_values(lines, "connection")).lower())
+                    s.settimeout(2)
+                    try:
+                        rest = s.recv(65536)
+                    except ConnectionResetError:
+                        rest = b""
+                    self.assertEqual(rest, b"")
+                self.assertEqual(self.upstream.generates(), [])
+                self.assertNoTraceback()
+
+    def test_oversized_chunked_body_is_413_early(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(res_raw_head("chat", None, extra="Transfer-Encoding: chunked\r\n")
+                      + b"ffffffffff\r\n" + b"{" * 1000)
+            status, _, _ = res_read_response(s, t0 + 3)
+            self.assertEqual(status, 413)
+            self.assertLess(time.monotonic() - t0, 2)
+        self.assertNoTraceback()
+
+    def test_invalid_content_length_is_400(self):
+        for value in ("abc", "-5", "1e3", "12, 12"):
+            with self.subTest(value=value), socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                s.sendall(res_raw_head("chat", None, extra="Content-Length: %s\r\n" % value) + b"{}")
+                status, _, _ = res_read_response(s, time.monotonic() + 3)
+                self.assertIn(status, (400, 411, 413), value)
+        self.assertNoTraceback()
+
+    def test_bad_methods_on_model_routes(self):
+        for front in RES_FRONTS:
+            for method in ("PUT", "DELETE", "PATCH", "GET"):
+                with self.subTest(front=front, method=method):
+                    r = self.request(method, RES_PATHS[front], res_minimal_body(front),
+                                     headers={"anthropic-version": "2023-06-01"} if front == "messages" else {})
+                    self.assertProtocolError(r, front, (404, 405))
+            with self.subTest(front=front, method="HEAD"):
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("HEAD", RES_PATHS[front])
+                r = conn.getresponse()
+                r.read()
+                self.assertIn(r.status, (404, 405))
+                conn.close()
+        self.assertEqual(self.upstream.generates(), [])
+        self.assertNoTraceback()
+
+    def test_unknown_methods_and_bad_paths_get_an_error_status_not_a_dropped_connection(self):
+        raws = [b"FOO /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /v1/chat/completions/../../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /%ff%fe%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /v1/models/%00%0d%0aX-Evil:%201 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer user_x\r\n\r\n",
+                b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n",
+                b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                b"Transfer-Encoding: chunked\r\nAuthorization: Bearer user_x\r\n\r\n0\r\n\r\n"]
+        for raw in raws:
+            with self.subTest(request=raw[:60]):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(raw)
+                    status, lines, body = res_read_response(s, time.monotonic() + 4)
+                self.assertGreaterEqual(status, 400, (raw[:60], status, body[:200]))
+                self.assertEqual([l for l in lines if l.lower().startswith("x-evil")], [])
+                if body:
+                    json.loads(body)
+        self.assertEqual(self.upstream.generates(), [])
+        self.assertNoTraceback()
+
+    def test_header_injection_in_request_id_on_model_routes(self):
+        for front in RES_FRONTS:
+            for streaming in (False, True):
+                for rid in (b"abc\r\n X-Evil: 1", b"abc\r\n\tSet-Cookie: a=b", b"id\xc3\xa9\xff", b"a" * 300):
+                    with self.subTest(front=front, stream=streaming, rid=rid[:20]):
+                        self.upstream.reset()
+                        data = json.dumps(res_minimal_body(front, streaming)).encode()
+                        head = res_raw_head(front, len(data), extra="X-Request-Id: ")
+                        head = head[:-2] + rid + b"\r\nConnection: close\r\n\r\n"
+                        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                            s.sendall(head + data)
+                            status, lines, body = res_read_response(s, time.monotonic() + 5)
+                        self.assertEqual(status, 200, body[:300])
+                        for bad in ("x-evil", "set-cookie"):
+                            self.assertEqual([l for l in lines if l.lower().startswith(bad)], [], lines)
+                        ids = ops_header_values(lines, "x-request-id")
+                        self.assertEqual(len(ids), 1, lines)
+                        self.assertRegex(ids[0], r"^[A-Za-z0-9._:\-]{1,128}$")
+                        self.assertNotIn("\r", "".join(lines))
+                        for other in ops_header_values(lines, "request-id"):
+                            self.assertEqual(other, ids[0])
+        self.assertNoTraceback()
+
+    def test_header_injection_via_dropped_tool_names_and_session_id(self):
+        evil = "x\r\nX-Evil: 1\r\n\r\n<html>"
+        cases = {"messages": {"tools": [{"type": "web_search_20250305", "name": evil}]},
+                 "responses": {"tools": [{"type": "web_search", "name": evil}]},
+                 "chat": {}}
+        for front, extra in cases.items():
+            with self.subTest(front=front):
+                self.upstream.reset()
+                body = res_minimal_body(front)
+                body.update(extra)
+                data = json.dumps(body).encode()
+                head = res_raw_head(front, len(data), extra="X-Session-Id: s\r\n X-Evil-Up: 1\r\n"
+                                    "Connection: close\r\n")
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                    s.sendall(head + data)
+                    status, lines, resp_body = res_read_response(s, time.monotonic() + 5)
+                self.assertEqual(status, 200, resp_body[:300])
+                self.assertEqual([l for l in lines if "evil" in l.lower() and
+                                  not l.lower().startswith("x-cc-proxy-dropped-tools")], [], lines)
+                for l in lines:
+                    self.assertRegex(l, r"^[!-~]+: [ -~]*$")
+                up = header_map(self.last_generate())
+                self.assertNotIn("x-evil-up", up)
+                for k, v in up.items():
+                    self.assertNotIn("\n", v)
+                    self.assertNotIn("\r", v)
+                self.assertNoTraceback()
+
+    def test_slow_sender_is_let_go_after_the_socket_timeout(self):
+        """Half a body (or half a head) then silence: the handler thread must be freed."""
+        gc.collect()
+        base_threads = threading.active_count()
+        with mock.patch.object(proxy.ProxyHandler, "timeout", 1):
+            socks = []
+            try:
+                for i in range(6):
+                    s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                    if i % 2:
+                        s.sendall(res_raw_head("chat", 1000) + b'{"model": "claude-sonnet-5", "mess')
+                    else:
+                        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+                    socks.append(s)
+                time.sleep(0.2)
+                t0 = time.monotonic()
+                for s in socks:
+                    s.settimeout(max(0.1, t0 + 4 - time.monotonic()))
+                    try:
+                        data = s.recv(65536)
+                        while data and b"\r\n\r\n" not in data:
+                            more = s.recv(65536)
+                            if not more:
+                                break
+                            data += more
+                    except ConnectionResetError:
+                        data = b""
+                    except socket.timeout:
+                        self.fail("the proxy kept a slow sender's connection open past its socket timeout")
+                    if data:  # an answer is fine (408/400) as long as it is an HTTP error
+                        self.assertRegex(data.split(b"\r\n")[0], rb"^HTTP/1\.[01] (4\d\d) ")
+                self.assertLess(time.monotonic() - t0, 4)
+            finally:
+                for s in socks:
+                    s.close()
+            deadline = time.monotonic() + 3
+            while threading.active_count() > base_threads + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertLessEqual(threading.active_count(), base_threads + 1, "handler threads not freed")
+            # and the server still answers
+            self.assertEqual(self.chat(key=unique_key()).status, 200)
+        self.assertEqual(len(self.upstream.generates()), 1, "only the final request went upstream")
+        self.assertNoTraceback()
+
+
+# =======================================================================================
+# Clients that stop reading: backpressure and the socket timeout
+# =======================================================================================
+
+def res_big_stream(megabytes):
+    line = json.dumps({"type": "text-delta", "id": "t", "text": "x" * 990}).encode() + b"\n"
+    block = line * (1024 * 1024 // len(line))
+    return Reply(200, START + [{"type": "text-start", "id": "t"}] + [Raw(block)] * megabytes
+                 + [{"type": "text-end", "id": "t"}] + finish_parts())
+
+
+def res_vm_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class TestResilienceBackpressure(ResilienceCase):
+    proxy_overrides = {"upstreamRetries": 0}
+    LIMIT = 30 * 1024 * 1024
+
+    def open_stalled_client(self, front="chat"):
+        data = json.dumps(res_minimal_body(front, True)).encode()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", self.port))
+        s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
+        got = b""
+        while len(got) < 200000:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            got += piece
+        self.assertIn(b"200 OK", got[:100])
+        return s
+
+    def test_client_that_stops_reading_does_not_make_the_proxy_buffer_the_stream(self):
+        reply = res_big_stream(50)  # 50 MB of text-delta lines on offer
+        self.upstream.script(reply)
+        gc.collect()
+        rss0 = res_vm_rss()
+        tracemalloc.start()
+        try:
+            s = self.open_stalled_client()
+            rec = self.last_generate()
+            peak_rss = rss0
+            deadline = time.monotonic() + 3  # the client reads nothing more for 3 s
+            while time.monotonic() < deadline:
+                peak_rss = max(peak_rss, res_vm_rss())
+                time.sleep(0.1)
+            _, traced_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        try:
+            self.assertLess(traced_peak, self.LIMIT, "Python allocations grew by %d bytes" % traced_peak)
+            self.assertLess(peak_rss - rss0, self.LIMIT, "RSS grew by %d bytes" % (peak_rss - rss0))
+            self.assertFalse(rec["completed"], "the upstream wrote all 50 MB: nothing pushed back")
+            self.assertIsNone(rec["disconnected_at"])
+        finally:
+            s.close()
+        closed = time.monotonic()
+        self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+                        "the upstream connection was not closed after the client went away")
+        self.assertLess(rec["disconnected_at"] - closed, 5)
+        self.assertNoTraceback()
+
+    def test_client_that_stops_reading_is_let_go_after_the_socket_timeout(self):
+        for front in RES_FRONTS:
+            with self.subTest(front=front), mock.patch.object(proxy.ProxyHandler, "timeout", 1):
+                self.upstream.reset()
+                self.upstream.script(res_big_stream(50))
+                s = self.open_stalled_client(front)
+                try:
+                    rec = self.last_generate()
+                    # the socket is still open, but nothing is read: the proxy gives up on its own
+                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 6),
+                                    "the proxy kept relaying to a client that stopped reading")
+                    self.assertFalse(rec["completed"])
+                finally:
+                    s.close()
+        self.assertNoTraceback()
+
+
+# =======================================================================================
+# Leaks after bursts of disconnects and timeouts
+# =======================================================================================
+
+def res_fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class TestResilienceLeaks(ResilienceCase):
+    proxy_overrides = {"upstreamRetries": 0, "streamIdleTimeoutMs": 300, "nonStreamIdleTimeoutMs": 300,
+                       "keepAliveIntervalMs": 100}
+
+    def test_threads_and_sockets_return_to_baseline_after_a_burst(self):
+        self.assertEqual(self.chat(key=unique_key()).status, 200)  # warm the upstream pool
+        time.sleep(0.2)
+        gc.collect()
+        base_threads, base_fds = threading.active_count(), res_fd_count()
+        n = 10
+        self.upstream.script(*[res_partial_then(Stall(8), *finish_parts()) for _ in range(3 * n)])
+
+        def disconnect(i):
+            front = RES_FRONTS[i % 3]
+            data = json.dumps(res_minimal_body(front, True)).encode()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
+                got = b""
+                while b"partial" not in got:
+                    piece = s.recv(65536)
+                    if not piece:
+                        break
+                    got += piece
+                return b"partial" in got
+
+        def timeout(i):
+            front = RES_FRONTS[i % 3]
+            r = self.call(front, bool(i % 2))
+            normal_end = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
+            if r.status >= 400 or (r.status == 200 and b"error" in r.data
+                                   and not any(m in r.data for m in normal_end)):
+                return r  # an HTTP error, or an in-stream error without a normal ending
+            return ("unexpected", front, r)
+
+        with concurrent.futures.ThreadPoolExecutor(3 * n) as pool:
+            futures = [pool.submit(disconnect, i) for i in range(n)]
+            futures += [pool.submit(timeout, i) for i in range(2 * n)]
+            results = [f.result(timeout=20) for f in futures]
+        self.assertEqual([r for r in results if r is False or isinstance(r, tuple)], [])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            gc.collect()
+            threads, fds = threading.active_count(), res_fd_count()
+            if threads <= base_threads + 2 and fds <= base_fds + 4:
+                break
+            time.sleep(0.1)
+        self.assertLessEqual(threads, base_threads + 2,
+                             "threads: %d before, %d after: %s" % (base_threads, threads,
+                                                                   sorted(t.name for t in threading.enumerate())))
+        self.assertLessEqual(fds, base_fds + 4, "open fds: %d before, %d after" % (base_fds, fds))
+        self.assertEqual(self.server.inflight.count, 0)
+        self.assertNoTraceback()
+
+
+# =======================================================================================
+# Concurrency
+# =======================================================================================
+
+class TestResilienceConcurrency(ResilienceCase):
+    """200 simultaneous streaming chats; the fake upstream echoes each request's own prompt."""
+
+    proxy_overrides = {"maxInFlight": 256}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        fake = cls.upstream
+        fake.server.socket.listen(1024)  # the fixture's default accept backlog (5) is for one client
+        local = threading.local()
+        add = fake._add
+
+        def _add(rec):
+            local.rec = rec
+            add(rec)
+
+        def _next_reply():
+            params = (local.rec.get("body") or {}).get("params") or {}
+            texts = [p.get("text", "") for m in params.get("messages", [])
+                     for p in (m.get("content") if isinstance(m.get("content"), list) else [])
+                     if isinstance(p, dict)]
+            words = ("echo: " + " ".join(texts)).split(" ")
+            return ok(text_parts(*[w + " " for w in words[:-1]] + words[-1:]))
+        fake._add, fake._next_reply = _add, _next_reply
+
+    def test_200_simultaneous_streams_all_complete_correctly(self):
+        n = 200
+        barrier = threading.Barrier(n)
+
+        def one(i):
+            barrier.wait(10)
+            prompt = "request %d alpha beta gamma %d" % (i, i * 7)
+            r = self.chat(stream=True, key=unique_key(), messages=[{"role": "user", "content": prompt}])
+            return i, prompt, r
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = [f.result(timeout=60) for f in [pool.submit(one, i) for i in range(n)]]
+        elapsed = time.monotonic() - t0
+        bad = []
+        for i, prompt, r in results:
+            if r.status != 200 or chunk_content(r.chunks()) != "echo: " + prompt or not r.done() \
+                    or finish_reasons(r.chunks()) != ["stop"]:
+                bad.append((i, r))
+        self.assertEqual(bad, [], "%d of %d streams wrong" % (len(bad), n))
+        self.assertEqual(len(self.upstream.generates()), n)
+        self.assertLess(elapsed, 30)
+        self.assertNoTraceback()
+
+
+class TestResilienceInFlightOverflow(ResilienceCase):
+    proxy_overrides = {"maxInFlight": 4}
+
+    def test_overflow_is_503_with_retry_after_never_a_dropped_connection(self):
+        n = 18
+        slow = lambda: Reply(200, START + text_parts("slow")[:2] + [Sleep(0.8)] + text_parts("x")[2:]
+                             + finish_parts())
+        self.upstream.script(*[slow() for _ in range(n)])
+        barrier = threading.Barrier(n)
+
+        def one(i):
+            front, streaming = RES_COMBOS[i % len(RES_COMBOS)]
+            barrier.wait(10)
+            return front, streaming, self.call(front, streaming)
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = [f.result(timeout=30) for f in [pool.submit(one, i) for i in range(n)]]
+        served = refused = 0
+        for front, streaming, r in results:
+            with self.subTest(front=front, stream=streaming, status=r.status):
+                if r.status == 200:
+                    served += 1
+                    self.assertCleanAnswer(r, front, streaming, "slow")
+                else:
+                    refused += 1
+                    self.assertProtocolError(r, front, (503,))
+                    self.assertTrue(r.header("Retry-After"), r)
+                    self.assertGreaterEqual(int(r.header("Retry-After")), 1)
+        self.assertEqual(served + refused, n)
+        self.assertGreaterEqual(served, 4)
+        self.assertGreaterEqual(refused, n - 8)
+        self.assertEqual(len(self.upstream.generates()), served, "refused requests must not go upstream")
+        self.assertEqual(self.server.inflight.count, 0)
+        self.assertNoTraceback()
 
 
 if __name__ == "__main__":

@@ -3984,6 +3984,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self.path = "-"   # until a request line names one (the access log reads it)
+        self.body_read = False
         self.started = time.monotonic()
         self.status_sent = None
         self.bytes_sent = 0
@@ -4046,6 +4047,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._headers_buffer.append(b"\r\n")
 
     def _send_json(self, status, obj, extra=None):
+        headers = getattr(self, "headers", None)  # absent when the request line itself was bad
+        if not self.body_read and headers and (headers.get("content-length", "0").strip() not in ("", "0")
+                                               or headers.get("transfer-encoding")):
+            self.close_connection = True  # its unread body would be taken for the next request
         data = json_dumps(obj).encode("utf-8", "replace")
         self._send_head(status, "application/json", len(data), extra)
         if self.command != "HEAD":
@@ -4071,6 +4076,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     self.rfile.readline(64)
+                    self.body_read = True
                     return bytes(data)
                 if len(data) + size > limit:
                     self.close_connection = True
@@ -4087,6 +4093,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         data = self.rfile.read(length) if length > 0 else b""
         if len(data) < length:
             raise ClientGone()
+        self.body_read = True
         return data
 
     @staticmethod
@@ -4179,8 +4186,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return self.server.backend.authenticate(self.headers)
 
     def _count_tokens(self):
+        raw = self._read_body()
         self._authenticate()
-        body = parse_json_body(self._read_body())
+        body = parse_json_body(raw)
         try:
             self._send_json(200, FRONT_ENDS["/v1/messages"].count_tokens(body, self.headers))
         except ProxyError as err:
@@ -4226,8 +4234,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         self.route_name = frontend.name
         try:
+            raw = self._read_body()  # first: a keep-alive connection must not keep unread bytes
             credential = self._authenticate()
-            request = frontend.decode(parse_json_body(self._read_body()), self.headers)
+            request = frontend.decode(parse_json_body(raw), self.headers)
             request.explicit_session = self.headers.get("x-session-id")
             request.working_dir = self.headers.get("x-working-dir")
             server.backend.prepare(request)

@@ -1430,6 +1430,24 @@ class TestChatNonStreaming(ProxyTestCase):
 
 
 class TestChatValidation(ProxyTestCase):
+
+    def test_error_before_the_body_is_read_leaves_a_clean_keep_alive_connection(self):
+        # a 401/404 answered without reading the request body must not let that body be taken
+        # for the next request on the same connection
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            for path, key, expected in (("/v1/chat/completions", "sk-nope", 401), ("/v1/nowhere", KEY, 404)):
+                conn.request("POST", path, json.dumps({"model": "m", "messages": []}),
+                             {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual(response.status, expected)
+                conn.request("GET", "/health")
+                health = conn.getresponse()
+                self.assertEqual(health.status, 200)
+                self.assertEqual(json.loads(health.read())["status"], "ok")
+        finally:
+            conn.close()
     def test_n_greater_than_one_is_400(self):
         self.assertOpenAIError(self.chat(n=2), 400)
         self.assertNoUpstreamCall()

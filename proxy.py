@@ -704,7 +704,7 @@ def fold_system_text(request, text, cache=False):
 
 
 # =====================================================================================
-# 5. Front ends: OpenAI Chat Completions, OpenAI Responses, Anthropic Messages
+# 5. Front ends: OpenAI Chat Completions, Anthropic Messages, OpenAI Responses
 #
 # Each front end is a decoder (wire JSON -> Request), a stream encoder (event batches ->
 # SSE bytes), a body renderer (Completion -> JSON) and an error renderer.
@@ -3963,6 +3963,7 @@ class Exchange:
         self.first_byte = None
 
 
+RETRY_BACKOFF_SECONDS = 0.25   # first retry after this, doubling, at most 2 s
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 FRONT_ENDS = {"/v1/chat/completions": ChatCompletions(), "/v1/responses": OpenAIResponses(),
               "/v1/messages": AnthropicMessages()}
@@ -4288,7 +4289,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 events.close()
             attempt += 1
             server.metrics.count("upstream_retries_total", {})
-            deadline = time.monotonic() + min(2.0, 0.25 * 2 ** (attempt - 1))
+            deadline = time.monotonic() + min(2.0, RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
             while time.monotonic() < deadline:
                 if self._client_gone():
                     raise ClientGone()

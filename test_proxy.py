@@ -244,6 +244,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         rec = self._record()
         if self.path.split("?")[0] == "/provider/v1/models":
             self._send_json(200, self.server.fake.provider_models)
+        elif self.path == "/command-code/latest":  # the npm registry's answer for the CLI package
+            self._send_json(*self.server.fake.registry_reply)
         else:
             self._send_json(404, {"error": {"message": "not found", "type": "not_found"}})
         rec["completed"] = True
@@ -368,6 +370,7 @@ class FakeCommandCode:
              "supported_endpoints": ["/v1/chat/completions"]},
             {"id": "claude-sonnet-5", "name": "Claude Sonnet 5", "context_length": 1000000,
              "supported_endpoints": ["/v1/messages"]}]}
+        self.registry_reply = (200, {"name": "command-code", "version": "1.70.2"})
         self.server = _UpstreamServer(("127.0.0.1", 0), _UpstreamHandler)
         self.server.fake = self
         self.thread = None
@@ -867,6 +870,60 @@ class TestUpstreamHeaders(ProxyTestCase):
         self.assertEqual(len(gens), 2)
         self.assertEqual(gens[0]["client_port"], gens[1]["client_port"],
                          "second request should reuse the upstream connection")
+
+
+class TestCommandCodeVersionFromNpm(ProxyTestCase):
+    """Without ccVersion the proxy sends the CLI version npm lists as latest, fetched in the background."""
+
+    proxy_overrides = {"ccVersion": ""}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.registry = FakeCommandCode()
+        cls.registry.start()
+        cls.addClassCleanup(cls.registry.stop)
+        registry_url = mock.patch.object(proxy.VersionWatcher, "REGISTRY_URL",
+                                         cls.registry.url + "/command-code/latest")
+        registry_url.start()
+        cls.addClassCleanup(registry_url.stop)
+        super().setUpClass()
+        cls.fetched = cls.upstream.wait_for(lambda: cls.server.backend.version.latest, 5.0)
+
+    def setUp(self):
+        super().setUp()
+        self.registry.reset()
+
+    def version_sent(self):
+        self.assertEqual(self.chat().status, 200)
+        return header_map(self.last_generate())["x-command-code-version"]
+
+    def test_latest_version_from_the_registry_is_sent_upstream(self):
+        self.assertEqual(self.fetched, "1.70.2")
+        self.assertEqual(self.version_sent(), "1.70.2")
+
+    def test_unusable_registry_answers_keep_the_last_good_version(self):
+        good = self.registry.registry_reply
+        self.addCleanup(setattr, self.registry, "registry_reply", good)
+        watcher = proxy.VersionWatcher("")
+        for reply in [good, (200, {"version": "not a version"}), (200, "<html>"), (503, {"error": "down"}),
+                      (200, ["1.2.3"]), (200, '{"version": NaN}')]:
+            self.registry.registry_reply = reply
+            self.registry.reset()
+            watcher.stop_event.clear()
+            check = threading.Thread(target=watcher._run, daemon=True)  # one pass, then waits on stop_event
+            check.start()
+            self.assertTrue(self.registry.wait_for(lambda: self.registry.requests, 5.0))
+            watcher.stop_event.set()
+            check.join(5)
+            self.assertFalse(check.is_alive())
+            self.assertEqual(watcher.version, "1.70.2", reply)
+
+    def test_configured_version_wins_and_npm_is_not_asked(self):
+        watcher = proxy.VersionWatcher("1.55.0")
+        watcher.start()
+        time.sleep(0.1)
+        self.assertEqual(watcher.version, "1.55.0")
+        self.assertEqual(self.registry.requests, [])
 
 
 class TestUpstreamSession(ProxyTestCase):

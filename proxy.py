@@ -1436,6 +1436,15 @@ class OpenAIResponses(FrontEnd):
                               or f.get("prompt_cache_key", str))
         request.options.update(store=f.get("store", bool, True), history_length=history_length,
                                previous_response_id=previous_id, metadata=f.get("metadata", dict, {}))
+        # a response object repeats the settings it was made with, as OpenAI's do (defaults included)
+        request.options["echo"] = {
+            "instructions": f.get("instructions", str), "tools": f.get("tools", list, []),
+            "tool_choice": body.get("tool_choice") or "auto",
+            "temperature": 1.0 if request.temperature is None else request.temperature,
+            "top_p": 1.0 if request.top_p is None else request.top_p, "max_output_tokens": request.max_tokens,
+            "reasoning": {"effort": effort, "summary": reasoning.get("summary")},
+            "text": text or {"format": {"type": "text"}}, "truncation": f.get("truncation", str, "disabled"),
+            "user": f.get("user", str)}
         return request
 
     def _decode_tool(self, request, tool, where):
@@ -1550,6 +1559,7 @@ class OpenAIResponses(FrontEnd):
                 "parallel_tool_calls": request.parallel_tool_calls is not False,
                 "previous_response_id": request.options.get("previous_response_id"),
                 "store": request.options.get("store", True), "metadata": request.options.get("metadata") or {},
+                **request.options.get("echo", {}),
                 "usage": None if status == "in_progress" else {
                     "input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cache_read},
                     "output_tokens": usage.output,

@@ -2680,6 +2680,24 @@ class TestResponsesStreaming(ProxyTestCase):
         self.assertEqual(final["output"][0]["content"][0]["type"], "output_text")
         self.assertEqual(final["output"][0]["content"][0]["text"], "Hello world")
 
+    def test_every_response_object_repeats_the_request_settings(self):
+        tools = [{"type": "function", "name": "exec_command", "description": "run",
+                  "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}, "strict": False}]
+        evs = self.events(ok(text_parts("Hi")), instructions="Be brief.", tools=tools, tool_choice="required",
+                          temperature=0.2, max_output_tokens=900, reasoning={"effort": "high", "summary": "auto"})
+        objects = [e["response"] for e in evs if "response" in e]
+        self.assertEqual([o["status"] for o in objects], ["in_progress", "in_progress", "completed"])
+        for o in objects:
+            self.assertEqual(o["instructions"], "Be brief.")
+            self.assertEqual(o["tools"], tools)
+            self.assertEqual(o["tool_choice"], "required")
+            self.assertEqual(o["temperature"], 0.2)
+            self.assertEqual(o["top_p"], 1.0)
+            self.assertEqual(o["max_output_tokens"], 900)
+            self.assertEqual(o["reasoning"], {"effort": "high", "summary": "auto"})
+            self.assertEqual(o["text"], {"format": {"type": "text"}})
+            self.assertEqual(o["truncation"], "disabled")
+
     def test_completed_carries_usage(self):
         evs = self.events(ok(reasoning_parts("r"), text_parts("Hi"), out=60, reasoning=40))
         u = evs[-1]["response"]["usage"]
@@ -2763,6 +2781,8 @@ class TestResponsesNonStreaming(ProxyTestCase):
         self.assertEqual(msg["content"][0]["type"], "output_text")
         self.assertEqual(msg["content"][0]["text"], "Hello world")
         self.assertEqual(body["usage"]["input_tokens"], 7400)
+        self.assertEqual((body["tools"], body["tool_choice"], body["instructions"], body["reasoning"]),
+                         ([], "auto", None, {"effort": None, "summary": None}))
 
     def test_non_stream_function_call_item(self):
         self.upstream.script(ok(tool_parts("call_7", "exec_command", {"cmd": "pwd"}),

@@ -20,6 +20,24 @@ Sections: configuration, logging, canonical request/events/errors, front ends, b
 Command Code, backend Claude Code CLI, HTTP server, command line.
 """
 
+import os
+import sys
+
+# Python keeps the syntax tree of the script it runs (~10 MB for this file) until the script's top level
+# returns, which for a server is never; an imported module's tree is freed once compiled (and its bytecode
+# cached in __pycache__). So `start`, the one long-lived command, first re-executes itself as an import:
+# same process id, interpreter options and arguments; 12 MB less resident memory for as long as it runs.
+if (__name__ == "__main__" and sys.argv[1:2] in ([], ["start"]) and __file__.endswith(".py")
+        and sys.executable and hasattr(sys, "orig_argv")):
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)], "-c",
+                                  "import importlib.util as u, os, sys; p = sys.argv.pop(1); "
+                                  "sys.path[0] = os.path.dirname(p); s = u.spec_from_file_location('proxy', p); "
+                                  "m = sys.modules['proxy'] = u.module_from_spec(s); s.loader.exec_module(m); "
+                                  "sys.exit(m.main())", os.path.abspath(__file__), *sys.argv[1:]])
+    except OSError:
+        pass  # serve on as a script: the same server, with more memory
+
 import argparse
 import base64
 import binascii
@@ -33,7 +51,6 @@ import http.server
 import ipaddress
 import json
 import logging
-import os
 import queue
 import random
 import re
@@ -45,7 +62,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -4839,25 +4855,5 @@ def main(argv=None):
     return args.func(args)
 
 
-# Python keeps the syntax tree of the script it runs (~10 MB for this file) until the script's top level
-# returns, which for a server is never; an imported module's tree is freed once compiled, and its bytecode
-# is cached in __pycache__. So `start` (the only long-lived command) re-executes itself as an import: the
-# same process id, arguments and interpreter flags, 12 MB less resident memory for as long as it runs.
-IMPORT_AND_RUN = ("import importlib.util as u, os, sys; p = sys.argv.pop(1); sys.path[0] = os.path.dirname(p); "
-                  "s = u.spec_from_file_location('proxy', p); m = sys.modules['proxy'] = u.module_from_spec(s); "
-                  "s.loader.exec_module(m); sys.exit(m.main())")
-
-
-def reexec_as_import(argv):
-    if argv[:1] not in ([], ["start"]) or not sys.executable or not __file__.endswith(".py"):
-        return
-    flags = subprocess._args_from_interpreter_flags()
-    try:
-        os.execv(sys.executable, [sys.executable, *flags, "-c", IMPORT_AND_RUN, os.path.abspath(__file__), *argv])
-    except OSError:
-        pass  # run on as a script: the same server, with more memory
-
-
 if __name__ == "__main__":
-    reexec_as_import(sys.argv[1:])
     sys.exit(main())

@@ -2981,29 +2981,27 @@ class TestResponsesStore(ProxyTestCase):
 # =======================================================================================
 
 class TestCommandLineStart(unittest.TestCase):
-    def test_start_serves_from_config_file_and_logs_no_secrets(self):
-        import signal
-        import subprocess
+    def spawn_proxy(self, interpreter_options=(), overrides=None):
+        """`python3 [options] proxy.py start --config F` against a fake upstream; returns (child, port, tmp)."""
         fake = FakeCommandCode()
         fake.start()
         self.addCleanup(fake.stop)
+        self.fake = fake
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
         tmp = tempfile.mkdtemp(prefix="cc-proxy-test-")
-        log_file = os.path.join(tmp, "proxy.log")
+        self.addCleanup(shutil.rmtree, tmp, True)
         cfg = os.path.join(tmp, "config.json")
         with open(cfg, "w") as f:
-            json.dump({"port": port, "host": "127.0.0.1", "apiBase": fake.url,
-                       "ccVersion": "1.64.0", "useProviderModels": False, "logLevel": "debug",
-                       "logFile": log_file}, f)
+            json.dump(dict({"port": port, "host": "127.0.0.1", "apiBase": fake.url, "ccVersion": "1.64.0",
+                            "useProviderModels": False}, **(overrides or {})), f)
         out = open(os.path.join(tmp, "out.txt"), "wb")
         self.addCleanup(out.close)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp}
-        child = subprocess.Popen([sys.executable, os.path.join(HERE, "proxy.py"), "start",
-                                  "--config", cfg], stdout=out, stderr=subprocess.STDOUT,
-                                 env=env, cwd=tmp)
+        child = subprocess.Popen([sys.executable, *interpreter_options, os.path.join(HERE, "proxy.py"), "start",
+                                  "--config", cfg], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
 
         def stop_child():
             if child.poll() is None:
@@ -3021,6 +3019,28 @@ class TestCommandLineStart(unittest.TestCase):
                 break
             time.sleep(0.05)
         self.assertTrue(up, "proxy.py start did not come up")
+        return child, port, tmp
+
+    @unittest.skipUnless(os.path.exists("/proc/self/cmdline") and sys.version_info >= (3, 10), "needs /proc, 3.10+")
+    def test_start_reexecutes_itself_as_an_import_keeping_pid_options_and_arguments(self):
+        child, port, tmp = self.spawn_proxy(interpreter_options=("-X", "utf8"))
+        with open("/proc/%d/cmdline" % child.pid, "rb") as f:
+            argv = f.read().decode().split("\0")[:-1]
+        self.assertEqual(argv[1:4], ["-X", "utf8", "-c"])  # same interpreter options, now an import
+        self.assertEqual(argv[5:], [os.path.join(HERE, "proxy.py"), "start", "--config",
+                                    os.path.join(tmp, "config.json")])
+        r = http_request(port, "POST", "/v1/chat/completions",
+                         {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+                         {"Authorization": "Bearer " + KEY})
+        self.assertEqual(r.status, 200, r)
+        child.send_signal(signal.SIGTERM)  # the pid we spawned is the server: service managers can stop it
+        self.assertEqual(child.wait(10), 0)
+
+    def test_start_serves_from_config_file_and_logs_no_secrets(self):
+        log_file = os.path.join(tempfile.gettempdir(), "cc-proxy-test-%s.log" % uuid.uuid4().hex)
+        self.addCleanup(lambda: os.path.exists(log_file) and os.remove(log_file))
+        child, port, tmp = self.spawn_proxy(overrides={"logLevel": "debug", "logFile": log_file})
+        fake = self.fake
         secret_key = "user_SECRETKEY" + uuid.uuid4().hex[:10]
         prompt = "PROMPT-PRIVATE-" + uuid.uuid4().hex[:10]
         rid = "req-cli-" + uuid.uuid4().hex[:10]
@@ -3032,7 +3052,6 @@ class TestCommandLineStart(unittest.TestCase):
         self.assertEqual(header_map(fake.generates()[0])["authorization"], "Bearer " + secret_key)
         child.send_signal(signal.SIGTERM)
         child.wait(10)
-        out.flush()
         with open(log_file, encoding="utf-8", errors="replace") as f:
             log_text = f.read()
         with open(os.path.join(tmp, "out.txt"), encoding="utf-8", errors="replace") as f:

@@ -1799,11 +1799,11 @@ class TestTolerantNdjson(ProxyTestCase):
 # =======================================================================================
 
 class TestIdleTimeoutAndKeepAlive(ProxyTestCase):
-    proxy_overrides = {"streamIdleTimeoutMs": 700, "nonStreamIdleTimeoutMs": 700,
+    proxy_overrides = {"streamIdleTimeoutMs": 500, "nonStreamIdleTimeoutMs": 500,
                        "keepAliveIntervalMs": 100, "upstreamRetries": 0}
 
     def test_sse_keepalive_comments_during_upstream_silence(self):
-        self.upstream.script(Reply(200, START + text_parts("a")[:2] + [Sleep(0.5)]
+        self.upstream.script(Reply(200, START + text_parts("a")[:2] + [Sleep(0.3)]
                                    + text_parts("b")[1:] + finish_parts()))
         r = self.chat(stream=True)
         self.assertEqual(r.status, 200, r)
@@ -1814,7 +1814,7 @@ class TestIdleTimeoutAndKeepAlive(ProxyTestCase):
         self.assertLess(raw.index("\n:"), raw.index('"b"'))
 
     def test_anthropic_ping_events_during_upstream_silence(self):
-        self.upstream.script(Reply(200, START + text_parts("a")[:2] + [Sleep(0.5)]
+        self.upstream.script(Reply(200, START + text_parts("a")[:2] + [Sleep(0.3)]
                                    + text_parts("b")[1:] + finish_parts()))
         r = self.messages(stream=True)
         names = [n for n, _ in r.typed_events()]
@@ -6398,7 +6398,7 @@ class TestResilienceBackpressure(ResilienceCase):
             s = self.open_stalled_client()
             rec = self.last_generate()
             peak_rss = rss0
-            deadline = time.monotonic() + 3  # the client reads nothing more for 3 s
+            deadline = time.monotonic() + 1.5  # the client reads nothing more for 1.5 s (loopback moves 50 MB in less)
             while time.monotonic() < deadline:
                 peak_rss = max(peak_rss, res_vm_rss())
                 time.sleep(0.1)
@@ -6420,7 +6420,7 @@ class TestResilienceBackpressure(ResilienceCase):
 
     def test_client_that_stops_reading_is_let_go_after_the_socket_timeout(self):
         for front in RES_FRONTS:
-            with self.subTest(front=front), mock.patch.object(proxy.ProxyHandler, "timeout", 0.5):
+            with self.subTest(front=front), mock.patch.object(proxy.ProxyHandler, "timeout", 0.3):
                 self.upstream.reset()
                 self.upstream.script(res_big_stream(50))
                 s = self.open_stalled_client(front)

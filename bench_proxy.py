@@ -928,8 +928,8 @@ class BenchAbort(Exception):
 
 def profile_runner(out_path, script, argv):
     import cProfile
+    import importlib.util
     import pstats
-    import runpy
     profiles = []
     original_run = threading.Thread.run
 
@@ -948,8 +948,11 @@ def profile_runner(out_path, script, argv):
     main = cProfile.Profile()
     sys.argv = [script] + argv
     main.enable()
-    try:
-        runpy.run_path(script, run_name="__main__")
+    try:  # imported, as `proxy.py start` runs itself (run as __main__ it would re-exec out of the profiler)
+        spec = importlib.util.spec_from_file_location("proxy", script)
+        module = sys.modules["proxy"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(argv)
     except SystemExit:
         pass
     finally:

@@ -201,6 +201,15 @@ def http_error(status, body, headers=()):
     return Reply(status, body=body, headers=headers)
 
 
+def dripped(deltas, seconds):
+    """An answer of `deltas` text deltas "x", `seconds` apart: a request that stays in flight a while."""
+    parts = text_parts(*["x"] * deltas)
+    paced = [parts[0]]
+    for part in parts[1:]:
+        paced += [Sleep(seconds), part]
+    return Reply(200, stream(paced))
+
+
 class _PeerGone(Exception):
     pass
 
@@ -3229,94 +3238,6 @@ def ops_capture_log(level=logging.DEBUG):
 
 # ---- a fake Command Code upstream that streams NDJSON slowly --------------------------------
 
-OPS_FINISH_LINE = {"type": "finish", "finishReason": "stop", "totalUsage": {"inputTokens": 1, "outputTokens": 1}}
-
-
-class _OpsUpstreamHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def _chunk(self, data):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def do_GET(self):
-        data = b'{"data": []}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        owner = self.server.owner
-        length = int(self.headers.get("content-length") or 0)
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            body = {}
-        owner.requests.append((self.path, dict(self.headers), body))
-        model = (body.get("params") or {}).get("model", "")
-        try:
-            if model == "fail-400":
-                data = json.dumps({"error": {"message": "UPSTREAM_BODY_zq9 the upstream's private words"}}).encode()
-                self.send_response(400)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(owner.lines):
-                if i and owner.delay:
-                    time.sleep(owner.delay)
-                self._chunk(json.dumps({"type": "text-delta", "text": "x"}).encode() + b"\n")
-            if owner.delay:
-                time.sleep(owner.delay)
-            self._chunk(json.dumps(OPS_FINISH_LINE).encode() + b"\n")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (ConnectionError, OSError):
-            self.close_connection = True
-
-
-class _OpsUpstreamServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def handle_error(self, request, client_address):
-        pass
-
-
-class OpsFakeUpstream:
-    """POST /alpha/generate -> `lines` text deltas `delay` s apart, then finish (model fail-400 -> 400)."""
-
-    def __init__(self, lines=3, delay=0.0):
-        self.lines, self.delay = lines, delay
-        self.requests = []
-        self.server = _OpsUpstreamServer(("127.0.0.1", 0), _OpsUpstreamHandler)
-        self.server.owner = self
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # ---- an in-process proxy server -------------------------------------------------------------
 
 OPS_BASE_OVERRIDES = {"port": 0, "apiBase": "http://127.0.0.1:9", "ccVersion": "1.64.0",
@@ -4093,7 +4014,8 @@ class TestLogRotation(unittest.TestCase):
 class TestAccessLog(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = OpsFakeUpstream(lines=3).start()
+        cls.upstream = FakeCommandCode()
+        cls.upstream.start()
 
     @classmethod
     def tearDownClass(cls):
@@ -4114,7 +4036,8 @@ class TestAccessLog(unittest.TestCase):
                 self.assertEqual(r.status, 200, r)
                 rids[rid] = stream
             bad_rid = "ops-access-upstream-400"
-            r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False, "fail-400"),
+            self.upstream.script(http_error(400, {"error": {"message": "UPSTREAM_BODY_zq9 the upstream's private words"}}))
+            r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False),
                             {"Authorization": "Bearer " + key, "X-Request-Id": bad_rid})
             self.assertGreaterEqual(r.status, 400)
             health_rid = "ops-access-health"
@@ -4136,8 +4059,9 @@ class TestAccessLog(unittest.TestCase):
             self.assertIn("model=x", fields)
             self.assertTrue(any(f.startswith("total_ms=") for f in fields), lines[0])
             self.assertTrue(any(f.startswith("first_byte_ms=") for f in fields), lines[0])
-            self.assertIn("tokens_in=1", fields)
-            self.assertIn("out=1", fields)
+            self.assertIn("tokens_in=7400", fields)  # the fake upstream's usage
+            self.assertIn("cached=7168", fields)
+            self.assertIn("out=12", fields)
         health = [line for line in text.splitlines() if health_rid in line]
         self.assertEqual(len(health), 1)
         self.assertIn("GET", health[0].split())
@@ -4294,14 +4218,15 @@ class TestCorsDisabled(CorsCase):
 class TestHealthAndMetrics(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = OpsFakeUpstream(lines=3).start()
+        cls.upstream = FakeCommandCode()
+        cls.upstream.start()
 
     @classmethod
     def tearDownClass(cls):
         cls.upstream.stop()
 
     def setUp(self):
-        self.upstream.lines, self.upstream.delay = 3, 0.0
+        self.upstream.reset()
         self.server, self.port = ops_start_server(self, apiBase=self.upstream.url, upstreamRetries=0)
 
     def metrics(self):
@@ -4332,7 +4257,7 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertEqual(body["in_flight"], 0)
 
     def test_health_needs_no_auth_and_counts_in_flight(self):
-        self.upstream.lines, self.upstream.delay = 6, 0.15
+        self.upstream.script(dripped(5, 0.15))
         result = {}
 
         def slow():
@@ -4452,7 +4377,9 @@ class TestForwardedFor(unittest.TestCase):
 
 class TestGracefulShutdown(unittest.TestCase):
     def setUp(self):
-        self.upstream = OpsFakeUpstream(lines=8, delay=0.2).start()  # ~1.8 s per answer
+        self.upstream = FakeCommandCode()
+        self.upstream.default_reply = lambda: dripped(8, 0.2)  # ~1.8 s per answer
+        self.upstream.start()
         self.addCleanup(self.upstream.stop)
         self.tmp = ops_tempdir(self)
         self.port = ops_free_port()

@@ -23,10 +23,10 @@ Command Code, backend Claude Code CLI, HTTP server, command line.
 import os
 import sys
 
-# Python keeps the syntax tree of the script it runs (~10 MB for this file) until the script's top level
+# Python keeps the syntax tree of the script it runs (~11 MB for this file) until the script's top level
 # returns, which for a server is never; an imported module's tree is freed once compiled (and its bytecode
 # cached in __pycache__). So `start`, the one long-lived command, first re-executes itself as an import:
-# same process id, interpreter options and arguments; 12 MB less resident memory for as long as it runs.
+# same process id, interpreter options and arguments; ~12 MB less resident memory for as long as it runs.
 # (Windows has no exec that keeps the process, and Python 3.9 no sys.orig_argv: those run as scripts.)
 if (__name__ == "__main__" and sys.argv[1:2] in ([], ["start"]) and __file__.endswith(".py")
         and os.name == "posix" and sys.executable and hasattr(sys, "orig_argv")):
@@ -1911,7 +1911,7 @@ class VersionWatcher:
         while not self.stop_event.is_set():
             conn, _ = registry.acquire(10)
             try:
-                conn.request("GET", registry.prefix, headers={"Accept": "application/json"})
+                conn.request("GET", registry.prefix, headers={"Accept": "application/json"})  # the URL's path
                 response = conn.getresponse()
                 document = _json_decode(response.read(65536).decode("utf-8", "replace"))
                 version = document.get("version") if response.status == 200 and isinstance(document, dict) else None

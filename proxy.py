@@ -3357,6 +3357,22 @@ class ClaudeStreamDecoder:
 
 # ---- processes --------------------------------------------------------------------------
 
+def parent_death_prefix():
+    """The argv prefix that has the kernel send a CLI child SIGTERM when the thread that started it
+    ends, even when the proxy is SIGKILLed: util-linux `setpriv --pdeathsig` (Linux). Without it a
+    killed proxy's CLI works on until its next write fails; a normal exit always stops its children."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv:
+        try:
+            usage = subprocess.run([setpriv, "--help"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        if b"--pdeathsig" in usage:
+            return [setpriv, "--pdeathsig", "TERM", "--"]
+    return []
+
+
 class ClaudeProcess:
     """One CLI child in its own process group; stdout lines arrive on a queue."""
 
@@ -3473,10 +3489,12 @@ class ClaudeCodeBackend:
         self.cli_path = None
         self.cli_version = None
         self.cli_error = None
+        self.spawn_prefix = []
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self):
         self.check_cli()
+        self.spawn_prefix = parent_death_prefix()
         self.sessions.load()
         mode = self.config["claudePermissionMode"]
         if mode == "bypassPermissions":
@@ -3717,7 +3735,7 @@ class ClaudeCodeBackend:
         argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
         line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
         try:
-            proc = ClaudeProcess(argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"))
+            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"))
         except FileNotFoundError:
             self._drop_file(system_file)
             self.cli_path = None

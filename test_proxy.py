@@ -3118,6 +3118,15 @@ def ops_main(args, env=None):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+def ops_free_port_taken(port):
+    """True once something accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def ops_free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -5163,6 +5172,35 @@ class ErrorsTest(Case):
 # =====================================================================================
 class LimitsTest(Case):
     overrides = {"keepAliveIntervalMs": 200}
+
+    @unittest.skipUnless(proxy.parent_death_prefix(), "needs Linux and util-linux setpriv with --pdeathsig")
+    def test_cli_child_is_stopped_when_the_proxy_itself_is_killed(self):
+        cfg = os.path.join(self.tmp, "config.json")
+        port = ops_free_port()
+        with open(cfg, "w") as f:
+            json.dump({"port": port, "backend": "claude-code", "apiKey": CLAUDE_KEY, "claudePath": FAKE_CLAUDE,
+                       "claudeWorkingDir": self.work, "claudeAskWorkingDir": False,
+                       "sessionFile": os.path.join(self.tmp, "sessions.json")}, f)
+        env = ops_clean_env(HOME=self.tmp, CLAUDE_FAKE_RECORD=self.record_path, CLAUDE_FAKE_STATE=self.state,
+                            CLAUDE_FAKE_STAY_ORPHANED="1")
+        server = subprocess.Popen([sys.executable, PROXY_PY, "start", "--config", cfg], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: server.poll() is None and (server.kill(), server.wait(5)))
+        self.assertTrue(wait_for(lambda: ops_free_port_taken(port), 10), "proxy.py start did not come up")
+        body = json.dumps({"model": "sonnet", "stream": True,
+                           "messages": [{"role": "user", "content": "scenario:hang"}]}).encode()
+        client = socket.create_connection(("127.0.0.1", port), timeout=OPS_TIMEOUT)
+        self.addCleanup(client.close)
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                       % (CLAUDE_KEY.encode(), len(body), body))
+        self.assertTrue(wait_for(self.runs, 10), "the CLI was not started")
+        cli = self.runs()[0]["pid"]
+        self.assertTrue(alive(cli))
+        self.addCleanup(lambda: alive(cli) and os.kill(cli, signal.SIGKILL))
+        server.kill()  # SIGKILL: the proxy gets no chance to stop its children itself
+        server.wait(5)
+        self.assertTrue(wait_for(lambda: not alive(cli), 5), "the CLI outlived the killed proxy")
 
     def test_timeout_kills_the_child(self):
         self.stop_server()

@@ -155,7 +155,11 @@ def write_sessions(data):
 
 def hang_forever():
     parent = os.getppid()
-    while os.getppid() == parent:   # an aborted test run must not leave us behind
+    # an aborted test run must not leave us behind; CLAUDE_FAKE_STAY_ORPHANED acts like the real CLI,
+    # which does not notice its parent's death (for at most 20 s)
+    stay = os.environ.get("CLAUDE_FAKE_STAY_ORPHANED") == "1"
+    deadline = time.monotonic() + 20
+    while (stay or os.getppid() == parent) and time.monotonic() < deadline:
         time.sleep(0.05)
     record("end", rc=0, orphaned=True)
     os._exit(0)

@@ -26,9 +26,11 @@ import concurrent.futures
 import gc
 import tracemalloc
 from unittest import mock
+import atexit
 import contextlib
 import io
 import plistlib
+import shlex
 import shutil
 import signal
 import stat
@@ -390,7 +392,7 @@ class FakeCommandCode:
 
     def start(self):
         self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+                                       kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
 
     def stop(self):
@@ -555,7 +557,7 @@ class ProxyTestCase(unittest.TestCase):
         cls.server = proxy.make_server(cls.config)
         cls.port = cls.server.server_address[1]
         cls.server_thread = threading.Thread(target=cls.server.serve_forever,
-                                             kwargs={"poll_interval": 0.05}, daemon=True)
+                                             kwargs={"poll_interval": 0.01}, daemon=True)
         cls.server_thread.start()
 
     @classmethod
@@ -3257,7 +3259,7 @@ def ops_start_server(test, **overrides):
     """A proxy.make_server on a free port, served on a thread until the test ends -> (server, port)."""
     config = proxy.load_config("/nonexistent", {}, dict(OPS_BASE_OVERRIDES, **overrides))
     server = proxy.make_server(config)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
 
     def stop():
@@ -4500,7 +4502,19 @@ class TestGracefulShutdown(unittest.TestCase):
 proxy.CLAUDE_KILL_GRACE_S = 0.3
 proxy.CLAUDE_EXIT_WAIT_S = 2.0
 
-FAKE_CLAUDE = os.path.join(HERE, "testdata", "fake_claude.py")
+def fake_claude_launcher(script=os.path.join(HERE, "testdata", "fake_claude.py")):
+    """The fake `claude`, started through `sh` with this interpreter's absolute path: its own
+    `#!/usr/bin/env python3` may hit a version manager's shim, ~60 ms more per CLI start."""
+    folder = tempfile.mkdtemp(prefix="cc-proxy-fake-claude-")
+    atexit.register(shutil.rmtree, folder, True)
+    launcher = os.path.join(folder, "claude")
+    with open(launcher, "w") as f:
+        f.write('#!/bin/sh\nexec %s %s "$@"\n' % (shlex.quote(sys.executable), shlex.quote(script)))
+    os.chmod(launcher, 0o755)
+    return launcher
+
+
+FAKE_CLAUDE = fake_claude_launcher()
 CLAUDE_KEY = "test-key"
 CCP_ENV = ("CLAUDE_FAKE_RECORD", "CLAUDE_FAKE_STATE", "CLAUDE_FAKE_SCENARIO", "CLAUDE_FAKE_DELAY",
            "CLAUDE_CODE_MAX_RETRIES")
@@ -4573,7 +4587,7 @@ class Case(unittest.TestCase):
     def start_server(self, **extra):
         self.server = proxy.make_server(self.config(**extra))
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
 
     def stop_server(self):

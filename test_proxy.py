@@ -2994,42 +2994,17 @@ class TestResponsesStore(ProxyTestCase):
 class TestCommandLineStart(unittest.TestCase):
     def spawn_proxy(self, interpreter_options=(), overrides=None):
         """`python3 [options] proxy.py start --config F` against a fake upstream; returns (child, port, tmp)."""
-        fake = FakeCommandCode()
-        fake.start()
-        self.addCleanup(fake.stop)
-        self.fake = fake
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        tmp = tempfile.mkdtemp(prefix="cc-proxy-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
+        self.fake = FakeCommandCode()
+        self.fake.start()
+        self.addCleanup(self.fake.stop)
+        port = ops_free_port()
+        tmp = ops_tempdir(self)
         cfg = os.path.join(tmp, "config.json")
         with open(cfg, "w") as f:
-            json.dump(dict({"port": port, "host": "127.0.0.1", "apiBase": fake.url, "ccVersion": "1.64.0",
+            json.dump(dict({"port": port, "host": "127.0.0.1", "apiBase": self.fake.url, "ccVersion": "1.64.0",
                             "useProviderModels": False}, **(overrides or {})), f)
-        out = open(os.path.join(tmp, "out.txt"), "wb")
-        self.addCleanup(out.close)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp}
-        child = subprocess.Popen([sys.executable, *interpreter_options, os.path.join(HERE, "proxy.py"), "start",
-                                  "--config", cfg], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
-
-        def stop_child():
-            if child.poll() is None:
-                child.kill()
-                child.wait(5)
-        self.addCleanup(stop_child)
-        deadline = time.monotonic() + 10
-        up = False
-        while time.monotonic() < deadline and child.poll() is None:
-            try:
-                up = http_request(port, "GET", "/health", timeout=2).status == 200
-            except OSError:
-                up = False
-            if up:
-                break
-            time.sleep(0.05)
-        self.assertTrue(up, "proxy.py start did not come up")
+        child, _ = ops_spawn_proxy(self, ["start", "--config", cfg], env, tmp, port, interpreter_options)
         return child, port, tmp
 
     @unittest.skipUnless(os.path.exists("/proc/self/cmdline") and sys.version_info >= (3, 10), "needs /proc, 3.10+")
@@ -3038,7 +3013,7 @@ class TestCommandLineStart(unittest.TestCase):
         with open("/proc/%d/cmdline" % child.pid, "rb") as f:
             argv = f.read().decode().split("\0")[:-1]
         self.assertEqual(argv[1:4], ["-X", "utf8", "-c"])  # same interpreter options, now an import
-        self.assertEqual(argv[5:], [os.path.join(HERE, "proxy.py"), "start", "--config",
+        self.assertEqual(argv[5:], [PROXY_PY, "start", "--config",
                                     os.path.join(tmp, "config.json")])
         r = http_request(port, "POST", "/v1/chat/completions",
                          {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
@@ -3065,7 +3040,7 @@ class TestCommandLineStart(unittest.TestCase):
         child.wait(10)
         with open(log_file, encoding="utf-8", errors="replace") as f:
             log_text = f.read()
-        with open(os.path.join(tmp, "out.txt"), encoding="utf-8", errors="replace") as f:
+        with open(os.path.join(tmp, "proxy.out"), encoding="utf-8", errors="replace") as f:
             log_text += f.read()
         self.assertIn(rid, log_text, "access log line should carry the request id")
         self.assertNotIn("SECRETKEY", log_text)
@@ -3120,13 +3095,29 @@ def ops_main(args, env=None):
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
-def ops_free_port_taken(port):
-    """True once something accepts connections on 127.0.0.1:port."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+def ops_spawn_proxy(test, args, env, cwd, port, options=()):
+    """`python3 [options] proxy.py ARGS` as a child killed when the test ends, once /health on `port`
+    answers 200 -> (child, the file holding its stdout and stderr)."""
+    out_path = os.path.join(cwd, "proxy.out")
+    with open(out_path, "wb") as out:
+        child = subprocess.Popen([sys.executable, *options, PROXY_PY, *args], stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+    def stop_child():
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    test.addCleanup(stop_child)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            if ops_request(port, "GET", "/health", timeout=2).status == 200:
+                return child, out_path
+        except OSError:
+            pass
+        time.sleep(0.05)
+    with open(out_path, encoding="utf-8", errors="replace") as f:
+        test.fail("proxy.py %s did not come up: %s" % (" ".join(args), f.read()))
 
 
 def ops_free_port():
@@ -4394,30 +4385,11 @@ class TestGracefulShutdown(unittest.TestCase):
         self.addCleanup(self.upstream.stop)
         self.tmp = ops_tempdir(self)
         self.port = ops_free_port()
-        self.out_path = os.path.join(self.tmp, "proxy.out")
-        out = open(self.out_path, "wb")
-        self.addCleanup(out.close)
         env = ops_clean_env(CC_API_BASE=self.upstream.url, CC_VERSION="1.64.0", CC_USE_PROVIDER_MODELS="false",
                             LOG_LEVEL="info", HOME=self.tmp)
-        self.child = subprocess.Popen([sys.executable, PROXY_PY, "start", "--port", str(self.port),
-                                       "--config", os.path.join(self.tmp, "none.json")],
-                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                      env=env, cwd=self.tmp)
-
-        def stop_child():
-            if self.child.poll() is None:
-                self.child.kill()
-                self.child.wait(5)
-        self.addCleanup(stop_child)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.child.poll() is None:
-            try:
-                if ops_request(self.port, "GET", "/health", timeout=2).status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.fail("proxy.py start did not come up: " + self.output())
+        self.child, self.out_path = ops_spawn_proxy(
+            self, ["start", "--port", str(self.port), "--config", os.path.join(self.tmp, "none.json")], env,
+            self.tmp, self.port)
 
     def output(self):
         with open(self.out_path, encoding="utf-8", errors="replace") as f:
@@ -5197,10 +5169,7 @@ class LimitsTest(Case):
                        "sessionFile": os.path.join(self.tmp, "sessions.json")}, f)
         env = ops_clean_env(HOME=self.tmp, CLAUDE_FAKE_RECORD=self.record_path, CLAUDE_FAKE_STATE=self.state,
                             CLAUDE_FAKE_STAY_ORPHANED="1")
-        server = subprocess.Popen([sys.executable, PROXY_PY, "start", "--config", cfg], env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: server.poll() is None and (server.kill(), server.wait(5)))
-        self.assertTrue(wait_for(lambda: ops_free_port_taken(port), 10), "proxy.py start did not come up")
+        server, _ = ops_spawn_proxy(self, ["start", "--config", cfg], env, self.tmp, port)
         body = json.dumps({"model": "sonnet", "stream": True,
                            "messages": [{"role": "user", "content": "scenario:hang"}]}).encode()
         client = socket.create_connection(("127.0.0.1", port), timeout=OPS_TIMEOUT)

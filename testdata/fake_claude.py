@@ -8,6 +8,7 @@ Controlled through environment variables named CLAUDE_FAKE_* (the proxy passes C
   CLAUDE_FAKE_SCENARIO  default scenario (else "echo")
   CLAUDE_FAKE_CAPTURES  capture directory (default ../../shared/captures/claude-cli from this file)
   CLAUDE_FAKE_DELAY     seconds between output lines
+  CLAUDE_FAKE_STAY_ORPHANED=1  a hanging run keeps going when its parent dies (else it leaves; 20 s at most)
 A prompt containing `scenario:<name>` picks the scenario for that run (the last one wins).
 
 Scenarios: echo (answers "ECHO: <prompt>"), text, thinking, tool, cut, sse_overloaded, max_turns,

@@ -2666,7 +2666,7 @@ class CommandCodeBackend:
 # stream-json --verbose --include-partial-messages ...`, the user turn written to stdin as one
 # JSON line, stdin closed. Conversations map to CLI sessions (--session-id, then --resume);
 # the CLI's own tool activity becomes short reasoning notes, never tool calls.
-# Facts behind every choice here: shared/protocol/claude-cli.md.
+# What the CLI prints in each case: testdata/captures/claude-cli/ (CLI 2.1.197).
 # =====================================================================================
 
 CLAUDE_DEFAULT_MODEL = "sonnet"

@@ -54,12 +54,11 @@ logging.getLogger().addHandler(logging.NullHandler())
 
 # ---------------------------------------------------------------------------------------
 # Facts taken from the capture of the official CLI 1.64.0
-# (shared/captures/commandcode/01_text_default_model.jsonl). Embedded so the suite runs
-# from a bare checkout; TestCaptureFixture re-checks them against the file when present.
+# (testdata/captures/commandcode/01_text_default_model.jsonl); TestCaptureFixture checks
+# them against that file.
 # ---------------------------------------------------------------------------------------
 
-CAPTURE_FILE = os.path.join(os.path.dirname(HERE), "shared", "captures", "commandcode",
-                            "01_text_default_model.jsonl")
+CAPTURE_FILE = os.path.join(HERE, "testdata", "captures", "commandcode", "01_text_default_model.jsonl")
 # Headers the CLI itself sets on /alpha/generate, in wire order (undici's own defaults such
 # as accept / accept-encoding / host / content-length are left out).
 CAPTURED_GENERATE_HEADER_ORDER = [
@@ -685,7 +684,6 @@ def tool_call_deltas(chunks):
 # =======================================================================================
 
 class TestCaptureFixture(unittest.TestCase):
-    @unittest.skipUnless(os.path.exists(CAPTURE_FILE), "capture file not present")
     def test_embedded_header_order_and_envelope_match_capture_file(self):
         with open(CAPTURE_FILE, encoding="utf-8") as f:
             recs = [json.loads(line) for line in f if line.strip()]
@@ -5178,10 +5176,11 @@ class LimitsTest(Case):
         client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                        % (CLAUDE_KEY.encode(), len(body), body))
-        self.assertTrue(wait_for(self.runs, 10), "the CLI was not started")
-        cli = self.runs()[0]["pid"]
-        self.assertTrue(alive(cli))
+        self.assertTrue(wait_for(lambda: self.records("hanging"), 10), "the CLI did not start its run")
+        cli = self.records("hanging")[0]["pid"]
         self.addCleanup(lambda: alive(cli) and os.kill(cli, signal.SIGKILL))
+        time.sleep(0.3)   # an orphaned fake stays 20 s: still alive now means the prefix is what ends it
+        self.assertTrue(alive(cli))
         server.kill()  # SIGKILL: the proxy gets no chance to stop its children itself
         server.wait(5)
         self.assertTrue(wait_for(lambda: not alive(cli), 5), "the CLI outlived the killed proxy")
@@ -5267,10 +5266,12 @@ class LimitsTest(Case):
         done = []
         thread = threading.Thread(target=lambda: done.append(self.chat("scenario:hang")))
         thread.start()
-        self.assertTrue(wait_for(lambda: self.runs()))
-        pid = self.last_run()["pid"]
+        self.assertTrue(wait_for(lambda: self.records("hanging")), "the CLI did not start its run")
+        pid = self.records("hanging")[-1]["pid"]
+        self.assertTrue(alive(pid))
         self.server.backend.stop()
         self.assertFalse(alive(pid))
+        self.assertTrue(self.signals(pid), "the CLI was not signalled by the backend's stop")
         thread.join(10)
         self.assertTrue(done)
         self.assertEqual(done[0][0], 502)   # killed under the request: an error, never an empty 200

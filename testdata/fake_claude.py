@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """A fake `claude` CLI for cc-proxy's tests: replays the verbatim captures of Claude Code 2.1.197
-(shared/captures/claude-cli/) and records how it was run.
+(captures/claude-cli/ beside this file, described in README.md) and records how it was run.
 
 Controlled through environment variables named CLAUDE_FAKE_* (the proxy passes CLAUDE_* on):
   CLAUDE_FAKE_RECORD    append one JSON line per event here: start (argv, cwd, env, stdin), signal, end
   CLAUDE_FAKE_STATE     directory remembering sessions (--session-id creates, --resume needs one, per cwd)
   CLAUDE_FAKE_SCENARIO  default scenario (else "echo")
-  CLAUDE_FAKE_CAPTURES  capture directory (default ../../shared/captures/claude-cli from this file)
+  CLAUDE_FAKE_CAPTURES  capture directory (default captures/claude-cli beside this file)
   CLAUDE_FAKE_DELAY     seconds between output lines
   CLAUDE_FAKE_STAY_ORPHANED=1  a hanging run keeps going when its parent dies (else it leaves; 20 s at most)
 A prompt containing `scenario:<name>` picks the scenario for that run (the last one wins).
@@ -27,7 +27,7 @@ import sys
 import time
 
 CAPTURES = os.environ.get("CLAUDE_FAKE_CAPTURES", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared", "captures", "claude-cli"))
+    os.path.dirname(os.path.abspath(__file__)), "captures", "claude-cli"))
 RECORD = os.environ.get("CLAUDE_FAKE_RECORD")
 STATE = os.environ.get("CLAUDE_FAKE_STATE")
 ALIASES = {"sonnet": "claude-sonnet-5", "opus": "claude-opus-4-8", "haiku": "claude-haiku-4-5-20251001",
@@ -159,6 +159,7 @@ def hang_forever():
     # an aborted test run must not leave us behind; CLAUDE_FAKE_STAY_ORPHANED acts like the real CLI,
     # which does not notice its parent's death (for at most 20 s)
     stay = os.environ.get("CLAUDE_FAKE_STAY_ORPHANED") == "1"
+    record("hanging")   # what tests wait for: the run got this far and is now waiting to be stopped
     deadline = time.monotonic() + 20
     while (stay or os.getppid() == parent) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -4016,12 +4016,14 @@ class Exchange:
         self.credential = None
         self.input_estimate = 0
         self.committed = False                 # status line sent: no more retries or HTTP statuses
-        self.produced = False                  # any content event seen
+        self.produced = False                  # any content event seen in the current attempt
+        self.next_client_check = 0.0           # monotonic time of the next "is the client still there"
         self.started = time.monotonic()
         self.first_byte = None
 
 
 RETRY_BACKOFF_SECONDS = 0.25   # first retry after this, doubling, at most 2 s
+CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 FRONT_ENDS = {"/v1/chat/completions": ChatCompletions(), "/v1/responses": OpenAIResponses(),
               "/v1/messages": AnthropicMessages()}
@@ -4159,8 +4161,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _too_large(limit):
         return ProxyError(413, "request_too_large", "request body is larger than maxBodyBytes (%d bytes)" % limit)
 
+    def _watch_client(self, exchange):
+        """Raise ClientGone once the client has hung up; looks at most every CLIENT_CHECK_SECONDS,
+        whether the upstream is silent (empty batches come that often) or talking."""
+        now = time.monotonic()
+        if now >= exchange.next_client_check:
+            exchange.next_client_check = now + CLIENT_CHECK_SECONDS
+            if self._client_gone():
+                raise ClientGone()
+
     def _client_gone(self):
-        """True once the client has closed its side (checked while the upstream is silent)."""
+        """True once the client has closed its side."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -4306,7 +4317,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self._send_error(ProxyError(503, "overloaded", "too many requests in flight (maxInFlight=%d); "
                                                "retry shortly" % server.inflight.limit, retry_after=1), frontend)
         server.metrics.gauge("in_flight", {}, 1)
-        exchange = Exchange(self.request_id, frontend, min(1.0, server.config["keepAliveIntervalMs"] / 1000))
+        exchange = Exchange(self.request_id, frontend,
+                            min(CLIENT_CHECK_SECONDS, server.config["keepAliveIntervalMs"] / 1000))
         exchange.credential = credential
         exchange.input_estimate = estimate_request_tokens(request)
         try:
@@ -4332,6 +4344,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         attempt = 0
         while True:
             sink = sink_for_attempt()
+            exchange.produced = False   # what an earlier, failed attempt produced is not this one's
             events = server.backend.stream(request, exchange)
             try:
                 for batch in events:
@@ -4405,9 +4418,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             write(encoder.start())
 
         def sink(batch):
+            self._watch_client(exchange)
             if not batch:
-                if self._client_gone():
-                    raise ClientGone()
                 if time.monotonic() - last_write[0] >= keepalive_every:
                     if not exchange.committed:
                         commit()
@@ -4451,9 +4463,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             add = completion[0].add
 
             def sink(batch):
+                self._watch_client(exchange)
                 if not batch:
-                    if self._client_gone():
-                        raise ClientGone()
                     return
                 if not exchange.produced:
                     self._check_output(exchange, batch)

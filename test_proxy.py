@@ -1683,6 +1683,23 @@ class TestUpstreamErrors(ProxyTestCase):
         self.assertOpenAIError(r, 502)
         self.assertTrue(r.header("Retry-After"))
 
+    def test_retry_that_returns_nothing_after_a_failed_partial_attempt_is_502_empty_response(self):
+        # The first attempt's "partial" was never sent (non-streaming), so it cannot count as
+        # the answer's output: the retry's empty finish is the same 502 two empty attempts give.
+        for front in RES_FRONTS:
+            with self.subTest(front=front):
+                self.upstream.reset()
+                self.upstream.script(res_partial_then(error_event("upstream exploded", 500)),
+                                     *[ok(out=0)] * 4)
+                r = getattr(self, front)(stream=False)
+                self.assertEqual(r.status, 502, r)
+                self.assertTrue(r.header("Retry-After"), r)
+                err = r.json()["error"]
+                self.assertIn("without any output", err["message"])
+                if front != "messages":
+                    self.assertEqual(err["code"], "empty_response")
+                self.assertEqual(len(self.upstream.generates()), 3)
+
     def test_zero_output_streaming_is_not_a_normal_ending(self):
         self.upstream.script(*[ok(out=0)] * 5)
         r = self.chat(stream=True)
@@ -1944,6 +1961,26 @@ class TestClientDisconnect(ProxyTestCase):
         gone = self.upstream.wait_for(lambda: rec["disconnected_at"], 5)
         self.assertTrue(gone, "upstream never saw the connection close")
         self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
+
+    def test_hang_up_is_noticed_within_half_a_second_while_the_upstream_keeps_talking(self):
+        # A delta every 50 ms: the backend never goes silent, so only a check on every batch
+        # (not one during upstream silence) notices the client has gone.
+        for front in RES_FRONTS:
+            for streaming in (False, True):
+                with self.subTest(front=front, stream=streaming):
+                    self.upstream.reset()
+                    self.upstream.script(dripped(200, 0.05))
+                    extra = "anthropic-version: 2023-06-01\r\n" if front == "messages" else ""
+                    s = self.open_stream(RES_PATHS[front], res_minimal_body(front, streaming), extra)
+                    self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+                    rec = self.upstream.generates()[0]
+                    time.sleep(0.3)   # the upstream is talking and the proxy relaying or folding
+                    closed_at = time.monotonic()
+                    s.close()
+                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+                                    "upstream never saw the connection close")
+                    self.assertLess(rec["disconnected_at"] - closed_at, 0.8)
+                    self.assertFalse(rec["completed"])
 
     def test_next_request_works_after_a_client_disconnect(self):
         self.check_disconnect("/v1/chat/completions",

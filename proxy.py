@@ -43,6 +43,7 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import fnmatch
 import functools
 import hashlib
@@ -706,6 +707,16 @@ class Slots:
         with self.changed:
             self.count -= 1
             self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def held(self, timeout=0.0):
+        """`with slots.held() as admitted:` -- released on the way out, whatever raised."""
+        admitted = self.acquire(timeout)
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                self.release()
 
     def wait_idle(self, timeout):
         with self.changed:
@@ -4313,22 +4324,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ProxyError as err:
             return self._send_error(err, frontend)
         self.model_name = request.model
-        if not server.inflight.acquire():
-            return self._send_error(ProxyError(503, "overloaded", "too many requests in flight (maxInFlight=%d); "
-                                               "retry shortly" % server.inflight.limit, retry_after=1), frontend)
-        server.metrics.gauge("in_flight", {}, 1)
-        exchange = Exchange(self.request_id, frontend,
-                            min(CLIENT_CHECK_SECONDS, server.config["keepAliveIntervalMs"] / 1000))
-        exchange.credential = credential
-        exchange.input_estimate = estimate_request_tokens(request)
-        try:
-            if request.stream:
-                self._stream_answer(frontend, request, exchange)
-            else:
-                self._folded_answer(frontend, request, exchange)
-        finally:
-            server.inflight.release()
-            server.metrics.gauge("in_flight", {}, -1)
+        with server.inflight.held() as admitted:
+            if not admitted:
+                return self._send_error(ProxyError(
+                    503, "overloaded", "too many requests in flight (maxInFlight=%d); retry shortly"
+                    % server.inflight.limit, retry_after=1), frontend)
+            server.metrics.gauge("in_flight", {}, 1)
+            try:
+                exchange = Exchange(self.request_id, frontend,
+                                    min(CLIENT_CHECK_SECONDS, server.config["keepAliveIntervalMs"] / 1000))
+                exchange.credential = credential
+                exchange.input_estimate = estimate_request_tokens(request)
+                if request.stream:
+                    self._stream_answer(frontend, request, exchange)
+                else:
+                    self._folded_answer(frontend, request, exchange)
+            finally:
+                server.metrics.gauge("in_flight", {}, -1)
 
     def _extra_headers(self, request):
         headers = dict(request.options.get("response_headers") or {})
@@ -4881,8 +4893,16 @@ def main(argv=None):
         if arg.startswith("--config="):
             argv.insert(1, argv.pop(i))
             break
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader went away (`config list | head -3`): stop quietly, as `ls | head` does, and
+        # keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
 
 
 if __name__ == "__main__":

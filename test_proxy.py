@@ -2005,6 +2005,16 @@ class TestLimits(ProxyTestCase):
         self.assertEqual(r.status, 413, r)
         self.assertNoUpstreamCall()
 
+    def test_an_internal_failure_after_admission_gives_its_in_flight_slot_back(self):
+        # maxInFlight is 1 here: a leaked slot would turn every later request into a 503.
+        with self.assertLogs("cc-proxy", "ERROR"), \
+                mock.patch.object(proxy, "estimate_request_tokens", side_effect=RuntimeError("boom")):
+            r = self.chat()
+        self.assertEqual(r.status, 500, r)
+        self.assertNotIn(b"boom", r.data)
+        self.assertEqual(self.server.inflight.count, 0)
+        self.assertEqual(self.chat().status, 200)
+
     def test_max_in_flight_overflow_is_503_with_retry_after(self):
         self.upstream.script(Reply(200, START + text_parts("slow")[:2] + [Sleep(1.0)]
                                    + text_parts("x")[2:] + finish_parts()))
@@ -3446,6 +3456,26 @@ class ConfigCliCase(unittest.TestCase):
             if m:
                 rows[m.group(1)] = (m.group(2), m.group(3))
         return rows
+
+
+class TestCommandsStopQuietlyWhenTheReaderGoesAway(ConfigCliCase):
+    def test_every_printing_command_exits_without_a_traceback_on_a_closed_pipe(self):
+        self.write({"port": 4000})
+        for args in (["config", "list"], ["config", "get", "port"], ["config", "path"],
+                     ["config", "help"], ["version"], ["help"], ["--help"]):
+            with self.subTest(args=args):
+                read_end, write_end = os.pipe()
+                os.close(read_end)   # the reader is gone before the first line is written
+                try:
+                    done = subprocess.run([sys.executable, PROXY_PY] + args + ["--config", self.path]
+                                          if args[0] == "config" else [sys.executable, PROXY_PY] + args,
+                                          stdout=write_end, stderr=subprocess.PIPE,
+                                          env=ops_clean_env(), timeout=OPS_TIMEOUT)
+                finally:
+                    os.close(write_end)
+                self.assertEqual(done.stderr, b"")
+                # 141 is what a shell reports for `ls | head`; argparse's own help swallows EPIPE
+                self.assertIn(done.returncode, (0, 141) if "help" in args[-1] else (141,))
 
 
 class TestConfigCommandGood(ConfigCliCase):

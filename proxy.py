@@ -70,7 +70,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 __version__ = "0.1.0"
 PROXY_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -377,7 +377,7 @@ class ProxyError(Exception):
     rate_limit, insufficient_quota, overloaded, timeout, upstream, api_error."""
 
     def __init__(self, status, kind, message, retry_after=None, code=None, should_retry=None,
-                 retryable=False, param=None):
+                 retryable=False, param=None, allow=None):
         super().__init__(message)
         self.status = status
         self.kind = kind
@@ -387,9 +387,10 @@ class ProxyError(Exception):
         self.should_retry = should_retry
         self.retryable = retryable  # may the proxy itself try again (before any client byte)?
         self.param = param
+        self.allow = allow          # the methods a route takes, for a 405's Allow header
 
     def headers(self):
-        headers = {}
+        headers = {"Allow": self.allow} if self.allow else {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(int(max(0, self.retry_after)))
         if self.should_retry is not None:
@@ -790,6 +791,16 @@ class FrontEnd:
     overloaded_status = 503
     keepalive = b": keep-alive\n\n"      # SSE comment during upstream silence
     error_body = staticmethod(openai_error_body)
+    request_id_header = None   # the protocol's own name for X-Request-Id on errors, if it has one
+    route = ""
+
+    def owns(self, path):
+        """Errors for requests to this path are rendered in this protocol's shape."""
+        return path == self.route or path.startswith(self.route + "/")
+
+    def spoken_by(self, headers):
+        """Does a request on a route no front end owns (models, 404s) speak this protocol?"""
+        return False
 
     @staticmethod
     def begin(body, max_tokens_fields):
@@ -824,6 +835,7 @@ class ChatCompletions(FrontEnd):
     """OpenAI Chat Completions: POST /v1/chat/completions."""
 
     name = "chat"
+    route = "/v1/chat/completions"
     id_prefix = "chatcmpl-"
 
     # ---- decode -------------------------------------------------------------------
@@ -1101,10 +1113,15 @@ class AnthropicMessages(FrontEnd):
     """Anthropic Messages: POST /v1/messages (and count_tokens)."""
 
     name = "messages"
+    route = "/v1/messages"
     id_prefix = "msg_"
     overloaded_status = 529   # what Anthropic answers, and what Claude Code and the SDK retry as overloaded
     keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
     error_body = staticmethod(anthropic_error_body)
+    request_id_header = "request-id"
+
+    def spoken_by(self, headers):
+        return bool(headers and headers.get("anthropic-version"))
 
     def decode(self, body, headers):
         f, request = self.begin(body, ("max_tokens",))
@@ -1430,6 +1447,7 @@ class OpenAIResponses(FrontEnd):
     """OpenAI Responses: POST /v1/responses, GET /v1/responses/{id} (what Codex CLI speaks)."""
 
     name = "responses"
+    route = "/v1/responses"
     id_prefix = "resp_"
 
     def decode(self, body, headers):
@@ -4036,8 +4054,43 @@ class Exchange:
 RETRY_BACKOFF_SECONDS = 0.25   # first retry after this, doubling, at most 2 s
 CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-FRONT_ENDS = {"/v1/chat/completions": ChatCompletions(), "/v1/responses": OpenAIResponses(),
-              "/v1/messages": AnthropicMessages()}
+FRONT_ENDS = {frontend.route: frontend for frontend in (ChatCompletions(), OpenAIResponses(),
+                                                         AnthropicMessages())}
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\r?\n")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def request_head_problem(headers):
+    """Why a request head is refused with 400, or None: header lines that do not parse, and body
+    framing that two parsers could read two ways (RFC 9112 sections 5 and 6)."""
+    if headers.defects or any(not name.strip() for name in headers.keys()):
+        return "malformed header line"
+    codings = ",".join(headers.get_all("transfer-encoding") or ())
+    lengths = {value.strip() for value in headers.get_all("content-length") or ()}
+    if codings and lengths:   # a request smuggling vector: never guess which one frames the body
+        return "Content-Length together with Transfer-Encoding"
+    if codings and [c.strip().lower() for c in codings.split(",")] != ["chunked"]:
+        return "unsupported Transfer-Encoding %r (only chunked)" % codings[:40]
+    if len(lengths) > 1 or not all(_DIGITS.fullmatch(value) for value in lengths):
+        return "invalid Content-Length"
+    return None
+
+
+def route_path(target):
+    """The route a request target names: no query, no trailing slash, /v1 added when missing
+    (clients configured without the /v1 suffix)."""
+    path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
+    if not path.startswith("/v1/") and path not in ("/", "/health", "/metrics"):
+        path = "/v1" + path
+    return path
+
+
+def error_frontend(path, headers):
+    """The front end whose shape an error for this request takes: the one owning the route, else
+    the one the headers speak (anthropic-version), else OpenAI's."""
+    fronts = FRONT_ENDS.values()
+    return (next((f for f in fronts if f.owns(path)), None)
+            or next((f for f in fronts if f.spoken_by(headers)), FRONT_ENDS["/v1/chat/completions"]))
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -4050,6 +4103,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.idle = True   # waiting for a request line: what a drain may close under it
+        self.server.connections.add(self)
 
     def log_message(self, format, *args):
         pass  # one access line per request is written by _access_log instead
@@ -4065,6 +4120,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.usage = None
         self.first_byte = None
         self.request_id = None
+        if not self.server.connections.wait_for_request(self):
+            self.close_connection = True   # the server is draining: no new request on this one
+            return
         try:
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
@@ -4073,20 +4131,31 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._access_log()
 
     def parse_request(self):
-        ok = super().parse_request()
-        if ok:
-            given = self.headers.get("x-request-id", "")
-            self.request_id = given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex[:24]
-        return ok
+        self.server.connections.request_started(self)
+        if not super().parse_request():
+            return False
+        given = self.headers.get("x-request-id", "")
+        self.request_id = given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex[:24]
+        problem = request_head_problem(self.headers)
+        if problem:
+            self.send_error(400, problem)   # closes: where this request's body ends is unknown
+            return False
+        if self.server.connections.draining:   # read after the drain began: an answer to retry on
+            self.close_connection = True
+            self._send_error(ProxyError(503, "api_error", "cc-proxy is shutting down; retry the request",
+                                        retry_after=1, code="shutting_down"))
+            return False
+        return True
 
     def send_error(self, code, message=None, explain=None):
-        """Malformed request lines and the like, still as JSON."""
+        """http.server's own refusals (bad request line, header too large, unknown method), as JSON
+        in the shape of the protocol the request was for."""
         self.request_id = self.request_id or "req_" + uuid.uuid4().hex[:24]
         self.close_connection = True
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # else http.server writes no status line at all
         try:
-            self._send_json(code, openai_error_body(ProxyError(code, "invalid_request", message or "bad request")))
+            self._send_error(ProxyError(code, "invalid_request", message or "bad request"))
         except OSError:
             pass
 
@@ -4111,6 +4180,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._common_headers()
         for name, value in (extra or {}).items():
             self.send_header(name, value)
+        if self.server.connections.draining:
+            self.close_connection = True   # the last answer on this connection
         if self.close_connection:
             self.send_header("Connection", "close")
         if flush:
@@ -4133,40 +4204,59 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Before the status line: a real HTTP status, in the client protocol's error shape."""
         headers = err.headers()
         if frontend is None:
-            anthropic = bool(self.headers and self.headers.get("anthropic-version"))
-            frontend = FRONT_ENDS["/v1/messages" if anthropic else "/v1/chat/completions"]
-        if isinstance(frontend, AnthropicMessages):
-            headers["request-id"] = self.request_id
+            frontend = error_frontend(route_path(self.path) if self.path != "-" else "-",
+                                      getattr(self, "headers", None))
+        if frontend.request_id_header:
+            headers[frontend.request_id_header] = self.request_id
         status = frontend.overloaded_status if err.kind == "overloaded" else err.status
         self._send_json(status, frontend.error_body(err), headers)
 
     def _read_body(self):
+        """The request body; its framing headers were checked with the head."""
         limit = self.server.config["maxBodyBytes"]
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            data = bytearray()
-            while True:
-                size = int(self.rfile.readline(64).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    self.rfile.readline(64)
-                    self.body_read = True
-                    return bytes(data)
-                if len(data) + size > limit:
-                    self.close_connection = True
-                    raise self._too_large(limit)
-                data += self.rfile.read(size)
-                self.rfile.readline(64)
-        try:
+        if self.headers.get("transfer-encoding"):
+            data = self._read_chunked(limit)
+        else:
             length = int(self.headers.get("content-length") or 0)
-        except ValueError:
-            raise bad_request("invalid Content-Length") from None
-        if length > limit:
-            self.close_connection = True  # answer without reading what we refuse
-            raise self._too_large(limit)
-        data = self.rfile.read(length) if length > 0 else b""
-        if len(data) < length:
-            raise ClientGone()
+            if length > limit:
+                self.close_connection = True  # answer without reading what we refuse
+                raise self._too_large(limit)
+            data = self.rfile.read(length) if length else b""
+            if len(data) < length:
+                raise ClientGone()
         self.body_read = True
         return data
+
+    def _read_chunked(self, limit):
+        data = bytearray()
+        while True:
+            line = self.rfile.readline(1024)
+            match = _CHUNK_SIZE_LINE.fullmatch(line)
+            if not match:
+                raise ClientGone() if not line else self._unframed("invalid chunk size line")
+            size = int(match.group(1), 16)
+            if size == 0:
+                break
+            if len(data) + size > limit:
+                self.close_connection = True
+                raise self._too_large(limit)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise ClientGone()
+            data += chunk
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise self._unframed("chunk data not followed by CRLF")
+        for _ in range(64):   # the trailer section, up to its empty line; trailers are ignored
+            line = self.rfile.readline(8192)
+            if line in (b"\r\n", b"\n"):
+                return bytes(data)
+            if not line:
+                raise ClientGone()
+        raise self._unframed("too many trailer fields")
+
+    def _unframed(self, message):
+        self.close_connection = True
+        return bad_request(message + " (request body framing, RFC 9112 section 6)")
 
     @staticmethod
     def _too_large(limit):
@@ -4222,39 +4312,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self._route("PATCH")
 
     def _route(self, method):
-        path = urllib.parse.urlsplit(self.path).path.rstrip("/") or "/"
-        if not path.startswith("/v1/") and path not in ("/", "/health", "/metrics"):
-            path = "/v1" + path  # clients configured without the /v1 suffix
+        path = route_path(self.path)
         self.route_name = path
         try:
-            if path == "/health" and method == "GET":
-                return self._send_json(200, self.server.health())
-            if path == "/metrics" and method == "GET":
-                data = self.server.metrics.render().encode()
-                self._send_head(200, "text/plain; version=0.0.4; charset=utf-8", len(data))
-                return self.wfile.write(data) if self.command != "HEAD" else None
-            if path == "/" and method == "GET":
-                return self._send_json(200, {"name": "cc-proxy", "version": __version__,
-                                             "backend": self.server.backend.name})
-            if path in FRONT_ENDS or path == "/v1/messages/count_tokens":
-                if method != "POST":
-                    raise ProxyError(405, "invalid_request", "use POST for " + path)
-                if path == "/v1/messages/count_tokens":
-                    return self._count_tokens()
-                return self._model_request(FRONT_ENDS[path])
-            if path == "/v1/models" or path.startswith("/v1/models/"):
-                if method != "GET":
-                    raise ProxyError(405, "invalid_request", "use GET for " + path)
-                model_id = urllib.parse.unquote(path[len("/v1/models/"):]) if path != "/v1/models" else None
-                return self._models(model_id)
-            if path.startswith("/v1/responses/") and method == "GET":
-                return self._stored_response(path[len("/v1/responses/"):])
-            raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
+            route = ROUTES.get(path) or next((r for r in PREFIX_ROUTES if path.startswith(r.path)
+                                              and len(path) > len(r.path)), None)
+            if route is None:
+                raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
+            handler = route.methods.get(method)
+            if handler is None:
+                allow = ", ".join(m + (", HEAD" if m == "GET" else "") for m in route.methods)
+                raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path), allow=allow)
+            handler(self, path[len(route.path):])
         except ProxyError as err:
-            self._send_error(err, FRONT_ENDS["/v1/messages"] if path.startswith("/v1/messages") else None)
-        except ClientGone:
-            self.close_connection = True
-        except (ConnectionError, socket.timeout):
+            self._send_error(err)
+        except (ClientGone, ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
             log.exception("request %s failed", self.request_id)
@@ -4263,10 +4335,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             % self.request_id))
             self.close_connection = True
 
+    def _index(self, _):
+        self._send_json(200, {"name": "cc-proxy", "version": __version__,
+                              "backend": self.server.backend.name})
+
+    def _health(self, _):
+        self._send_json(200, self.server.health())
+
+    def _metrics(self, _):
+        data = self.server.metrics.render().encode()
+        self._send_head(200, "text/plain; version=0.0.4; charset=utf-8", len(data))
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def _authenticate(self):
         return self.server.backend.authenticate(self.headers)
 
-    def _count_tokens(self):
+    def _count_tokens(self, _):
         raw = self._read_body()
         self._authenticate()
         body = parse_json_body(raw)
@@ -4276,6 +4361,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._send_error(err, FRONT_ENDS["/v1/messages"])
 
     def _models(self, model_id):
+        model_id = urllib.parse.unquote(model_id) if model_id else None
         backend = self.server.backend
         key = None
         try:
@@ -4542,6 +4628,73 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                  usage.input, usage.cache_read, usage.output)
 
 
+class Connections:
+    """The server's open client connections, for a graceful stop: when the drain begins, idle
+    keep-alive connections are closed, answers in flight end with `Connection: close`, and a
+    request read after it is answered 503; the process exits once every connection has closed."""
+
+    def __init__(self):
+        self.open = {}   # client socket -> its handler
+        self.changed = threading.Condition()
+        self.draining = False
+
+    def add(self, handler):
+        with self.changed:
+            self.open[handler.connection] = handler
+
+    def discard_socket(self, sock):
+        with self.changed:
+            self.open.pop(sock, None)
+            self.changed.notify_all()
+
+    def wait_for_request(self, handler):
+        """Mark the connection idle before it reads its next request line; False when draining."""
+        with self.changed:
+            handler.idle = not self.draining
+            return handler.idle
+
+    def request_started(self, handler):
+        """A request line was read: a drain no longer closes this connection under it."""
+        with self.changed:
+            handler.idle = False
+
+    def drain(self, inflight, grace, linger=2.0):
+        """Close idle connections, give model requests in flight up to `grace` s, then the last
+        answers (503s, short routes) up to `linger` s more to be written; True if all closed."""
+        with self.changed:
+            self.draining = True
+            idle = [h for h in self.open.values() if h.idle]
+        for handler in idle:
+            try:   # its blocked read for a request line sees end-of-file and the handler ends
+                handler.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        inflight.wait_idle(grace)
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.open, linger)
+
+
+class Route(NamedTuple):
+    path: str       # the whole path, or for PREFIX_ROUTES what comes before a path parameter
+    methods: dict   # method -> handler(request handler, the rest of the path)
+
+
+def _model_route(frontend):
+    return Route(frontend.route, {"POST": lambda handler, _: handler._model_request(frontend)})
+
+
+ROUTES = {route.path: route for route in (
+    Route("/", {"GET": ProxyHandler._index}),
+    Route("/health", {"GET": ProxyHandler._health}),
+    Route("/metrics", {"GET": ProxyHandler._metrics}),
+    *(_model_route(frontend) for frontend in FRONT_ENDS.values()),
+    Route("/v1/messages/count_tokens", {"POST": ProxyHandler._count_tokens}),
+    Route("/v1/models", {"GET": ProxyHandler._models}),
+)}
+PREFIX_ROUTES = (Route("/v1/models/", {"GET": ProxyHandler._models}),
+                 Route("/v1/responses/", {"GET": ProxyHandler._stored_response}))
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
@@ -4551,6 +4704,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.metrics = Metrics()
         self.inflight = Slots(config["maxInFlight"])
+        self.connections = Connections()
         self.backend = make_backend(config, self.metrics)
         self.started_at = time.time()
         host = config["host"]
@@ -4562,6 +4716,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         return {"status": "ok", "version": __version__, "backend": self.backend.name,
                 "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.inflight.count,
                 **self.backend.health()}
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)   # the socket is closed only here, after the handler
+        self.connections.discard_socket(request)
 
     def server_close(self):
         self.backend.stop()
@@ -4834,7 +4992,7 @@ def command_start(args):
     if server.inflight.count:
         log.info("shutting down: waiting up to %d s for %d request(s) in flight", SHUTDOWN_GRACE_SECONDS,
                  server.inflight.count)
-    server.inflight.wait_idle(SHUTDOWN_GRACE_SECONDS)
+    server.connections.drain(server.inflight, SHUTDOWN_GRACE_SECONDS)
     server.server_close()
     log.info("stopped")
     return 0

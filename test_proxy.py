@@ -4524,6 +4524,73 @@ class TestGracefulShutdown(unittest.TestCase):
         self.assertEqual(self.child.wait(10), 0, self.output())
         self.assertGreater(result["done_at"], refused_at)
 
+    def test_drain_closes_idle_keep_alive_connections_and_never_drops_a_request_it_read(self):
+        first = threading.Event()
+        thread, result = self.stream_in_thread(first)   # keeps the drain going for ~1.8 s
+        self.assertTrue(first.wait(10), "the stream never started")
+        idle = []
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
+            self.assertEqual(status, 200)
+            self.assertNotIn("connection: close", [l.lower() for l in lines])
+            idle.append(sock)
+        slow = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
+        self.addCleanup(slow.close)
+        slow.sendall(b"GET /health HTTP/1.1\r\n")   # the rest of its head comes during the drain
+        time.sleep(0.2)
+        self.child.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        def closed_by_server(sock):
+            readable, _, _ = select.select([sock], [], [], 0)
+            try:
+                return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            except ConnectionResetError:
+                return True
+        self.assertTrue(wait_for(lambda: all(closed_by_server(s) for s in idle), 1.0),
+                        "idle keep-alive connections must be closed when the drain begins")
+        slow.sendall(b"Host: x\r\n\r\n")
+        status, lines, body = res_read_response(slow, time.monotonic() + 5)
+        self.assertEqual(status, 503, body)
+        self.assertIn("connection: close", [l.lower() for l in lines])
+        self.assertEqual(json.loads(body)["error"]["code"], "shutting_down")
+        # around the end of the drain every idle connection tries one more request: it either
+        # sees the close before sending, or gets a whole answer -- never silence after sending
+        time.sleep(max(0.0, signalled + 1.2 - time.monotonic()))
+        for sock in idle:
+            if closed_by_server(sock):
+                continue
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
+            self.assertIn(status, (200, 503))
+        thread.join(OPS_TIMEOUT)
+        self.assertIsNone(result["error"], self.output())
+        self.assertEqual(self.child.wait(10), 0, self.output())
+
+    def test_an_answer_finished_during_the_drain_says_connection_close(self):
+        done = {}
+
+        def call():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=OPS_TIMEOUT)
+            conn.request("POST", "/v1/chat/completions", json.dumps(ops_chat_body(stream=False)),
+                         {"Authorization": "Bearer user_TEST", "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            done.update(status=resp.status, connection=resp.getheader("Connection"),
+                        body=json.loads(resp.read()))
+            conn.close()
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+        self.child.send_signal(signal.SIGTERM)
+        thread.join(OPS_TIMEOUT)
+        self.assertEqual(done.get("status"), 200, self.output())
+        self.assertEqual(done["connection"], "close")
+        self.assertEqual(done["body"]["choices"][0]["message"]["content"], "x" * 8)
+        self.assertEqual(self.child.wait(10), 0, self.output())
+
     def test_sigint_when_idle_exits_0_promptly(self):
         t0 = time.monotonic()
         self.child.send_signal(signal.SIGINT)
@@ -5432,17 +5499,20 @@ def res_read_response(sock, deadline):
     """(status, header lines, body) of one HTTP response read from a raw socket; chunked or
     Content-Length or read-to-close; raises AssertionError past the deadline."""
     buf = b""
-    while b"\r\n\r\n" not in buf:
-        if time.monotonic() > deadline:
-            raise AssertionError("no response head before the deadline: %r" % buf[:300])
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        piece = sock.recv(65536)
-        if not piece:
-            raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
-        buf += piece
-    head, _, body = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
+    status = 100
+    while 100 <= status < 200:   # interim responses (100 Continue) come before the real one
+        while b"\r\n\r\n" not in buf:
+            if time.monotonic() > deadline:
+                raise AssertionError("no response head before the deadline: %r" % buf[:300])
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            piece = sock.recv(65536)
+            if not piece:
+                raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
+            buf += piece
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+    body = buf
     headers = lines[1:]
     length = next((int(v) for v in ops_header_values(headers, "content-length")), None)
     chunked = any("chunked" in v.lower() for v in ops_header_values(headers, "transfer-encoding"))
@@ -6233,14 +6303,140 @@ class TestResilienceHostileClients(ResilienceCase):
                 with self.subTest(front=front, method=method):
                     r = self.request(method, RES_PATHS[front], res_minimal_body(front),
                                      headers={"anthropic-version": "2023-06-01"} if front == "messages" else {})
-                    self.assertProtocolError(r, front, (404, 405))
+                    self.assertProtocolError(r, front, (405,))
+                    self.assertEqual(r.header("Allow"), "POST")
             with self.subTest(front=front, method="HEAD"):
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 conn.request("HEAD", RES_PATHS[front])
                 r = conn.getresponse()
                 r.read()
-                self.assertIn(r.status, (404, 405))
+                self.assertEqual(r.status, 405)
                 conn.close()
+        self.assertEqual(self.upstream.generates(), [])
+        self.assertNoTraceback()
+
+    def raw_exchange(self, raw, wait_for_close=False):
+        """Send raw bytes, read one response: (status, header lines, body, closed afterwards);
+        `closed` is only looked at (for up to 2 s) with wait_for_close."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(raw)
+            status, lines, body = res_read_response(s, time.monotonic() + 4)
+            closed = None
+            if wait_for_close:
+                s.settimeout(2)
+                try:
+                    closed = s.recv(1) == b""
+                except ConnectionResetError:
+                    closed = True
+                except socket.timeout:
+                    closed = False
+        return status, lines, body, closed
+
+    def assertShape(self, front, status, lines, body, expected):
+        self.assertEqual(status, expected, body[:300])
+        parsed = json.loads(body)
+        if front == "messages":
+            self.assertEqual(parsed["type"], "error", parsed)
+            self.assertTrue(parsed["error"]["message"])
+            self.assertEqual(ops_header_values(lines, "request-id"), ops_header_values(lines, "x-request-id"))
+        else:
+            self.assertIn("code", parsed["error"], parsed)
+            self.assertNotIn("type", parsed, parsed)
+
+    def test_ambiguous_or_broken_body_framing_is_400_in_the_route_shape_and_closes(self):
+        body = json.dumps(res_minimal_body("chat")).encode()
+        framings = {
+            "bad chunk size": b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + body + b"\r\n0\r\n\r\n",
+            "chunk size with sign": b"Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+            "chunk without CRLF": b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XX0\r\n\r\n",
+            "Content-Length and chunked": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                          b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), len(body), body),
+            "chunked then Content-Length": b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                                           b"0\r\n\r\n",
+            "unknown transfer coding": b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "two Content-Lengths": b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x",
+            "negative Content-Length": b"Content-Length: -1\r\n\r\n{}",
+            "Content-Length with sign": b"Content-Length: +2\r\n\r\n{}",
+        }
+        for front in RES_FRONTS + ("count_tokens",):
+            shape = "messages" if front == "count_tokens" else front
+            for name, rest in framings.items():
+                with self.subTest(front=front, framing=name):
+                    head = res_raw_head(shape, None)[:-2]
+                    if front == "count_tokens":
+                        head = head.replace(b"/v1/messages", b"/v1/messages/count_tokens")
+                    status, lines, data, closed = self.raw_exchange(head + rest, wait_for_close=True)
+                    self.assertShape(shape, status, lines, data, 400)
+                    self.assertTrue(closed, "a request with broken framing must close the connection")
+        self.assertEqual(self.upstream.generates(), [])
+        self.assertNoTraceback()
+
+    def test_valid_chunked_bodies_with_extensions_and_trailers_are_read(self):
+        body = json.dumps(res_minimal_body("chat")).encode()
+        half = len(body) // 2
+        for rest in (b"%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, body[:half], len(body) - half,
+                                                                    body[half:]),
+                     b"%X\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)):
+            with self.subTest(rest=rest[:20]):
+                self.upstream.script(ok(text_parts("chunked ok")))
+                head = res_raw_head("chat", None, key=unique_key(), extra="Transfer-Encoding: chunked\r\n")
+                status, _, data, _ = self.raw_exchange(head + rest)
+                self.assertEqual(status, 200, data)
+                self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "chunked ok")
+
+    def test_unknown_methods_on_anthropic_routes_answer_in_the_anthropic_shape(self):
+        for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages?beta=true"):
+            for method in ("TRACE", "FOO"):
+                with self.subTest(path=path, method=method):
+                    raw = ("%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method, path)).encode()
+                    status, lines, body, _ = self.raw_exchange(raw)
+                    self.assertShape("messages", status, lines, body, 501)
+        raw = b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n\r\n"
+        self.assertShape("messages", *self.raw_exchange(raw)[:3], 501)
+        self.assertShape("chat", *self.raw_exchange(b"FOO /v1/chat/completions HTTP/1.1\r\n\r\n")[:3], 501)
+        self.assertNoTraceback()
+
+    def test_a_known_route_with_the_wrong_method_is_405_with_allow(self):
+        cases = [("GET", "/v1/chat/completions", "chat", "POST"), ("DELETE", "/v1/messages", "messages", "POST"),
+                 ("GET", "/v1/messages/count_tokens", "messages", "POST"),
+                 ("PUT", "/v1/responses", "responses", "POST"),
+                 ("POST", "/v1/responses/resp_x", "responses", "GET, HEAD"),
+                 ("POST", "/v1/models", "chat", "GET, HEAD"), ("PATCH", "/health", "chat", "GET, HEAD"),
+                 ("POST", "/models/x", "chat", "GET, HEAD")]
+        for method, path, shape, allow in cases:
+            with self.subTest(method=method, path=path):
+                raw = ("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % (method, path)).encode()
+                status, lines, body, _ = self.raw_exchange(raw)
+                self.assertShape(shape, status, lines, body, 405)
+                self.assertEqual(ops_header_values(lines, "allow"), [allow])
+        self.assertNoTraceback()
+
+    def test_malformed_heads_and_bodies_never_get_a_5xx(self):
+        key = "Authorization: Bearer %s\r\n" % KEY
+        heads = [b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n", b"GET / HTTP/1.x\r\n\r\n",
+                 b"\x00\x01\x02\r\n\r\n", b"GET /health HTTP/1.1\r\nNo colon here\r\n\r\n",
+                 b"GET /health HTTP/1.1\r\n: empty name\r\n\r\n", b"GET /health HTTP/1.1\r\nA B: c\r\n\r\n",
+                 b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n",
+                 b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                 b"GET /v1/models/%ff HTTP/1.1\r\n" + key.encode() + b"\r\n",
+                 b"GET /v1/responses/%00 HTTP/1.1\r\n" + key.encode() + b"\r\n",
+                 b"GET /health HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]
+        for front in RES_FRONTS:
+            post = res_raw_head(front, None)[:-2]
+            heads += [post + b"Content-Length: 1e3\r\n\r\n", post + b"Content-Length: \r\n\r\n",
+                      post + b"Content-Length: 99999999999999999999999\r\n\r\n",
+                      post + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 2000 + b"\r\n",
+                      post + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + b"T: v\r\n" * 100,
+                      post + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                      post + b"Transfer-Encoding: identity\r\n\r\n{}",
+                      post + b"Content-Length: 4\r\n\r\n\xff\xfe\x00\x01",
+                      post + b"Content-Length: 2\r\nContent-Type: text/plain\r\n\r\n{}",
+                      post + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n[]"]
+        for raw in heads:
+            with self.subTest(raw=raw[:70]):
+                status, _, body, _ = self.raw_exchange(raw)
+                self.assertTrue(400 <= status < 500, (status, body[:200]))
+        self.assertEqual(self.raw_exchange(b"GET / HTTP/2.0\r\n\r\n")[0], 505)  # the one 5xx that is right
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 

@@ -205,6 +205,8 @@ SETTINGS = [
             "client model id or * glob -> backend model id"),
     Setting("upstreamRetries", "UPSTREAM_RETRIES", 2, lambda v: parse_int(v, 0, 10), "int",
             "retries of failures that happen before any byte reached the client"),
+    Setting("upstreamRetryBackoffMs", "UPSTREAM_RETRY_BACKOFF_MS", 250, _ms(0), "ms",
+            "wait before the first retry, doubling for each next one, at most 2 s"),
     Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url", "Command Code base URL"),
     Setting("projectSlug", "PROJECT_SLUG", "cc-proxy", _text, "text", "x-project-slug header"),
     Setting("ccVersion", "CC_VERSION", "", _text, "text",
@@ -239,6 +241,10 @@ SETTINGS = [
             "working directories clients may choose, comma-separated (empty = any)"),
     Setting("claudeQueueWaitMs", "CLAUDE_QUEUE_WAIT_MS", 10000, _ms(0), "ms",
             "how long a request waits for a free CLI process before 429"),
+    Setting("claudeKillGraceMs", "CLAUDE_KILL_GRACE_MS", 1500, _ms(10), "ms",
+            "stopping a CLI: SIGINT, then SIGTERM, then SIGKILL, this long between steps"),
+    Setting("claudeExitWaitMs", "CLAUDE_EXIT_WAIT_MS", 5000, _ms(10), "ms",
+            "time a CLI gets to exit by itself after its result"),
     Setting("claudeTools", "CLAUDE_TOOLS", "", _text, "text",
             "built-in tools offered to the CLI: empty = its default, none, or a list like Read,Grep"),
     Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
@@ -2007,6 +2013,22 @@ def tls_context():
     return ssl.create_default_context()
 
 
+class _WithoutNagle:
+    """Small NDJSON requests and stream reads: no Nagle delay on the upstream socket."""
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class UpstreamHTTPConnection(_WithoutNagle, http.client.HTTPConnection):
+    pass
+
+
+class UpstreamHTTPSConnection(_WithoutNagle, http.client.HTTPSConnection):
+    pass
+
+
 class ConnectionPool:
     """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake."""
 
@@ -2042,15 +2064,9 @@ class ConnectionPool:
                 reused.sock.settimeout(timeout)
             return reused, True
         if self.tls:
-            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=tls_context())
+            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout, context=tls_context())
         else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        connect = conn.connect
-
-        def connect_without_nagle():
-            connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.connect = connect_without_nagle
+            conn = UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
         return conn, False
 
     def close_all(self):
@@ -2709,8 +2725,6 @@ CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "h
 CLAUDE_PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "bypassPermissions", "auto")
 _CLAUDE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]\-]{0,127}$")
 
-CLAUDE_KILL_GRACE_S = 1.5      # SIGINT -> SIGTERM -> SIGKILL, this long between steps
-CLAUDE_EXIT_WAIT_S = 5.0       # after the result line, time the CLI gets to exit by itself
 CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv strings cap at 128 KiB)
 CLAUDE_STDERR_KEEP = 16384
 
@@ -3405,7 +3419,9 @@ def parent_death_prefix():
 class ClaudeProcess:
     """One CLI child in its own process group; stdout lines arrive on a queue."""
 
-    def __init__(self, argv, cwd, env, stdin_data):
+    def __init__(self, argv, cwd, env, stdin_data, kill_grace=1.5, exit_wait=5.0):
+        self.kill_grace = kill_grace   # SIGINT -> SIGTERM -> SIGKILL, this long between steps
+        self.exit_wait = exit_wait     # after the result line, time the CLI gets to exit by itself
         self.lines = queue.Queue()
         self.stderr_chunks = collections.deque()
         self.stderr_size = 0
@@ -3483,11 +3499,11 @@ class ClaudeProcess:
         proc = self.proc
         try:
             if natural:
-                self.wait(CLAUDE_EXIT_WAIT_S)
+                self.wait(self.exit_wait)
             if proc.poll() is None:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     self._signal(sig)
-                    if self.wait(CLAUDE_KILL_GRACE_S) is not None:
+                    if self.wait(self.kill_grace) is not None:
                         break
                 if proc.poll() is None:
                     self._signal(signal.SIGKILL)
@@ -3544,7 +3560,7 @@ class ClaudeCodeBackend:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(3 * CLAUDE_KILL_GRACE_S + 5)
+            thread.join(3 * self.config["claudeKillGraceMs"] / 1000 + 5)
         self.sessions.save()
 
     def _sweep(self):
@@ -3764,7 +3780,9 @@ class ClaudeCodeBackend:
         argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
         line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
         try:
-            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"))
+            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"),
+                                 kill_grace=self.config["claudeKillGraceMs"] / 1000,
+                                 exit_wait=self.config["claudeExitWaitMs"] / 1000)
         except FileNotFoundError:
             self._drop_file(system_file)
             self.cli_path = None
@@ -3847,7 +3865,7 @@ class ClaudeCodeBackend:
             if ended:
                 if batch:
                     yield batch
-                rc = proc.wait(CLAUDE_EXIT_WAIT_S)
+                rc = proc.wait(proc.exit_wait)
                 return rc if rc is not None else -1
             if batch or last_line - last_yield >= tick:
                 last_yield = last_line
@@ -4051,7 +4069,6 @@ class Exchange:
         self.first_byte = None
 
 
-RETRY_BACKOFF_SECONDS = 0.25   # first retry after this, doubling, at most 2 s
 CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 FRONT_ENDS = {frontend.route: frontend for frontend in (ChatCompletions(), OpenAIResponses(),
@@ -4097,6 +4114,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cc-proxy/" + __version__
     sys_version = ""
+    wbufsize = -1   # a buffered wfile: a head and its body leave in one send, flushed explicitly
     timeout = 120   # a client that sends or reads nothing for this long is let go
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -4147,6 +4165,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
+    def handle_expect_100(self):
+        ok = super().handle_expect_100()
+        self.wfile.flush()   # the client waits for this interim answer before it sends the body
+        return ok
+
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (bad request line, header too large, unknown method), as JSON
         in the shape of the protocol the request was for."""
@@ -4170,8 +4193,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if origin != "*":
                 self.send_header("Vary", "Origin")
 
-    def _send_head(self, status, content_type, length=None, extra=None, flush=True):
-        """Status line and headers; with flush=False they wait in _headers_buffer for the first write."""
+    def _send_head(self, status, content_type, length=None, extra=None):
+        """Status line and headers, into the buffered wfile: they go out with the first flush."""
         self.send_response(status)
         self.status_sent = status
         self.send_header("Content-Type", content_type)
@@ -4184,10 +4207,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True   # the last answer on this connection
         if self.close_connection:
             self.send_header("Connection", "close")
-        if flush:
-            self.end_headers()
-        else:
-            self._headers_buffer.append(b"\r\n")
+        self.end_headers()
 
     def _send_json(self, status, obj, extra=None):
         headers = getattr(self, "headers", None)  # absent when the request line itself was bad
@@ -4458,7 +4478,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 events.close()
             attempt += 1
             server.metrics.count("upstream_retries_total", {})
-            deadline = time.monotonic() + min(2.0, RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            backoff = server.config["upstreamRetryBackoffMs"] / 1000
+            deadline = time.monotonic() + min(2.0, backoff * 2 ** (attempt - 1))
             while time.monotonic() < deadline:
                 if self._client_gone():
                     raise ClientGone()
@@ -4492,11 +4513,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if not data:
                 return
             framed = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
-            if self._headers_buffer:  # the status line goes out with the first bytes: one send
-                framed = b"".join(self._headers_buffer) + framed
-                self._headers_buffer = []
-            try:
+            try:   # the status line waits in the buffer and goes out with the first event: one send
                 self.wfile.write(framed)
+                self.wfile.flush()
             except (OSError, ValueError):
                 raise ClientGone() from None
             self.bytes_sent += len(data)
@@ -4511,7 +4530,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if chunked:
                 headers["Transfer-Encoding"] = "chunked"
             headers.update(self._extra_headers(request))
-            self._send_head(200, "text/event-stream; charset=utf-8", None, headers, flush=False)
+            self._send_head(200, "text/event-stream; charset=utf-8", None, headers)
             exchange.committed = True
             write(encoder.start())
 
@@ -4550,6 +4569,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if chunked:
             try:
                 self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
             except OSError:
                 self.close_connection = True
 

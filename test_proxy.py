@@ -44,9 +44,6 @@ if HERE not in sys.path:
 
 import proxy  # noqa: E402  (the module under test)
 
-# Retries are tested by count and outcome, not by their spacing: keep the backoff short.
-proxy.RETRY_BACKOFF_SECONDS = 0.02
-
 # In-process servers are not given a log handler (that is `proxy.py start`'s job); keep
 # expected error records off the test output instead of Python's last-resort stderr handler.
 logging.getLogger().addHandler(logging.NullHandler())
@@ -534,6 +531,7 @@ BASE_OVERRIDES = {
     "port": 0, "host": "127.0.0.1", "ccVersion": "1.64.0", "useProviderModels": False,
     "logLevel": "error", "projectSlug": "my-app", "upstreamRetries": 2,
     "streamIdleTimeoutMs": 10000, "nonStreamIdleTimeoutMs": 10000, "keepAliveIntervalMs": 15000,
+    "upstreamRetryBackoffMs": 20,   # retries are tested by count and outcome, not by their spacing
 }
 
 
@@ -4604,8 +4602,6 @@ class TestGracefulShutdown(unittest.TestCase):
 # Claude Code CLI backend, driven through a fake `claude` (testdata/fake_claude.py)
 # =====================================================================================
 
-proxy.CLAUDE_KILL_GRACE_S = 0.3
-proxy.CLAUDE_EXIT_WAIT_S = 2.0
 
 def fake_claude_launcher(script=os.path.join(HERE, "testdata", "fake_claude.py")):
     """The fake `claude`, started through `sh` with this interpreter's absolute path: its own
@@ -4681,7 +4677,8 @@ class Case(unittest.TestCase):
     def config(self, **extra):
         overrides = {"port": 0, "backend": "claude-code", "apiKey": CLAUDE_KEY, "claudePath": FAKE_CLAUDE, "logLevel": "error",
                      "claudeWorkingDir": self.work, "claudeAskWorkingDir": False, "upstreamRetries": 0,
-                     "keepAliveIntervalMs": 1000}
+                     "keepAliveIntervalMs": 1000, "upstreamRetryBackoffMs": 20,
+                     "claudeKillGraceMs": 300, "claudeExitWaitMs": 2000}   # quicker stops of the fake
         overrides.update(self.overrides)
         overrides.update(extra)
         config = proxy.load_config("/nonexistent/config.json", {}, {k: v for k, v in overrides.items()
@@ -6383,6 +6380,18 @@ class TestResilienceHostileClients(ResilienceCase):
                 status, _, data, _ = self.raw_exchange(head + rest)
                 self.assertEqual(status, 200, data)
                 self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "chunked ok")
+
+    def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(self):
+        self.upstream.script(ok(text_parts("continued")))
+        body = json.dumps(res_minimal_body("chat")).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(res_raw_head("chat", len(body), key=unique_key(), extra="Expect: 100-continue\r\n"))
+            s.settimeout(2)
+            self.assertTrue(s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n"))
+            s.sendall(body)
+            status, _, data = res_read_response(s, time.monotonic() + 4)
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "continued")
 
     def test_unknown_methods_on_anthropic_routes_answer_in_the_anthropic_shape(self):
         for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages?beta=true"):

@@ -808,6 +808,20 @@ class FrontEnd:
         """Does a request on a route no front end owns (models, 404s) speak this protocol?"""
         return False
 
+    def routes(self):
+        """(path, method, handler(http handler, rest of the path)); a path ending in "/" takes a
+        parameter. The model route, plus whatever extra routes the protocol has."""
+        return [(self.route, "POST", lambda http, _: http.model_request(self))]
+
+    @staticmethod
+    def model_list(models, owner):
+        """GET /v1/models in OpenAI's shape (the Anthropic front end has its own)."""
+        return {"object": "list", "data": [FrontEnd.model_object(m, owner) for m in models]}
+
+    @staticmethod
+    def model_object(model, owner):
+        return {"id": model.id, "object": "model", "created": 0, "owned_by": owner}
+
     @staticmethod
     def begin(body, max_tokens_fields):
         """The fields every protocol has: model, stream, sampling, the output token limit."""
@@ -1129,6 +1143,25 @@ class AnthropicMessages(FrontEnd):
     def spoken_by(self, headers):
         return bool(headers and headers.get("anthropic-version"))
 
+    def routes(self):
+        return super().routes() + [(self.route + "/count_tokens", "POST", self._count_tokens_route)]
+
+    def _count_tokens_route(self, http, _):
+        raw = http.read_body()
+        http.authenticate()
+        http.send_json(200, self.count_tokens(parse_json_body(raw), http.headers))
+
+    @staticmethod
+    def model_list(models, owner):
+        data = [AnthropicMessages.model_object(m, owner) for m in models]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+
+    @staticmethod
+    def model_object(model, owner):
+        return {"type": "model", "id": model.id, "display_name": model.label,
+                "created_at": "2026-01-01T00:00:00Z"}
+
     def decode(self, body, headers):
         f, request = self.begin(body, ("max_tokens",))
         system = f.get("system", (str, list))
@@ -1443,7 +1476,6 @@ class ResponseStore:
             return item
 
 
-RESPONSES = ResponseStore(limit=256)
 RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "content_filter": ("incomplete", {"reason": "content_filter"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
@@ -1456,12 +1488,26 @@ class OpenAIResponses(FrontEnd):
     route = "/v1/responses"
     id_prefix = "resp_"
 
+    def __init__(self, store=None):
+        self.store = store or ResponseStore(limit=256)
+
+    def routes(self):
+        return super().routes() + [(self.route + "/", "GET", self._stored_response_route)]
+
+    def _stored_response_route(self, http, response_id):
+        http.authenticate()
+        item = self.store.get(response_id)
+        if item is None:
+            raise ProxyError(404, "not_found", "response %r not found (kept for one hour, never with "
+                             "store: false)" % response_id)
+        http.send_json(200, item[1])
+
     def decode(self, body, headers):
         f, request = self.begin(body, ("max_output_tokens",))
         fold_system_text(request, f.get("instructions", str))
         previous_id = f.get("previous_response_id", str)
         if previous_id:
-            previous = RESPONSES.get(previous_id)
+            previous = self.store.get(previous_id)
             if previous is None:
                 raise bad_request("previous response %r is unknown or expired (responses are kept for one "
                                   "hour, and never with store: false)" % previous_id, "previous_response_id")
@@ -1625,7 +1671,7 @@ class OpenAIResponses(FrontEnd):
 
     def remember(self, request, completion, response):
         if request.options.get("store", True):
-            RESPONSES.put(response["id"], response, request.messages + [completion_message(completion)])
+            self.store.put(response["id"], response, request.messages + [completion_message(completion)])
 
 
 def block_prefix(kind):
@@ -4071,8 +4117,6 @@ class Exchange:
 
 CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-FRONT_ENDS = {frontend.route: frontend for frontend in (ChatCompletions(), OpenAIResponses(),
-                                                         AnthropicMessages())}
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\r?\n")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
@@ -4102,24 +4146,47 @@ def route_path(target):
     return path
 
 
-def error_frontend(path, headers):
-    """The front end whose shape an error for this request takes: the one owning the route, else
-    the one the headers speak (anthropic-version), else OpenAI's."""
-    fronts = FRONT_ENDS.values()
-    return (next((f for f in fronts if f.owns(path)), None)
-            or next((f for f in fronts if f.spoken_by(headers)), FRONT_ENDS["/v1/chat/completions"]))
+def frontend_for(frontends, path, headers):
+    """The front end whose shape an answer to this request takes: the one owning the route, else
+    the one the headers speak (anthropic-version), else the first (OpenAI Chat Completions)."""
+    return (next((f for f in frontends if f.owns(path)), None)
+            or next((f for f in frontends if f.spoken_by(headers)), frontends[0]))
+
+
+class SocketWriter:
+    """The handlers' wfile: writes collect until flush(), so a status line, its headers and the
+    first body bytes leave in one send. close() drops what a gone client was not sent."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.pending = []
+        self.closed = False
+
+    def write(self, data):
+        self.pending.append(bytes(data))
+        return len(data)
+
+    def flush(self):
+        if self.pending:
+            data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
+            self.pending = []
+            self.sock.sendall(data)
+
+    def close(self):
+        self.pending = []
+        self.closed = True
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cc-proxy/" + __version__
     sys_version = ""
-    wbufsize = -1   # a buffered wfile: a head and its body leave in one send, flushed explicitly
     timeout = 120   # a client that sends or reads nothing for this long is let go
 
     # ---- plumbing ---------------------------------------------------------------------
     def setup(self):
         super().setup()
+        self.wfile = SocketWriter(self.connection)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.idle = True   # waiting for a request line: what a drain may close under it
         self.server.connections.add(self)
@@ -4209,7 +4276,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
 
-    def _send_json(self, status, obj, extra=None):
+    def send_json(self, status, obj, extra=None):
         headers = getattr(self, "headers", None)  # absent when the request line itself was bad
         if not self.body_read and headers and (headers.get("content-length", "0").strip() not in ("", "0")
                                                or headers.get("transfer-encoding")):
@@ -4224,14 +4291,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Before the status line: a real HTTP status, in the client protocol's error shape."""
         headers = err.headers()
         if frontend is None:
-            frontend = error_frontend(route_path(self.path) if self.path != "-" else "-",
-                                      getattr(self, "headers", None))
+            frontend = frontend_for(self.server.frontends, route_path(self.path) if self.path != "-"
+                                    else "-", getattr(self, "headers", None))
         if frontend.request_id_header:
             headers[frontend.request_id_header] = self.request_id
         status = frontend.overloaded_status if err.kind == "overloaded" else err.status
-        self._send_json(status, frontend.error_body(err), headers)
+        self.send_json(status, frontend.error_body(err), headers)
 
-    def _read_body(self):
+    def read_body(self):
         """The request body; its framing headers were checked with the head."""
         limit = self.server.config["maxBodyBytes"]
         if self.headers.get("transfer-encoding"):
@@ -4335,8 +4402,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         path = route_path(self.path)
         self.route_name = path
         try:
-            route = ROUTES.get(path) or next((r for r in PREFIX_ROUTES if path.startswith(r.path)
-                                              and len(path) > len(r.path)), None)
+            route = self.server.routes.get(path) or next(
+                (r for r in self.server.prefix_routes if path.startswith(r.path) and len(path) > len(r.path)),
+                None)
             if route is None:
                 raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
             handler = route.methods.get(method)
@@ -4356,11 +4424,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _index(self, _):
-        self._send_json(200, {"name": "cc-proxy", "version": __version__,
+        self.send_json(200, {"name": "cc-proxy", "version": __version__,
                               "backend": self.server.backend.name})
 
     def _health(self, _):
-        self._send_json(200, self.server.health())
+        self.send_json(200, self.server.health())
 
     def _metrics(self, _):
         data = self.server.metrics.render().encode()
@@ -4368,24 +4436,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _authenticate(self):
+    def authenticate(self):
         return self.server.backend.authenticate(self.headers)
-
-    def _count_tokens(self, _):
-        raw = self._read_body()
-        self._authenticate()
-        body = parse_json_body(raw)
-        try:
-            self._send_json(200, FRONT_ENDS["/v1/messages"].count_tokens(body, self.headers))
-        except ProxyError as err:
-            self._send_error(err, FRONT_ENDS["/v1/messages"])
 
     def _models(self, model_id):
         model_id = urllib.parse.unquote(model_id) if model_id else None
         backend = self.server.backend
         key = None
         try:
-            key = self._authenticate()
+            key = self.authenticate()
         except ProxyError:
             if backend.name != "commandcode":
                 raise  # the claude-code backend guards everything with its own key
@@ -4394,35 +4453,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
             if not models:
                 raise ProxyError(404, "not_found", "model %r not found" % model_id)
-        anthropic = bool(self.headers.get("anthropic-version"))
-        if anthropic:
-            data = [{"type": "model", "id": m.id, "display_name": m.label, "created_at": "2026-01-01T00:00:00Z"}
-                    for m in models]
-            if model_id is not None:
-                return self._send_json(200, data[0])
-            return self._send_json(200, {"data": data, "has_more": False,
-                                         "first_id": data[0]["id"] if data else None,
-                                         "last_id": data[-1]["id"] if data else None})
-        data = [{"id": m.id, "object": "model", "created": 0, "owned_by": backend.name} for m in models]
+        frontend = frontend_for(self.server.frontends, "/v1/models", self.headers)
         if model_id is not None:
-            return self._send_json(200, data[0])
-        return self._send_json(200, {"object": "list", "data": data})
-
-    def _stored_response(self, response_id):
-        self._authenticate()
-        item = RESPONSES.get(response_id)
-        if item is None:
-            raise ProxyError(404, "not_found", "response %r not found (kept for one hour, never with store: "
-                             "false)" % response_id)
-        self._send_json(200, item[1])
+            return self.send_json(200, frontend.model_object(models[0], backend.name))
+        return self.send_json(200, frontend.model_list(models, backend.name))
 
     # ---- the model pipeline -----------------------------------------------------------
-    def _model_request(self, frontend):
+    def model_request(self, frontend):
         server = self.server
         self.route_name = frontend.name
         try:
-            raw = self._read_body()  # first: a keep-alive connection must not keep unread bytes
-            credential = self._authenticate()
+            raw = self.read_body()  # first: a keep-alive connection must not keep unread bytes
+            credential = self.authenticate()
             request = frontend.decode(parse_json_body(raw), self.headers)
             request.explicit_session = self.headers.get("x-session-id")
             request.working_dir = self.headers.get("x-working-dir")
@@ -4600,7 +4642,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.usage = completion[0].usage
         self.first_byte = time.monotonic()
-        self._send_json(200, frontend.render(completion[0], request, exchange), self._extra_headers(request))
+        self.send_json(200, frontend.render(completion[0], request, exchange), self._extra_headers(request))
 
     def _log_failure(self, err):
         log.warning("%s failed after output started: %s %s", self.request_id, err.status, err.kind)
@@ -4695,24 +4737,23 @@ class Connections:
 
 
 class Route(NamedTuple):
-    path: str       # the whole path, or for PREFIX_ROUTES what comes before a path parameter
+    path: str       # the whole path, or for prefix routes what comes before a path parameter
     methods: dict   # method -> handler(request handler, the rest of the path)
 
 
-def _model_route(frontend):
-    return Route(frontend.route, {"POST": lambda handler, _: handler._model_request(frontend)})
+SERVER_ROUTES = [("/", "GET", ProxyHandler._index), ("/health", "GET", ProxyHandler._health),
+                 ("/metrics", "GET", ProxyHandler._metrics), ("/v1/models", "GET", ProxyHandler._models),
+                 ("/v1/models/", "GET", ProxyHandler._models)]
 
 
-ROUTES = {route.path: route for route in (
-    Route("/", {"GET": ProxyHandler._index}),
-    Route("/health", {"GET": ProxyHandler._health}),
-    Route("/metrics", {"GET": ProxyHandler._metrics}),
-    *(_model_route(frontend) for frontend in FRONT_ENDS.values()),
-    Route("/v1/messages/count_tokens", {"POST": ProxyHandler._count_tokens}),
-    Route("/v1/models", {"GET": ProxyHandler._models}),
-)}
-PREFIX_ROUTES = (Route("/v1/models/", {"GET": ProxyHandler._models}),
-                 Route("/v1/responses/", {"GET": ProxyHandler._stored_response}))
+def route_table(frontends):
+    """The one routing table: the server's own routes and each front end's -> (exact, prefix)."""
+    table = {}
+    for frontend_routes in [SERVER_ROUTES] + [f.routes() for f in frontends]:
+        for path, method, handler in frontend_routes:
+            table.setdefault(path, Route(path, {})).methods[method] = handler
+    exact = {p: r for p, r in table.items() if not p.endswith("/") or p == "/"}
+    return exact, tuple(r for p, r in table.items() if p not in exact)
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -4725,6 +4766,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.metrics = Metrics()
         self.inflight = Slots(config["maxInFlight"])
         self.connections = Connections()
+        # each server its own front ends: the Responses store (previous_response_id) is per server
+        self.frontends = (ChatCompletions(), OpenAIResponses(), AnthropicMessages())
+        self.routes, self.prefix_routes = route_table(self.frontends)
         self.backend = make_backend(config, self.metrics)
         self.started_at = time.time()
         host = config["host"]

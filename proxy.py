@@ -809,9 +809,9 @@ class FrontEnd:
         return False
 
     def routes(self):
-        """(path, method, handler(http handler, rest of the path)); a path ending in "/" takes a
+        """(path, method, handler(request handler, rest of the path)); a path ending in "/" takes a
         parameter. The model route, plus whatever extra routes the protocol has."""
-        return [(self.route, "POST", lambda http, _: http.model_request(self))]
+        return [(self.route, "POST", lambda handler, _: handler.model_request(self))]
 
     @staticmethod
     def model_list(models, owner):
@@ -1146,10 +1146,10 @@ class AnthropicMessages(FrontEnd):
     def routes(self):
         return super().routes() + [(self.route + "/count_tokens", "POST", self._count_tokens_route)]
 
-    def _count_tokens_route(self, http, _):
-        raw = http.read_body()
-        http.authenticate()
-        http.send_json(200, self.count_tokens(parse_json_body(raw), http.headers))
+    def _count_tokens_route(self, handler, _):
+        raw = handler.read_body()
+        handler.authenticate()
+        handler.send_json(200, self.count_tokens(parse_json_body(raw), handler.headers))
 
     @staticmethod
     def model_list(models, owner):
@@ -1494,13 +1494,13 @@ class OpenAIResponses(FrontEnd):
     def routes(self):
         return super().routes() + [(self.route + "/", "GET", self._stored_response_route)]
 
-    def _stored_response_route(self, http, response_id):
-        http.authenticate()
+    def _stored_response_route(self, handler, response_id):
+        handler.authenticate()
         item = self.store.get(response_id)
         if item is None:
             raise ProxyError(404, "not_found", "response %r not found (kept for one hour, never with "
                              "store: false)" % response_id)
-        http.send_json(200, item[1])
+        handler.send_json(200, item[1])
 
     def decode(self, body, headers):
         f, request = self.begin(body, ("max_output_tokens",))

@@ -443,19 +443,6 @@ class Request:
     options: Dict[str, Any] = field(default_factory=dict)  # front-end specifics (include_usage, store, ...)
 
 
-# Events a backend yields, in batches (lists). An empty batch is a tick of upstream silence.
-TEXT = "text"              # (TEXT, text)
-REASONING = "reasoning"    # (REASONING, text)
-SIGNATURE = "signature"    # (SIGNATURE, signature) closes the current reasoning block
-TOOL_START = "tool_start"  # (TOOL_START, call_id, name)
-TOOL_DELTA = "tool_delta"  # (TOOL_DELTA, call_id, json_fragment)
-TOOL_END = "tool_end"      # (TOOL_END, call_id, complete_arguments_json)
-USAGE = "usage"            # (USAGE, Usage), in the batch that ends with FINISH
-FINISH = "finish"          # (FINISH, reason, stop_sequence): stop|length|tool_calls|content_filter|stop_sequence|refusal
-MODEL = "model"            # (MODEL, model id the backend really used)
-CONTENT_EVENTS = frozenset((TEXT, REASONING, TOOL_START))
-
-
 @dataclass
 class Usage:
     input: int = 0          # all prompt tokens, cached ones included
@@ -469,57 +456,168 @@ class Usage:
         return max(0, self.input - self.cache_read - self.cache_write)
 
 
-class Completion:
+# Events: what a backend yields, in batches (lists), and what every consumer takes. An empty
+# batch is a tick of upstream silence. A backend that fails raises ProxyError; once output has
+# reached the client, the pipeline gives the consumer an ErrorEvent in place of a Finish.
+class TextDelta(NamedTuple):
+    text: str
+
+
+class ReasoningDelta(NamedTuple):
+    text: str
+
+
+class ReasoningSignature(NamedTuple):   # closes the current reasoning block
+    signature: str
+
+
+class ToolCallStart(NamedTuple):
+    call_id: str
+    name: str
+
+
+class ToolCallDelta(NamedTuple):
+    call_id: str
+    fragment: str       # a piece of the arguments JSON
+
+
+class ToolCallEnd(NamedTuple):
+    call_id: str
+    arguments: str      # the complete arguments JSON
+
+
+class UsageEvent(NamedTuple):   # in the batch that ends with Finish
+    usage: Usage
+
+
+class Finish(NamedTuple):
+    reason: str         # stop | length | tool_calls | content_filter | stop_sequence | refusal
+    stop_sequence: Optional[str] = None
+
+
+class ModelUsed(NamedTuple):    # the model id the backend really used
+    model: str
+
+
+class ErrorEvent(NamedTuple):   # the end of a stream that failed after output began
+    error: ProxyError
+
+
+CONTENT_EVENTS = (TextDelta, ReasoningDelta, ToolCallStart)   # what makes an answer non-empty
+
+
+class EventConsumer:
+    """The one interface every consumer of events implements: the non-streaming fold (Completion)
+    and each front end's stream encoder. feed() dispatches each event to its on_* method through
+    a table keyed by the record's type; a consumer overrides only the events it renders."""
+
+    HANDLERS = {TextDelta: "on_text", ReasoningDelta: "on_reasoning",
+                ReasoningSignature: "on_signature", ToolCallStart: "on_tool_start",
+                ToolCallDelta: "on_tool_delta", ToolCallEnd: "on_tool_end", UsageEvent: "on_usage",
+                Finish: "on_finish", ModelUsed: "on_model", ErrorEvent: "on_error"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._dispatch = {kind: getattr(cls, name) for kind, name in EventConsumer.HANDLERS.items()}
+
+    def feed(self, batch):
+        dispatch = self._dispatch
+        for event in batch:
+            dispatch[type(event)](self, event)
+
+    def _ignore(self, event):
+        pass
+
+    on_text = on_reasoning = on_signature = on_tool_start = on_tool_delta = on_tool_end = _ignore
+    on_usage = on_finish = on_model = on_error = _ignore
+
+
+class Block:
+    """One output item of a folded answer: kind "text", "reasoning" or "tool_call"."""
+    __slots__ = ("kind", "pieces", "signature", "call_id", "name")
+
+    def __init__(self, kind, text="", call_id="", name=""):
+        self.kind = kind
+        self.pieces = [text] if text else []   # joined when read, so long answers fold in linear time
+        self.signature = None                  # reasoning: set by the signature that closes it
+        self.call_id = call_id
+        self.name = name
+
+    @property
+    def text(self):
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
+    arguments = text   # a tool call's arguments JSON
+
+
+class Completion(EventConsumer):
     """Events folded into one answer: what a non-streaming response is built from."""
 
     def __init__(self):
-        self.blocks = []      # ["reasoning", text, signature] | ["text", text] | ["tool_call", id, name, args]
+        self.blocks = []
         self.usage = Usage()
         self.finish = "stop"
         self.stop_sequence = None
         self.model = None
         self._tools = {}
 
-    def add(self, batch):
-        blocks = self.blocks
-        for event in batch:
-            kind = event[0]
-            if kind == TEXT:
-                if blocks and blocks[-1][0] == "text":
-                    blocks[-1][1] += event[1]
-                else:
-                    blocks.append(["text", event[1]])
-            elif kind == REASONING:
-                if blocks and blocks[-1][0] == "reasoning" and blocks[-1][2] is None:
-                    blocks[-1][1] += event[1]
-                else:
-                    blocks.append(["reasoning", event[1], None])
-            elif kind == SIGNATURE:
-                if blocks and blocks[-1][0] == "reasoning":
-                    blocks[-1][2] = event[1]
-            elif kind == TOOL_START:
-                block = ["tool_call", event[1], event[2], ""]
-                self._tools[event[1]] = block
-                blocks.append(block)
-            elif kind == TOOL_DELTA:
-                self._tools[event[1]][3] += event[2]
-            elif kind == TOOL_END:
-                self._tools[event[1]][3] = event[2]
-            elif kind == USAGE:
-                self.usage = event[1]
-            elif kind == FINISH:
-                self.finish, self.stop_sequence = event[1], event[2]
-            elif kind == MODEL:
-                self.model = event[1]
+    def _last(self, kind):
+        block = self.blocks[-1] if self.blocks else None
+        return block if block is not None and block.kind == kind else None
+
+    def on_text(self, event):
+        if not event.text:
+            return
+        block = self._last("text")
+        if block is None:
+            self.blocks.append(Block("text", event.text))
+        else:
+            block.pieces.append(event.text)
+
+    def on_reasoning(self, event):
+        if not event.text:
+            return
+        block = self._last("reasoning")
+        if block is None or block.signature is not None:
+            self.blocks.append(Block("reasoning", event.text))
+        else:
+            block.pieces.append(event.text)
+
+    def on_signature(self, event):
+        block = self._last("reasoning")
+        if block is not None:
+            block.signature = event.signature
+
+    def on_tool_start(self, event):
+        block = Block("tool_call", call_id=event.call_id, name=event.name)
+        self._tools[event.call_id] = block
+        self.blocks.append(block)
+
+    def on_tool_delta(self, event):
+        self._tools[event.call_id].pieces.append(event.fragment)
+
+    def on_tool_end(self, event):
+        self._tools[event.call_id].pieces = [event.arguments]
+
+    def on_usage(self, event):
+        self.usage = event.usage
+
+    def on_finish(self, event):
+        self.finish, self.stop_sequence = event.reason, event.stop_sequence
+
+    def on_model(self, event):
+        self.model = event.model
 
     def text(self):
-        return "".join(b[1] for b in self.blocks if b[0] == "text")
+        return "".join(b.text for b in self.blocks if b.kind == "text")
 
     def reasoning(self):
-        return "".join(b[1] for b in self.blocks if b[0] == "reasoning")
+        return "".join(b.text for b in self.blocks if b.kind == "reasoning")
 
     def tool_calls(self):
-        return [b for b in self.blocks if b[0] == "tool_call"]
+        return [b for b in self.blocks if b.kind == "tool_call"]
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -980,7 +1078,8 @@ class ChatCompletions(FrontEnd):
             message["reasoning_content"] = reasoning
         calls = completion.tool_calls()
         if calls:
-            message["tool_calls"] = [{"id": c[1], "type": "function", "function": {"name": c[2], "arguments": c[3]}}
+            message["tool_calls"] = [{"id": c.call_id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
                                      for c in calls]
         return {"id": exchange.response_id, "object": "chat.completion", "created": exchange.created,
                 "model": completion.model or request.model,
@@ -993,13 +1092,26 @@ CHAT_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "
                "stop_sequence": "stop", "refusal": "content_filter"}
 
 
-class ChatStreamEncoder:
+class StreamEncoder(EventConsumer):
+    """A consumer that renders events as one front end's SSE: start() is what goes out with the
+    status line, encode(batch) the bytes for one batch (each on_* method appends to self.out)."""
+
+    def start(self):
+        return b""
+
+    def encode(self, batch):
+        self.out = []
+        self.feed(batch)
+        return "".join(self.out).encode("utf-8", "replace")
+
+
+class ChatStreamEncoder(StreamEncoder):
     """Events -> chat.completion.chunk SSE. The JSON around each delta is built once."""
 
     def __init__(self, request, exchange, include_usage):
         self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-                     '"choices":[{"index":0,"delta":' % (json_dumps(exchange.response_id), exchange.created,
-                                                        json_dumps(request.model)))
+                     '"choices":[{"index":0,"delta":' % (json_dumps(exchange.response_id),
+                                                        exchange.created, json_dumps(request.model)))
         self.tail = ',"logprobs":null,"finish_reason":null}]}\n\n'
         self.include_usage = include_usage
         self.tools = {}        # call id -> [index, arguments streamed?]
@@ -1008,56 +1120,57 @@ class ChatStreamEncoder:
         self.model = request.model
 
     def start(self):
-        return (self.head + '{"role":"assistant","content":""}' + self.tail).encode("utf-8", "replace")
+        return (self.head + '{"role":"assistant","content":""}' + self.tail).encode()
 
-    def encode(self, batch):
-        out = []
-        head, tail, dumps = self.head, self.tail, json_dumps
-        for event in batch:
-            kind = event[0]
-            if kind == TEXT:
-                if event[1]:
-                    out.append(head + '{"content":' + dumps(event[1]) + "}" + tail)
-            elif kind == REASONING:
-                if event[1]:
-                    out.append(head + '{"reasoning_content":' + dumps(event[1]) + "}" + tail)
-            elif kind == TOOL_START:
-                index = len(self.tools)
-                self.tools[event[1]] = [index, False]
-                out.append(head + '{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,'
-                           '"arguments":""}}]}' % (index, dumps(event[1]), dumps(event[2])) + tail)
-            elif kind == TOOL_DELTA:
-                state = self.tools[event[1]]
-                if event[2]:
-                    state[1] = True
-                    out.append(head + '{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
-                               % (state[0], dumps(event[2])) + tail)
-            elif kind == TOOL_END:
-                state = self.tools[event[1]]
-                if not state[1]:  # only the final call arrived: its arguments in one delta
-                    out.append(head + '{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
-                               % (state[0], dumps(event[2])) + tail)
-            elif kind == USAGE:
-                self.usage = event[1]
-            elif kind == FINISH:
-                out.append(self._finish(CHAT_FINISH[event[1]]))
-        return "".join(out).encode("utf-8", "replace")
+    def _delta(self, delta_json):
+        self.out.append(self.head + delta_json + self.tail)
 
-    def _finish(self, reason):
+    def on_text(self, event):
+        if event.text:
+            self._delta('{"content":' + json_dumps(event.text) + "}")
+
+    def on_reasoning(self, event):
+        if event.text:
+            self._delta('{"reasoning_content":' + json_dumps(event.text) + "}")
+
+    def on_tool_start(self, event):
+        index = len(self.tools)
+        self.tools[event.call_id] = [index, False]
+        self._delta('{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,'
+                    '"arguments":""}}]}' % (index, json_dumps(event.call_id), json_dumps(event.name)))
+
+    def _arguments(self, index, fragment):
+        self._delta('{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
+                    % (index, json_dumps(fragment)))
+
+    def on_tool_delta(self, event):
+        state = self.tools[event.call_id]
+        if event.fragment:
+            state[1] = True
+            self._arguments(state[0], event.fragment)
+
+    def on_tool_end(self, event):
+        state = self.tools[event.call_id]
+        if not state[1]:  # only the final call arrived: its arguments in one delta
+            self._arguments(state[0], event.arguments)
+
+    def on_usage(self, event):
+        self.usage = event.usage
+
+    def on_finish(self, event):
         usage = openai_usage(self.usage)
         chunk = {"id": self.exchange.response_id, "object": "chat.completion.chunk",
                  "created": self.exchange.created, "model": self.model,
-                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+                 "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                              "finish_reason": CHAT_FINISH[event.reason]}]}
         if self.include_usage:
-            text = _sse_data(chunk)
-            chunk = dict(chunk, choices=[], usage=usage)
-            return text + _sse_data(chunk) + "data: [DONE]\n\n"
+            self.out.append(_sse_data(chunk))
+            chunk = dict(chunk, choices=[])
         chunk["usage"] = usage
-        return _sse_data(chunk) + "data: [DONE]\n\n"
+        self.out.append(_sse_data(chunk) + "data: [DONE]\n\n")
 
-    def error(self, err):
-        return _sse_data(openai_error_body(err)).encode("utf-8", "replace")
-
+    def on_error(self, event):
+        self.out.append(_sse_data(openai_error_body(event.error)))
 
 
 # ---- Anthropic Messages -----------------------------------------------------------
@@ -1300,15 +1413,15 @@ class AnthropicMessages(FrontEnd):
     def render(self, completion, request, exchange):
         content = []
         for block in completion.blocks:
-            if block[0] == "text":
-                if block[1]:
-                    content.append({"type": "text", "text": block[1]})
-            elif block[0] == "reasoning":
-                content.append({"type": "thinking", "thinking": block[1],
-                                "signature": block[2] or thinking_signature(block[1])})
+            if block.kind == "text":
+                if block.text:
+                    content.append({"type": "text", "text": block.text})
+            elif block.kind == "reasoning":
+                content.append({"type": "thinking", "thinking": block.text,
+                                "signature": block.signature or thinking_signature(block.text)})
             else:
-                content.append({"type": "tool_use", "id": block[1], "name": block[2],
-                                "input": decoded_arguments(block[3])})
+                content.append({"type": "tool_use", "id": block.call_id, "name": block.name,
+                                "input": decoded_arguments(block.arguments)})
         return {"id": exchange.response_id, "type": "message", "role": "assistant",
                 "model": completion.model or request.model, "content": content,
                 "stop_reason": ANTHROPIC_STOP[completion.finish], "stop_sequence": completion.stop_sequence,
@@ -1331,7 +1444,12 @@ def _sse_event(name, obj):
     return "event: " + name + "\ndata: " + json_dumps(obj) + "\n\n"
 
 
-class AnthropicStreamEncoder:
+_BLOCK_STOP = 'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+_BLOCK_DELTA = ('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                '"delta":{"type":%s,%s:%s}}\n\n')
+
+
+class AnthropicStreamEncoder(StreamEncoder):
     """Events -> Anthropic SSE: message_start, content blocks (contiguous indexes), message_delta,
     message_stop. A thinking block always ends with a signature_delta."""
 
@@ -1348,88 +1466,77 @@ class AnthropicStreamEncoder:
         usage = {"input_tokens": self.exchange.input_estimate, "output_tokens": 0,
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
         message = {"id": self.exchange.response_id, "type": "message", "role": "assistant",
-                   "model": self.request.model, "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": usage}
+                   "model": self.request.model, "content": [], "stop_reason": None,
+                   "stop_sequence": None, "usage": usage}
         return (_sse_event("message_start", {"type": "message_start", "message": message}) +
                 'event: ping\ndata: {"type":"ping"}\n\n').encode("utf-8", "replace")
 
-    def _close(self, out):
+    def _delta(self, kind, name, value):
+        self.out.append(_BLOCK_DELTA % (self.index, kind, name, json_dumps(value)))
+
+    def _close(self, signature=None):
         if self.open is None:
             return
         if self.open == "thinking":
-            out.append(_sse_event("content_block_delta", {
-                "type": "content_block_delta", "index": self.index,
-                "delta": {"type": "signature_delta", "signature": thinking_signature("".join(self.thinking))}}))
-        out.append('event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % self.index)
+            self._delta('"signature_delta"', '"signature"',
+                        signature or thinking_signature("".join(self.thinking)))
+        self.out.append(_BLOCK_STOP % self.index)
         self.open = None
 
-    def _open(self, out, kind, block):
-        self._close(out)
+    def _open(self, kind, block):
+        self._close()
         self.index += 1
         self.open = kind
-        out.append(_sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                      "content_block": block}))
+        self.out.append(_sse_event("content_block_start", {
+            "type": "content_block_start", "index": self.index, "content_block": block}))
 
-    def encode(self, batch):
-        out = []
-        dumps = json_dumps
-        for event in batch:
-            kind = event[0]
-            if kind == TEXT:
-                if not event[1]:
-                    continue
-                if self.open != "text":
-                    self._open(out, "text", {"type": "text", "text": ""})
-                out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                           '"delta":{"type":"text_delta","text":%s}}\n\n' % (self.index, dumps(event[1])))
-            elif kind == REASONING:
-                if not event[1]:
-                    continue
-                if self.open != "thinking":
-                    self._open(out, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                    self.thinking = []
-                self.thinking.append(event[1])
-                out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                           '"delta":{"type":"thinking_delta","thinking":%s}}\n\n' % (self.index, dumps(event[1])))
-            elif kind == SIGNATURE:
-                if self.open == "thinking":
-                    out.append(_sse_event("content_block_delta", {
-                        "type": "content_block_delta", "index": self.index,
-                        "delta": {"type": "signature_delta", "signature": event[1]}}))
-                    out.append('event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
-                               % self.index)
-                    self.open = None
-            elif kind == TOOL_START:
-                self._open(out, event[1], {"type": "tool_use", "id": event[1], "name": event[2], "input": {}})
-                self.streamed_args = False
-            elif kind == TOOL_DELTA:
-                if self.open == event[1] and event[2]:
-                    self.streamed_args = True
-                    out.append('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                               '"delta":{"type":"input_json_delta","partial_json":%s}}\n\n'
-                               % (self.index, dumps(event[2])))
-            elif kind == TOOL_END:
-                if self.open == event[1]:
-                    if not self.streamed_args:
-                        out.append(_sse_event("content_block_delta", {
-                            "type": "content_block_delta", "index": self.index,
-                            "delta": {"type": "input_json_delta", "partial_json": event[2]}}))
-                    self._close(out)
-            elif kind == USAGE:
-                self.usage = event[1]
-            elif kind == FINISH:
-                self._close(out)
-                usage = anthropic_usage(self.usage or Usage())
-                out.append(_sse_event("message_delta", {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": ANTHROPIC_STOP[event[1]], "stop_sequence": event[2]},
-                    "usage": usage}))
-                out.append('event: message_stop\ndata: {"type":"message_stop"}\n\n')
-        return "".join(out).encode("utf-8", "replace")
+    def on_text(self, event):
+        if event.text:
+            if self.open != "text":
+                self._open("text", {"type": "text", "text": ""})
+            self._delta('"text_delta"', '"text"', event.text)
 
-    def error(self, err):
-        return _sse_event("error", anthropic_error_body(err)).encode("utf-8", "replace")
+    def on_reasoning(self, event):
+        if event.text:
+            if self.open != "thinking":
+                self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                self.thinking = []
+            self.thinking.append(event.text)
+            self._delta('"thinking_delta"', '"thinking"', event.text)
 
+    def on_signature(self, event):
+        if self.open == "thinking":
+            self._close(event.signature)
+
+    def on_tool_start(self, event):
+        self._open(event.call_id, {"type": "tool_use", "id": event.call_id, "name": event.name,
+                                   "input": {}})
+        self.streamed_args = False
+
+    def on_tool_delta(self, event):
+        if self.open == event.call_id and event.fragment:
+            self.streamed_args = True
+            self._delta('"input_json_delta"', '"partial_json"', event.fragment)
+
+    def on_tool_end(self, event):
+        if self.open == event.call_id:
+            if not self.streamed_args:
+                self._delta('"input_json_delta"', '"partial_json"', event.arguments)
+            self._close()
+
+    def on_usage(self, event):
+        self.usage = event.usage
+
+    def on_finish(self, event):
+        self._close()
+        self.out.append(_sse_event("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": ANTHROPIC_STOP[event.reason], "stop_sequence": event.stop_sequence},
+            "usage": anthropic_usage(self.usage or Usage())}))
+        self.out.append('event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+    def on_error(self, event):
+        self.out.append(_sse_event("error", anthropic_error_body(event.error)))
 
 
 # ---- OpenAI Responses --------------------------------------------------------------
@@ -1442,13 +1549,12 @@ def completion_message(completion):
     """The assistant turn a Completion stands for, as a canonical message (for chaining)."""
     parts = []
     for block in completion.blocks:
-        if block[0] == "text" and block[1]:
-            parts.append({"type": "text", "text": block[1]})
-        elif block[0] == "reasoning" and block[1]:
-            parts.append({"type": "reasoning", "text": block[1], "signature": block[2]})
-        elif block[0] == "tool_call":
-            parts.append({"type": "tool_call", "id": block[1], "name": block[2],
-                          "arguments": decoded_arguments(block[3])})
+        if block.kind == "tool_call":
+            parts.append({"type": "tool_call", "id": block.call_id, "name": block.name,
+                          "arguments": decoded_arguments(block.arguments)})
+        elif block.text:
+            parts.append({"type": block.kind, "text": block.text} if block.kind == "text" else
+                         {"type": "reasoning", "text": block.text, "signature": block.signature})
     return {"role": "assistant", "parts": parts}
 
 
@@ -1636,16 +1742,18 @@ class OpenAIResponses(FrontEnd):
         item_status = "incomplete" if status in ("failed", "incomplete") else "completed"
         output = []
         for i, block in enumerate(completion.blocks):
-            item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(block[0]), 1), i)
-            if block[0] == "text":
-                output.append({"id": item_id, "type": "message", "status": item_status, "role": "assistant",
-                               "content": [{"type": "output_text", "text": block[1], "annotations": []}]})
-            elif block[0] == "reasoning":
+            item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(block.kind), 1), i)
+            if block.kind == "text":
+                output.append({"id": item_id, "type": "message", "status": item_status,
+                               "role": "assistant", "content": [
+                                   {"type": "output_text", "text": block.text, "annotations": []}]})
+            elif block.kind == "reasoning":
                 output.append({"id": item_id, "type": "reasoning",
-                               "summary": [{"type": "summary_text", "text": block[1]}]})
+                               "summary": [{"type": "summary_text", "text": block.text}]})
             else:
                 output.append({"id": item_id, "type": "function_call", "status": item_status,
-                               "call_id": block[1], "name": block[2], "arguments": block[3]})
+                               "call_id": block.call_id, "name": block.name,
+                               "arguments": block.arguments})
         incomplete = None
         if status is None:
             status, incomplete = RESPONSES_STATUS.get(completion.finish, ("completed", None))
@@ -1678,7 +1786,14 @@ def block_prefix(kind):
     return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_"}[kind]
 
 
-class ResponsesStreamEncoder:
+class OpenItem(NamedTuple):
+    kind: str           # "text" | "reasoning" | "tool_call"
+    item_id: str
+    index: int          # output_index
+    call_id: str        # tool calls: the call whose argument deltas belong here
+
+
+class ResponsesStreamEncoder(StreamEncoder):
     """Events -> Responses SSE, in the documented order, numbered by sequence_number. The final
     response object is built from the same folded events as a non-streaming answer."""
 
@@ -1686,53 +1801,55 @@ class ResponsesStreamEncoder:
         self.frontend, self.request, self.exchange = frontend, request, exchange
         self.completion = Completion()
         self.sequence = 0
-        self.open = None       # (kind, item id, output index, key) of the open output item
+        self.open = None       # the OpenItem being streamed
         self.texts = []
         self.streamed_args = False
 
     def _event(self, name, payload):
         payload = dict(type=name, sequence_number=self.sequence, **payload)
         self.sequence += 1
-        return "event: " + name + "\ndata: " + json_dumps(payload) + "\n\n"
+        self.out.append("event: " + name + "\ndata: " + json_dumps(payload) + "\n\n")
 
     def _snapshot(self, status, error=None):
-        return self.frontend.response_object(self.request, self.exchange, self.completion, status, error)
+        return self.frontend.response_object(self.request, self.exchange, self.completion, status,
+                                             error)
 
     def start(self):
+        self.out = []
         snapshot = self._snapshot("in_progress")
-        return (self._event("response.created", {"response": snapshot}) +
-                self._event("response.in_progress", {"response": snapshot})).encode("utf-8", "replace")
+        self._event("response.created", {"response": snapshot})
+        self._event("response.in_progress", {"response": snapshot})
+        return "".join(self.out).encode("utf-8", "replace")
 
-    def _close(self, out):
+    def _where(self, **more):
+        return dict(item_id=self.open.item_id, output_index=self.open.index, **more)
+
+    def _close(self):
         if self.open is None:
             return
-        kind, item_id, index, key = self.open
         text = "".join(self.texts)
-        if kind == "text":
-            part = {"type": "output_text", "text": text, "annotations": []}
-            out.append(self._event("response.output_text.done", {"item_id": item_id, "output_index": index,
-                                                                 "content_index": 0, "text": text, "logprobs": []}))
-            out.append(self._event("response.content_part.done", {"item_id": item_id, "output_index": index,
-                                                                  "content_index": 0, "part": part}))
-        elif kind == "reasoning":
-            part = {"type": "summary_text", "text": text}
-            out.append(self._event("response.reasoning_summary_text.done", {
-                "item_id": item_id, "output_index": index, "summary_index": 0, "text": text}))
-            out.append(self._event("response.reasoning_summary_part.done", {
-                "item_id": item_id, "output_index": index, "summary_index": 0, "part": part}))
+        if self.open.kind == "text":
+            self._event("response.output_text.done",
+                        self._where(content_index=0, text=text, logprobs=[]))
+            self._event("response.content_part.done", self._where(
+                content_index=0, part={"type": "output_text", "text": text, "annotations": []}))
+        elif self.open.kind == "reasoning":
+            self._event("response.reasoning_summary_text.done",
+                        self._where(summary_index=0, text=text))
+            self._event("response.reasoning_summary_part.done", self._where(
+                summary_index=0, part={"type": "summary_text", "text": text}))
         else:
-            arguments = self.completion.blocks[index][3]
-            out.append(self._event("response.function_call_arguments.done", {
-                "item_id": item_id, "output_index": index, "arguments": arguments}))
-        item = self._snapshot("in_progress")["output"][index]
-        out.append(self._event("response.output_item.done", {"output_index": index, "item": item}))
+            arguments = self.completion.blocks[self.open.index].arguments
+            self._event("response.function_call_arguments.done", self._where(arguments=arguments))
+        item = self._snapshot("in_progress")["output"][self.open.index]
+        self._event("response.output_item.done", {"output_index": self.open.index, "item": item})
         self.open = None
 
-    def _open(self, out, kind, key):
-        self._close(out)
+    def _open(self, kind, call_id=""):
+        self._close()
         index = len(self.completion.blocks) - 1
         item = self._snapshot("in_progress")["output"][index]
-        self.open = (kind, item["id"], index, key)
+        self.open = OpenItem(kind, item["id"], index, call_id)
         self.texts = []
         if kind == "text":
             item["status"], item["content"] = "in_progress", []
@@ -1740,70 +1857,296 @@ class ResponsesStreamEncoder:
             item["status"], item["arguments"] = "in_progress", ""
         else:
             item["summary"] = []
-        out.append(self._event("response.output_item.added", {"output_index": index, "item": item}))
+        self._event("response.output_item.added", {"output_index": index, "item": item})
         if kind == "text":
-            out.append(self._event("response.content_part.added", {
-                "item_id": item["id"], "output_index": index, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": []}}))
+            self._event("response.content_part.added", self._where(
+                content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         elif kind == "reasoning":
-            out.append(self._event("response.reasoning_summary_part.added", {
-                "item_id": item["id"], "output_index": index, "summary_index": 0,
-                "part": {"type": "summary_text", "text": ""}}))
+            self._event("response.reasoning_summary_part.added", self._where(
+                summary_index=0, part={"type": "summary_text", "text": ""}))
 
-    def encode(self, batch):
-        out = []
+    def feed(self, batch):
+        """Each event is folded into the completion first: item ids, the arguments that end a
+        tool call and the final response object all come from that one fold."""
+        blocks, dispatch = self.completion.blocks, self._dispatch
         for event in batch:
-            kind = event[0]
-            if kind in (TEXT, REASONING) and not event[1]:
-                continue
-            before = len(self.completion.blocks)
-            self.completion.add((event,))
-            grew = len(self.completion.blocks) > before
-            if kind == TEXT:
-                if grew:
-                    self._open(out, "text", None)
-                self.texts.append(event[1])
-                out.append(self._event("response.output_text.delta", {
-                    "item_id": self.open[1], "output_index": self.open[2], "content_index": 0,
-                    "delta": event[1], "logprobs": []}))
-            elif kind == REASONING:
-                if grew:
-                    self._open(out, "reasoning", None)
-                self.texts.append(event[1])
-                out.append(self._event("response.reasoning_summary_text.delta", {
-                    "item_id": self.open[1], "output_index": self.open[2], "summary_index": 0,
-                    "delta": event[1]}))
-            elif kind == TOOL_START:
-                self._open(out, "tool_call", event[1])
-                self.streamed_args = False
-            elif kind == TOOL_DELTA:
-                if self.open and self.open[3] == event[1] and event[2]:
-                    self.streamed_args = True
-                    out.append(self._event("response.function_call_arguments.delta", {
-                        "item_id": self.open[1], "output_index": self.open[2], "delta": event[2]}))
-            elif kind == TOOL_END:
-                if self.open and self.open[3] == event[1]:
-                    if not self.streamed_args:
-                        out.append(self._event("response.function_call_arguments.delta", {
-                            "item_id": self.open[1], "output_index": self.open[2], "delta": event[2]}))
-                    self._close(out)
-            elif kind == FINISH:
-                self._close(out)
-                response = self._snapshot(None)
-                self.frontend.remember(self.request, self.completion, response)
-                name = "response.completed" if response["status"] == "completed" else "response.incomplete"
-                out.append(self._event(name, {"response": response}))
-        return "".join(out).encode("utf-8", "replace")
+            before = len(blocks)
+            self.completion.feed((event,))
+            self.grew = len(blocks) > before
+            dispatch[type(event)](self, event)
 
-    def error(self, err):
-        failed = self._snapshot("failed", {"code": err.code or _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
-                                           "message": err.message})
-        return self._event("response.failed", {"response": failed}).encode("utf-8", "replace")
+    def _text_delta(self, event, kind, name, index_field):
+        if event.text:
+            if self.grew:
+                self._open(kind)
+            self.texts.append(event.text)
+            self._event(name, self._where(delta=event.text, **index_field))
+
+    def on_text(self, event):
+        self._text_delta(event, "text", "response.output_text.delta",
+                         {"content_index": 0, "logprobs": []})
+
+    def on_reasoning(self, event):
+        self._text_delta(event, "reasoning", "response.reasoning_summary_text.delta",
+                         {"summary_index": 0})
+
+    def on_tool_start(self, event):
+        self._open("tool_call", event.call_id)
+        self.streamed_args = False
+
+    def _arguments_delta(self, fragment):
+        self._event("response.function_call_arguments.delta", self._where(delta=fragment))
+
+    def on_tool_delta(self, event):
+        if self.open and self.open.call_id == event.call_id and event.fragment:
+            self.streamed_args = True
+            self._arguments_delta(event.fragment)
+
+    def on_tool_end(self, event):
+        if self.open and self.open.call_id == event.call_id:
+            if not self.streamed_args:
+                self._arguments_delta(event.arguments)
+            self._close()
+
+    def on_finish(self, event):
+        self._close()
+        response = self._snapshot(None)
+        self.frontend.remember(self.request, self.completion, response)
+        name = "response.completed" if response["status"] == "completed" else "response.incomplete"
+        self._event(name, {"response": response})
+
+    def on_error(self, event):
+        err = event.error
+        failed = self._snapshot("failed", {
+            "code": err.code or _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
+            "message": err.message})
+        self._event("response.failed", {"response": failed})
 
 
 
 # =====================================================================================
-# 6. Backend: Command Code (POST /alpha/generate, NDJSON), spoken as the official CLI 1.64 does
+# 6. Pipeline: attempts, retries, guards, usage, commit, keep-alive
+#
+# The one place a request runs through the backend, the same for every front end and backend.
+# It never sees a socket: the HTTP side hands it a client with six methods -- gone(),
+# start_stream(headers), send(bytes), end_stream(), send_answer(body, headers) and
+# send_failure(err, frontend) -- and the backend reports back through the Exchange.
+# =====================================================================================
+
+class ClientGone(Exception):
+    """The client closed its connection (or stopped reading past the socket timeout)."""
+
+
+CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
+
+
+class Exchange:
+    """One model request in the pipeline: what the backend needs besides the canonical Request,
+    and what it reports back (response headers, cost, usage) for the client and the metrics."""
+
+    def __init__(self, request_id, frontend, credential, tick):
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.response_id = frontend.id_prefix + uuid.uuid4().hex[:24]
+        self.trace_id = secrets.token_hex(16)   # shared by every attempt of this request
+        self.tick = tick                       # a backend yields an empty batch at least this often
+        self.credential = credential
+        self.input_estimate = 0
+        self.committed = False                 # status line sent: no more retries or HTTP statuses
+        self.produced = False                  # any content event seen in the current attempt
+        self.next_client_check = 0.0           # monotonic time of the next "is the client still there"
+        self.last_write = time.monotonic()
+        self.response_headers = {}             # set by the backend (e.g. X-Claude-Cost-Usd)
+        self.cost_usd = None                   # what the backend says this request cost
+        self.usage = None                      # the answer's final usage, once known
+        self.status = None                     # 499 when the client left before the status line
+
+
+class StreamedAnswer:
+    """An SSE answer: the status line goes out with the first event or keep-alive, then each
+    batch as the encoder renders it; a failure after that is an in-stream error event."""
+
+    def __init__(self, pipeline, frontend, request, exchange, client):
+        self.pipeline, self.frontend, self.request = pipeline, frontend, request
+        self.exchange, self.client = exchange, client
+        self.encoder = frontend.stream_encoder(request, exchange)
+        self.keepalive_every = pipeline.config["keepAliveIntervalMs"] / 1000
+
+    def attempt(self):
+        pass   # nothing reaches the encoder before the commit, after which no attempt follows
+
+    def _send(self, data):
+        if data:
+            self.client.send(data)
+            self.exchange.last_write = time.monotonic()
+
+    def _commit(self):
+        self.client.start_stream(self.pipeline.response_headers(self.request, self.exchange))
+        self.exchange.committed = True
+        self._send(self.encoder.start())
+
+    def take(self, batch):
+        if not batch:
+            if time.monotonic() - self.exchange.last_write >= self.keepalive_every:
+                if not self.exchange.committed:
+                    self._commit()
+                self._send(self.frontend.keepalive)
+            return
+        if not self.exchange.committed:
+            self._commit()
+        self._send(self.encoder.encode(batch))
+
+    def fail(self, err):
+        self._send(self.encoder.encode([ErrorEvent(err)]))
+        self.client.end_stream()
+
+    def complete(self):
+        self.client.end_stream()
+
+
+class FoldedAnswer:
+    """A JSON answer: each attempt's events folded into a fresh Completion, rendered at the end."""
+
+    def __init__(self, pipeline, frontend, request, exchange, client):
+        self.pipeline, self.frontend, self.request = pipeline, frontend, request
+        self.exchange, self.client = exchange, client
+        self.completion = None
+
+    def attempt(self):
+        self.completion = Completion()
+
+    def take(self, batch):
+        self.completion.feed(batch)
+
+    def complete(self):
+        self.exchange.usage = self.completion.usage
+        body = self.frontend.render(self.completion, self.request, self.exchange)
+        self.client.send_answer(body, self.pipeline.response_headers(self.request, self.exchange))
+
+
+class Pipeline:
+    """Runs a decoded request through the backend and answers the client in the front end's
+    protocol: admission (maxInFlight), attempts with retries while nothing has reached the
+    client, the zero-output guard, the client-gone watch, usage accounting and the rule that an
+    error after the status line is an in-stream error event, never a fake normal ending."""
+
+    def __init__(self, config, backend, metrics):
+        self.config, self.backend, self.metrics = config, backend, metrics
+        self.inflight = Slots(config["maxInFlight"])
+        self.tick = min(CLIENT_CHECK_SECONDS, config["keepAliveIntervalMs"] / 1000)
+
+    def exchange(self, frontend, request_id, credential):
+        return Exchange(request_id, frontend, credential, self.tick)
+
+    def run(self, frontend, request, exchange, client):
+        with self.inflight.held() as admitted:
+            if not admitted:
+                return client.send_failure(ProxyError(
+                    503, "overloaded", "too many requests in flight (maxInFlight=%d); retry shortly"
+                    % self.inflight.limit, retry_after=1), frontend)
+            self.metrics.gauge("in_flight", {}, 1)
+            exchange.input_estimate = estimate_request_tokens(request)
+            kind = StreamedAnswer if request.stream else FoldedAnswer
+            try:
+                self._answer(kind(self, frontend, request, exchange, client), exchange)
+            except ClientGone:
+                self.metrics.count("client_disconnects_total", {})
+                if not exchange.committed:
+                    exchange.status = 499   # nginx's "client closed request", for the access log
+                raise
+            finally:
+                self.metrics.gauge("in_flight", {}, -1)
+                self._account(request, exchange)
+
+    def _answer(self, answer, exchange):
+        try:
+            self._attempts(answer, exchange)
+        except ProxyError as err:
+            if not exchange.committed:
+                return answer.client.send_failure(err, answer.frontend)
+            log.warning("%s failed after output started: %s %s", exchange.request_id, err.status,
+                        err.kind)
+            return answer.fail(err)
+        answer.complete()
+
+    def _attempts(self, answer, exchange):
+        """Run the backend, retrying failures while nothing has reached the client."""
+        retries = self.config["upstreamRetries"]
+        attempt = 0
+        while True:
+            answer.attempt()
+            exchange.produced = False   # what an earlier, failed attempt produced is not this one's
+            events = self.backend.stream(answer.request, exchange)
+            try:
+                for batch in events:
+                    self._watch_client(answer.client, exchange)
+                    if batch:
+                        self._check(exchange, batch)
+                    answer.take(batch)
+                return
+            except ProxyError as err:
+                self.metrics.count("upstream_errors_total", {"kind": err.kind})
+                if err.kind == "timeout":
+                    self.metrics.count("upstream_timeouts_total", {})
+                if not err.retryable or exchange.committed or attempt >= retries:
+                    raise
+            finally:
+                events.close()
+            attempt += 1
+            self.metrics.count("upstream_retries_total", {})
+            self._back_off(attempt, answer.client)
+
+    def _back_off(self, attempt, client):
+        backoff = self.config["upstreamRetryBackoffMs"] / 1000
+        deadline = time.monotonic() + min(2.0, backoff * 2 ** (attempt - 1))
+        while time.monotonic() < deadline:
+            if client.gone():
+                raise ClientGone()
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    @staticmethod
+    def _watch_client(client, exchange):
+        """Raise ClientGone once the client has hung up; looks at most every CLIENT_CHECK_SECONDS,
+        whether the upstream is silent (empty batches come that often) or talking."""
+        now = time.monotonic()
+        if now >= exchange.next_client_check:
+            exchange.next_client_check = now + CLIENT_CHECK_SECONDS
+            if client.gone():
+                raise ClientGone()
+
+    @staticmethod
+    def _check(exchange, batch):
+        """The zero-output guard (a finish with nothing before it is an error, not an empty 200),
+        and the usage a backend reports just before Finish (only a last batch is looked into)."""
+        if not exchange.produced:
+            for event in batch:
+                if isinstance(event, CONTENT_EVENTS):
+                    exchange.produced = True
+                    break
+                if type(event) is Finish:
+                    raise ProxyError(502, "upstream", "the backend finished without any output",
+                                     retry_after=10, retryable=True, code="empty_response")
+        if type(batch[-1]) is Finish:
+            exchange.usage = next((e.usage for e in batch if type(e) is UsageEvent), exchange.usage)
+
+    @staticmethod
+    def response_headers(request, exchange):
+        headers = dict(exchange.response_headers)
+        if request.dropped_tools:
+            names = ",".join(re.sub(r"[^\x21-\x7e]", "_", n) for n in request.dropped_tools)
+            headers["x-cc-proxy-dropped-tools"] = names[:1000]
+        return headers
+
+    def _account(self, request, exchange):
+        usage = exchange.usage
+        if usage:
+            for kind, value in (("input", usage.input), ("cached", usage.cache_read),
+                                ("output", usage.output)):
+                self.metrics.count("tokens_total", {"model": request.model, "kind": kind}, value)
+
+
+# =====================================================================================
+# 7. Backend: Command Code (POST /alpha/generate, NDJSON), spoken as the official CLI 1.64 does
 # =====================================================================================
 
 PINNED_CC_VERSION = "1.64.0"   # known-good x-command-code-version when npm cannot be reached
@@ -2415,24 +2758,24 @@ class CommandCodeStreamDecoder:
         return text if isinstance(text, str) else ""
 
     def _text(self, event, batch):
-        batch.append((TEXT, self._delta_text(event)))
+        batch.append(TextDelta(self._delta_text(event)))
 
     def _reasoning(self, event, batch):
-        batch.append((REASONING, self._delta_text(event)))
+        batch.append(ReasoningDelta(self._delta_text(event)))
 
     def _tool_start(self, event, batch):
         call_id = str(event.get("id") or event.get("toolCallId") or new_id("call_"))
         if event.get("providerExecuted") or call_id in self.tools:
             return
         self.tools[call_id] = ""
-        batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
+        batch.append(ToolCallStart(call_id, str(event.get("toolName") or "")))
 
     def _tool_delta(self, event, batch):
         call_id = str(event.get("id") or event.get("toolCallId"))
         delta = event.get("delta", event.get("inputTextDelta"))
         if self.tools.get(call_id) is not None and isinstance(delta, str) and delta:
             self.tools[call_id] += delta
-            batch.append((TOOL_DELTA, call_id, delta))
+            batch.append(ToolCallDelta(call_id, delta))
 
     def _tool_call(self, event, batch):
         if event.get("providerExecuted"):
@@ -2445,11 +2788,11 @@ class CommandCodeStreamDecoder:
             arguments = json_dumps(arguments if arguments is not None else {})
         if call_id not in self.tools:
             self.tools[call_id] = ""
-            batch.append((TOOL_START, call_id, str(event.get("toolName") or "")))
+            batch.append(ToolCallStart(call_id, str(event.get("toolName") or "")))
         streamed = self.tools[call_id]
         if streamed and decoded_arguments(streamed) == decoded_arguments(arguments):
             arguments = streamed  # the same bytes the client already saw as deltas
-        batch.append((TOOL_END, call_id, arguments))
+        batch.append(ToolCallEnd(call_id, arguments))
 
     def _finish_step(self, event, batch):
         self.step_usage = cc_usage(event.get("usage")) or self.step_usage
@@ -2465,8 +2808,8 @@ class CommandCodeStreamDecoder:
             finish = "stop_sequence"
             stop_sequence = self.request.stop[0] if len(self.request.stop) == 1 else None
         self.finished = True
-        batch.append((USAGE, usage))
-        batch.append((FINISH, finish, stop_sequence))
+        batch.append(UsageEvent(usage))
+        batch.append(Finish(finish, stop_sequence))
 
     def _error(self, event, batch):
         raise stream_error(event.get("error"))
@@ -2751,7 +3094,7 @@ class CommandCodeBackend:
 
 
 # =====================================================================================
-# 7. Backend: Claude Code CLI (the local `claude` binary, stream-json in and out)
+# 8. Backend: Claude Code CLI (the local `claude` binary, stream-json in and out)
 #
 # One CLI process per request: `claude -p --input-format stream-json --output-format
 # stream-json --verbose --include-partial-messages ...`, the user turn written to stdin as one
@@ -3257,7 +3600,7 @@ class ClaudeStreamDecoder:
     def __init__(self, use_deltas=True, tool_notes=True):
         self.use_deltas = use_deltas
         self.tool_notes = tool_notes
-        self.answer = []            # every TEXT emitted: what the client will echo back
+        self.answer = []            # every TextDelta emitted: what the client will echo back
         self.last_text = ""
         self.last_reasoning = ""
         self.produced = False
@@ -3291,14 +3634,14 @@ class ClaudeStreamDecoder:
                 sep = "\n\n"
             text = sep + text
         self.continuation = False
-        out.append((TEXT, text))
+        out.append(TextDelta(text))
         self.answer.append(text)
         self.last_text = text
         self.produced = True
 
     def _reasoning(self, out, text):
         if text:
-            out.append((REASONING, text))
+            out.append(ReasoningDelta(text))
             self.last_reasoning = text
             self.produced = True
 
@@ -3313,7 +3656,7 @@ class ClaudeStreamDecoder:
             model = model.replace("[1m]", "")
             if model != self.model:
                 self.model = model
-                out.append((MODEL, model))
+                out.append(ModelUsed(model))
 
     # -- lines
     def feed(self, line):
@@ -3377,7 +3720,7 @@ class ClaudeStreamDecoder:
             elif dtype == "thinking_delta":
                 self._reasoning(out, delta.get("thinking") or "")
             elif dtype == "signature_delta" and delta.get("signature"):
-                out.append((SIGNATURE, delta["signature"]))
+                out.append(ReasoningSignature(delta["signature"]))
                 self.last_reasoning = "\n"
         elif kind == "content_block_stop":
             self.open_text = None
@@ -3415,7 +3758,7 @@ class ClaudeStreamDecoder:
                     continue   # streamed already, signature included
                 self._reasoning(out, block.get("thinking") or "")
                 if block.get("signature") and block.get("thinking"):
-                    out.append((SIGNATURE, block["signature"]))
+                    out.append(ReasoningSignature(block["signature"]))
                     self.last_reasoning = "\n"
 
     def _assistant_text(self, out, message_id, text):
@@ -3730,7 +4073,7 @@ class ClaudeCodeBackend:
     def stream(self, request, exchange):
         plan = request.options.get("claude") or self.plan(request)
         if plan["reply"] is not None:
-            yield [(MODEL, request.model), (TEXT, plan["reply"]), (USAGE, Usage()), (FINISH, "stop", None)]
+            yield [ModelUsed(request.model), TextDelta(plan["reply"]), UsageEvent(Usage()), Finish("stop")]
             return
         tick = exchange.tick
         held = []            # (key, lock) pairs this request holds
@@ -3775,7 +4118,8 @@ class ClaudeCodeBackend:
             self._remember(plan, request, decoder, session_id, held)
             cost = decoder.result.get("total_cost_usd")
             if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-                request.options.setdefault("response_headers", {})["X-Claude-Cost-Usd"] = "%.6f" % cost
+                exchange.cost_usd = cost
+                exchange.response_headers["X-Claude-Cost-Usd"] = "%.6f" % cost
                 self.metrics.count("claude_cost_usd_total", {}, cost)
             log.info("%s claude session=%s %s turns=%s cost_usd=%s duration_ms=%s", exchange.request_id,
                      session_id, "resumed" if resume else "new", decoder.result.get("num_turns"),
@@ -3868,7 +4212,7 @@ class ClaudeCodeBackend:
     def _pump(self, proc, decoder, request, tick):
         """Lines -> batches until the result line (or EOF); [] while the CLI is silent.
         Returns the exit code when the CLI ended without a result, else None."""
-        held = decoder.held   # non-content events (the model) wait for content: a bare MODEL batch
+        held = decoder.held   # non-content events (the model) wait for content: a bare ModelUsed batch
         wall = self.config["claudeTimeoutMs"] / 1000  # would commit the response before an error
         idle = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
         last_line = last_yield = time.monotonic()
@@ -3972,8 +4316,8 @@ class ClaudeCodeBackend:
         if not decoder.answer:
             text = result.get("result") if isinstance(result.get("result"), str) else ""
             decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)", True)
-        out.append((USAGE, claude_usage(result)))
-        out.append((FINISH, finish, None))
+        out.append(UsageEvent(claude_usage(result)))
+        out.append(Finish(finish))
         return out
 
     def _remember(self, plan, request, decoder, session_id, held):
@@ -4026,7 +4370,7 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 
 
 # =====================================================================================
-# 8. HTTP server: routing, auth, CORS, request ids, streaming writer, limits, metrics
+# 9. HTTP server: routing, auth, CORS, request ids, streaming writer, limits, metrics
 # =====================================================================================
 
 class Metrics:
@@ -4093,29 +4437,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class ClientGone(Exception):
-    """The client closed its connection (or stopped reading past the socket timeout)."""
-
-
-class Exchange:
-    """What one HTTP request carries through the pipeline besides the canonical Request."""
-
-    def __init__(self, request_id, frontend, tick):
-        self.request_id = request_id
-        self.created = int(time.time())
-        self.response_id = frontend.id_prefix + uuid.uuid4().hex[:24]
-        self.trace_id = secrets.token_hex(16)   # shared by every attempt of this request
-        self.tick = tick
-        self.credential = None
-        self.input_estimate = 0
-        self.committed = False                 # status line sent: no more retries or HTTP statuses
-        self.produced = False                  # any content event seen in the current attempt
-        self.next_client_check = 0.0           # monotonic time of the next "is the client still there"
-        self.started = time.monotonic()
-        self.first_byte = None
-
-
-CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\r?\n")
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -4202,8 +4523,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.bytes_sent = 0
         self.route_name = "-"
         self.model_name = "-"
-        self.usage = None
+        self.exchange = None   # a model request's, once decoded
         self.first_byte = None
+        self.chunked = True
         self.request_id = None
         if not self.server.connections.wait_for_request(self):
             self.close_connection = True   # the server is draining: no new request on this one
@@ -4212,6 +4534,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         except (ConnectionError, socket.timeout):
             self.close_connection = True
+        if self.exchange and not self.status_sent:
+            self.status_sent = self.exchange.status
         if self.request_id and self.status_sent:
             self._access_log()
 
@@ -4227,7 +4551,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         if self.server.connections.draining:   # read after the drain began: an answer to retry on
             self.close_connection = True
-            self._send_error(ProxyError(503, "api_error", "cc-proxy is shutting down; retry the request",
+            self.send_failure(ProxyError(503, "api_error", "cc-proxy is shutting down; retry the request",
                                         retry_after=1, code="shutting_down"))
             return False
         return True
@@ -4245,7 +4569,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # else http.server writes no status line at all
         try:
-            self._send_error(ProxyError(code, "invalid_request", message or "bad request"))
+            self.send_failure(ProxyError(code, "invalid_request", message or "bad request"))
         except OSError:
             pass
 
@@ -4287,7 +4611,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
         self.bytes_sent += len(data)
 
-    def _send_error(self, err, frontend=None):
+    def send_failure(self, err, frontend=None):
         """Before the status line: a real HTTP status, in the client protocol's error shape."""
         headers = err.headers()
         if frontend is None:
@@ -4349,23 +4673,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _too_large(limit):
         return ProxyError(413, "request_too_large", "request body is larger than maxBodyBytes (%d bytes)" % limit)
 
-    def _watch_client(self, exchange):
-        """Raise ClientGone once the client has hung up; looks at most every CLIENT_CHECK_SECONDS,
-        whether the upstream is silent (empty batches come that often) or talking."""
-        now = time.monotonic()
-        if now >= exchange.next_client_check:
-            exchange.next_client_check = now + CLIENT_CHECK_SECONDS
-            if self._client_gone():
-                raise ClientGone()
-
-    def _client_gone(self):
-        """True once the client has closed its side."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
     # ---- routing ----------------------------------------------------------------------
     def do_OPTIONS(self):
         origin = self.server.config["corsOrigin"]
@@ -4413,13 +4720,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path), allow=allow)
             handler(self, path[len(route.path):])
         except ProxyError as err:
-            self._send_error(err)
+            self.send_failure(err)
         except (ClientGone, ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
             log.exception("request %s failed", self.request_id)
             if not self.status_sent:
-                self._send_error(ProxyError(500, "api_error", "internal proxy error (request id %s)"
+                self.send_failure(ProxyError(500, "api_error", "internal proxy error (request id %s)"
                                             % self.request_id))
             self.close_connection = True
 
@@ -4458,7 +4765,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(200, frontend.model_object(models[0], backend.name))
         return self.send_json(200, frontend.model_list(models, backend.name))
 
-    # ---- the model pipeline -----------------------------------------------------------
+    # ---- model requests: decode, then the pipeline answers through the methods below -----
     def model_request(self, frontend):
         server = self.server
         self.route_name = frontend.name
@@ -4470,182 +4777,51 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             request.working_dir = self.headers.get("x-working-dir")
             server.backend.prepare(request)
         except ProxyError as err:
-            return self._send_error(err, frontend)
+            return self.send_failure(err, frontend)
         self.model_name = request.model
-        with server.inflight.held() as admitted:
-            if not admitted:
-                return self._send_error(ProxyError(
-                    503, "overloaded", "too many requests in flight (maxInFlight=%d); retry shortly"
-                    % server.inflight.limit, retry_after=1), frontend)
-            server.metrics.gauge("in_flight", {}, 1)
-            try:
-                exchange = Exchange(self.request_id, frontend,
-                                    min(CLIENT_CHECK_SECONDS, server.config["keepAliveIntervalMs"] / 1000))
-                exchange.credential = credential
-                exchange.input_estimate = estimate_request_tokens(request)
-                if request.stream:
-                    self._stream_answer(frontend, request, exchange)
-                else:
-                    self._folded_answer(frontend, request, exchange)
-            finally:
-                server.metrics.gauge("in_flight", {}, -1)
+        self.exchange = server.pipeline.exchange(frontend, self.request_id, credential)
+        server.pipeline.run(frontend, request, self.exchange, self)
 
-    def _extra_headers(self, request):
-        headers = dict(request.options.get("response_headers") or {})
-        if request.dropped_tools:
-            names = ",".join(re.sub(r"[^\x21-\x7e]", "_", n) for n in request.dropped_tools)
-            headers["x-cc-proxy-dropped-tools"] = names[:1000]
-        return headers
-
-    def _attempts(self, request, exchange, sink_for_attempt):
-        """Run the backend, retrying failures while nothing has reached the client."""
-        server = self.server
-        retries = server.config["upstreamRetries"]
-        attempt = 0
-        while True:
-            sink = sink_for_attempt()
-            exchange.produced = False   # what an earlier, failed attempt produced is not this one's
-            events = server.backend.stream(request, exchange)
-            try:
-                for batch in events:
-                    sink(batch)
-                return
-            except ProxyError as err:
-                server.metrics.count("upstream_errors_total", {"kind": err.kind})
-                if err.kind == "timeout":
-                    server.metrics.count("upstream_timeouts_total", {})
-                if not err.retryable or exchange.committed or attempt >= retries:
-                    raise
-            finally:
-                events.close()
-            attempt += 1
-            server.metrics.count("upstream_retries_total", {})
-            backoff = server.config["upstreamRetryBackoffMs"] / 1000
-            deadline = time.monotonic() + min(2.0, backoff * 2 ** (attempt - 1))
-            while time.monotonic() < deadline:
-                if self._client_gone():
-                    raise ClientGone()
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-
-    def _check_output(self, exchange, batch):
-        """Zero-output guard: a finish with nothing before it is an error, not an empty 200."""
-        for event in batch:
-            if event[0] in CONTENT_EVENTS:
-                exchange.produced = True
-                return
-            if event[0] == FINISH:
-                raise ProxyError(502, "upstream", "the backend finished without any output", retry_after=10,
-                                 retryable=True, code="empty_response")
-
-    def _note_usage(self, batch):
-        """For the access log and metrics. Backends report usage just before FINISH, so only the
-        last batch of a stream is looked at (not every event of every batch)."""
-        if batch[-1][0] == FINISH:
-            for event in batch:
-                if event[0] == USAGE:
-                    self.usage = event[1]
-
-    def _stream_answer(self, frontend, request, exchange):
-        encoder = frontend.stream_encoder(request, exchange)
-        chunked = self.request_version != "HTTP/1.0"
-        keepalive_every = self.server.config["keepAliveIntervalMs"] / 1000
-        last_write = [time.monotonic()]
-
-        def write(data):
-            if not data:
-                return
-            framed = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
-            try:   # the status line waits in the buffer and goes out with the first event: one send
-                self.wfile.write(framed)
-                self.wfile.flush()
-            except (OSError, ValueError):
-                raise ClientGone() from None
-            self.bytes_sent += len(data)
-            last_write[0] = time.monotonic()
-            if self.first_byte is None:
-                self.first_byte = time.monotonic()
-
-        def commit():
-            if not chunked:
-                self.close_connection = True
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            if chunked:
-                headers["Transfer-Encoding"] = "chunked"
-            headers.update(self._extra_headers(request))
-            self._send_head(200, "text/event-stream; charset=utf-8", None, headers)
-            exchange.committed = True
-            write(encoder.start())
-
-        def sink(batch):
-            self._watch_client(exchange)
-            if not batch:
-                if time.monotonic() - last_write[0] >= keepalive_every:
-                    if not exchange.committed:
-                        commit()
-                    write(frontend.keepalive)
-                return
-            if not exchange.produced:
-                self._check_output(exchange, batch)
-            if not exchange.committed:
-                commit()
-            self._note_usage(batch)
-            write(encoder.encode(batch))
-
+    def gone(self):
+        """True once the client has closed its side."""
         try:
-            self._attempts(request, exchange, lambda: sink)
-        except ProxyError as err:
-            if not exchange.committed:
-                return self._send_error(err, frontend)
-            self._log_failure(err)
-            try:
-                write(encoder.error(err))
-            except ClientGone:
-                self.close_connection = True
-                return
-        except ClientGone:
-            self.close_connection = True
-            self.server.metrics.count("client_disconnects_total", {})
-            if not exchange.committed:
-                self.status_sent = 499  # nginx's "client closed request", for the access log only
-            return
-        if chunked:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def start_stream(self, headers):
+        self.chunked = self.request_version != "HTTP/1.0"
+        if not self.chunked:
+            self.close_connection = True   # the end of the stream is the end of the connection
+        headers = dict(headers, **{"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if self.chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        self._send_head(200, "text/event-stream; charset=utf-8", None, headers)
+
+    def send(self, data):
+        """Stream bytes; the status line waits in the buffer and leaves with the first of them."""
+        framed = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        try:
+            self.wfile.write(framed)
+            self.wfile.flush()
+        except (OSError, ValueError):
+            raise ClientGone() from None
+        self.bytes_sent += len(data)
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+
+    def end_stream(self):
+        if self.chunked:
             try:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
             except OSError:
                 self.close_connection = True
 
-    def _folded_answer(self, frontend, request, exchange):
-        completion = [None]
-
-        def new_sink():
-            completion[0] = Completion()
-            add = completion[0].add
-
-            def sink(batch):
-                self._watch_client(exchange)
-                if not batch:
-                    return
-                if not exchange.produced:
-                    self._check_output(exchange, batch)
-                add(batch)
-            return sink
-
-        try:
-            self._attempts(request, exchange, new_sink)
-        except ProxyError as err:
-            return self._send_error(err, frontend)
-        except ClientGone:
-            self.close_connection = True
-            self.status_sent = 499
-            self.server.metrics.count("client_disconnects_total", {})
-            return
-        self.usage = completion[0].usage
+    def send_answer(self, body, headers):
         self.first_byte = time.monotonic()
-        self.send_json(200, frontend.render(completion[0], request, exchange), self._extra_headers(request))
-
-    def _log_failure(self, err):
-        log.warning("%s failed after output started: %s %s", self.request_id, err.status, err.kind)
+        self.send_json(200, body, headers)
 
     def client_ip(self):
         """The peer address, or X-Forwarded-For's nearest untrusted hop when the peer is a trusted proxy."""
@@ -4670,24 +4846,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         total = time.monotonic() - self.started
         first = (self.first_byte - self.started) * 1000 if self.first_byte else None
-        usage = self.usage or Usage()
+        usage = (self.exchange and self.exchange.usage) or Usage()
         route = self.route_name
         server.metrics.count("requests_total", {"route": route, "backend": server.backend.name,
                                                 "status": self.status_sent})
-        if route in ("chat", "responses", "messages"):
+        if self.exchange:
             server.metrics.observe("request_seconds", {"route": route}, total)
             if first is not None:
                 server.metrics.observe("first_byte_seconds", {"route": route}, first / 1000)
-            if self.usage:
-                for kind, value in (("input", usage.input), ("cached", usage.cache_read), ("output", usage.output)):
-                    server.metrics.count("tokens_total", {"model": self.model_name, "kind": kind}, value)
         if not log.isEnabledFor(logging.INFO):
             return
         log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
                  "tokens_in=%d cached=%d out=%d", self.request_id, self.client_ip(), self.command,
-                 urllib.parse.urlsplit(self.path).path, server.backend.name, self.model_name, self.status_sent,
-                 self.bytes_sent, "%d" % first if first is not None else "-", total * 1000,
-                 usage.input, usage.cache_read, usage.output)
+                 urllib.parse.urlsplit(self.path).path, server.backend.name, self.model_name,
+                 self.status_sent, self.bytes_sent, "%d" % first if first is not None else "-",
+                 total * 1000, usage.input, usage.cache_read, usage.output)
 
 
 class Connections:
@@ -4764,12 +4937,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def __init__(self, config):
         self.config = config
         self.metrics = Metrics()
-        self.inflight = Slots(config["maxInFlight"])
         self.connections = Connections()
         # each server its own front ends: the Responses store (previous_response_id) is per server
         self.frontends = (ChatCompletions(), OpenAIResponses(), AnthropicMessages())
         self.routes, self.prefix_routes = route_table(self.frontends)
         self.backend = make_backend(config, self.metrics)
+        self.pipeline = Pipeline(config, self.backend, self.metrics)
         self.started_at = time.time()
         host = config["host"]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -4778,7 +4951,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         return {"status": "ok", "version": __version__, "backend": self.backend.name,
-                "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.inflight.count,
+                "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.pipeline.inflight.count,
                 **self.backend.health()}
 
     def shutdown_request(self, request):
@@ -4802,7 +4975,7 @@ def make_server(config):
 
 
 # =====================================================================================
-# 9. Command line: start, config, service, version, help
+# 10. Command line: start, config, service, version, help
 # =====================================================================================
 
 def _shown(setting, value, mask=True):
@@ -5053,10 +5226,10 @@ def command_start(args):
     server.serve_forever(poll_interval=0.25)
     # stop accepting, let requests in flight finish (up to a grace period), then stop the backend
     server.socket.close()
-    if server.inflight.count:
+    if server.pipeline.inflight.count:
         log.info("shutting down: waiting up to %d s for %d request(s) in flight", SHUTDOWN_GRACE_SECONDS,
-                 server.inflight.count)
-    server.connections.drain(server.inflight, SHUTDOWN_GRACE_SECONDS)
+                 server.pipeline.inflight.count)
+    server.connections.drain(server.pipeline.inflight, SHUTDOWN_GRACE_SECONDS)
     server.server_close()
     log.info("stopped")
     return 0

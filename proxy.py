@@ -2932,6 +2932,7 @@ class ModelList:
 class CommandCodeBackend:
     name = "commandcode"
     auth_hint = "send your Command Code key (user_...) as Authorization: Bearer or x-api-key"
+    open_model_list = True   # the catalog is listed without a key (with one, the account's too)
 
     def __init__(self, config, metrics):
         self.config = config
@@ -3911,6 +3912,7 @@ class ClaudeProcess:
 class ClaudeCodeBackend:
     name = "claude-code"
     auth_hint = "send the proxy's apiKey as Authorization: Bearer <key> or x-api-key"
+    open_model_list = False  # the proxy's own key guards every route
 
     def __init__(self, config, metrics):
         self.config = config
@@ -4474,6 +4476,56 @@ def frontend_for(frontends, path, headers):
             or next((f for f in frontends if f.spoken_by(headers)), frontends[0]))
 
 
+def read_request_body(rfile, headers, limit):
+    """A request's body, framed by Content-Length or chunked (checked with the head); ProxyError
+    413 past `limit` (what is refused is not read), 400 for a chunk that does not parse."""
+    if headers.get("transfer-encoding"):
+        return _read_chunked(rfile, limit)
+    length = int(headers.get("content-length") or 0)
+    if length > limit:
+        raise _too_large(limit)
+    data = rfile.read(length) if length else b""
+    if len(data) < length:
+        raise ClientGone()
+    return data
+
+
+def _read_chunked(rfile, limit):
+    data = bytearray()
+    while True:
+        line = rfile.readline(1024)
+        match = _CHUNK_SIZE_LINE.fullmatch(line)
+        if not match:
+            raise ClientGone() if not line else _unframed("invalid chunk size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            break
+        if len(data) + size > limit:
+            raise _too_large(limit)
+        chunk = rfile.read(size)
+        if len(chunk) < size:
+            raise ClientGone()
+        data += chunk
+        if rfile.readline(3) not in (b"\r\n", b"\n"):
+            raise _unframed("chunk data not followed by CRLF")
+    for _ in range(64):   # the trailer section, up to its empty line; trailers are ignored
+        line = rfile.readline(8192)
+        if line in (b"\r\n", b"\n"):
+            return bytes(data)
+        if not line:
+            raise ClientGone()
+    raise _unframed("too many trailer fields")
+
+
+def _unframed(message):
+    return bad_request(message + " (request body framing, RFC 9112 section 6)")
+
+
+def _too_large(limit):
+    return ProxyError(413, "request_too_large",
+                      "request body is larger than maxBodyBytes (%d bytes)" % limit)
+
+
 class SocketWriter:
     """The handlers' wfile: writes collect until flush(), so a status line, its headers and the
     first body bytes leave in one send. close() drops what a gone client was not sent."""
@@ -4513,7 +4565,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.server.connections.add(self)
 
     def log_message(self, format, *args):
-        pass  # one access line per request is written by _access_log instead
+        pass  # one access line per request is written by access_log instead
 
     def handle_one_request(self):
         self.path = "-"   # until a request line names one (the access log reads it)
@@ -4537,7 +4589,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.exchange and not self.status_sent:
             self.status_sent = self.exchange.status
         if self.request_id and self.status_sent:
-            self._access_log()
+            access_log(self)
 
     def parse_request(self):
         self.server.connections.request_started(self)
@@ -4605,8 +4657,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.body_read and headers and (headers.get("content-length", "0").strip() not in ("", "0")
                                                or headers.get("transfer-encoding")):
             self.close_connection = True  # its unread body would be taken for the next request
-        data = json_dumps(obj).encode("utf-8", "replace")
-        self._send_head(status, "application/json", len(data), extra)
+        self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"), extra)
+
+    def send_body(self, status, content_type, data, extra=None):
+        self._send_head(status, content_type, len(data), extra)
         if self.command != "HEAD":
             self.wfile.write(data)
         self.bytes_sent += len(data)
@@ -4623,55 +4677,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(status, frontend.error_body(err), headers)
 
     def read_body(self):
-        """The request body; its framing headers were checked with the head."""
-        limit = self.server.config["maxBodyBytes"]
-        if self.headers.get("transfer-encoding"):
-            data = self._read_chunked(limit)
-        else:
-            length = int(self.headers.get("content-length") or 0)
-            if length > limit:
-                self.close_connection = True  # answer without reading what we refuse
-                raise self._too_large(limit)
-            data = self.rfile.read(length) if length else b""
-            if len(data) < length:
-                raise ClientGone()
+        """The request body; its framing headers were checked with the head. After a refused
+        body the connection closes: where the next request would begin is unknown."""
+        try:
+            data = read_request_body(self.rfile, self.headers, self.server.config["maxBodyBytes"])
+        except ProxyError:
+            self.close_connection = True
+            raise
         self.body_read = True
         return data
-
-    def _read_chunked(self, limit):
-        data = bytearray()
-        while True:
-            line = self.rfile.readline(1024)
-            match = _CHUNK_SIZE_LINE.fullmatch(line)
-            if not match:
-                raise ClientGone() if not line else self._unframed("invalid chunk size line")
-            size = int(match.group(1), 16)
-            if size == 0:
-                break
-            if len(data) + size > limit:
-                self.close_connection = True
-                raise self._too_large(limit)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size:
-                raise ClientGone()
-            data += chunk
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise self._unframed("chunk data not followed by CRLF")
-        for _ in range(64):   # the trailer section, up to its empty line; trailers are ignored
-            line = self.rfile.readline(8192)
-            if line in (b"\r\n", b"\n"):
-                return bytes(data)
-            if not line:
-                raise ClientGone()
-        raise self._unframed("too many trailer fields")
-
-    def _unframed(self, message):
-        self.close_connection = True
-        return bad_request(message + " (request body framing, RFC 9112 section 6)")
-
-    @staticmethod
-    def _too_large(limit):
-        return ProxyError(413, "request_too_large", "request body is larger than maxBodyBytes (%d bytes)" % limit)
 
     # ---- routing ----------------------------------------------------------------------
     def do_OPTIONS(self):
@@ -4730,40 +4744,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             % self.request_id))
             self.close_connection = True
 
-    def _index(self, _):
-        self.send_json(200, {"name": "cc-proxy", "version": __version__,
-                              "backend": self.server.backend.name})
-
-    def _health(self, _):
-        self.send_json(200, self.server.health())
-
-    def _metrics(self, _):
-        data = self.server.metrics.render().encode()
-        self._send_head(200, "text/plain; version=0.0.4; charset=utf-8", len(data))
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
     def authenticate(self):
         return self.server.backend.authenticate(self.headers)
-
-    def _models(self, model_id):
-        model_id = urllib.parse.unquote(model_id) if model_id else None
-        backend = self.server.backend
-        key = None
-        try:
-            key = self.authenticate()
-        except ProxyError:
-            if backend.name != "commandcode":
-                raise  # the claude-code backend guards everything with its own key
-        models = backend.list_models(key)
-        if model_id is not None:
-            models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
-            if not models:
-                raise ProxyError(404, "not_found", "model %r not found" % model_id)
-        frontend = frontend_for(self.server.frontends, "/v1/models", self.headers)
-        if model_id is not None:
-            return self.send_json(200, frontend.model_object(models[0], backend.name))
-        return self.send_json(200, frontend.model_list(models, backend.name))
 
     # ---- model requests: decode, then the pipeline answers through the methods below -----
     def model_request(self, frontend):
@@ -4823,44 +4805,48 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.first_byte = time.monotonic()
         self.send_json(200, body, headers)
 
-    def client_ip(self):
-        """The peer address, or X-Forwarded-For's nearest untrusted hop when the peer is a trusted proxy."""
-        peer = self.client_address[0]
-        trusted = self.server.config["trustedProxies"]
 
-        def is_trusted(address):
-            try:
-                ip = ipaddress.ip_address(address.strip())
-            except ValueError:
-                return False
-            return any(ip in network for network in trusted)
-        if not trusted or not is_trusted(peer) or not self.headers:
-            return peer
-        hops = [h.strip() for h in self.headers.get("x-forwarded-for", "").split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not is_trusted(hop):
-                return hop
-        return hops[0] if hops else peer
+def client_ip(peer, forwarded_for, trusted):
+    """The peer address, or X-Forwarded-For's nearest untrusted hop when the peer is a trusted
+    proxy."""
+    def is_trusted(address):
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+    if not trusted or not is_trusted(peer):
+        return peer
+    hops = [h.strip() for h in (forwarded_for or "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else peer
 
-    def _access_log(self):
-        server = self.server
-        total = time.monotonic() - self.started
-        first = (self.first_byte - self.started) * 1000 if self.first_byte else None
-        usage = (self.exchange and self.exchange.usage) or Usage()
-        route = self.route_name
-        server.metrics.count("requests_total", {"route": route, "backend": server.backend.name,
-                                                "status": self.status_sent})
-        if self.exchange:
-            server.metrics.observe("request_seconds", {"route": route}, total)
-            if first is not None:
-                server.metrics.observe("first_byte_seconds", {"route": route}, first / 1000)
-        if not log.isEnabledFor(logging.INFO):
-            return
-        log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
-                 "tokens_in=%d cached=%d out=%d", self.request_id, self.client_ip(), self.command,
-                 urllib.parse.urlsplit(self.path).path, server.backend.name, self.model_name,
-                 self.status_sent, self.bytes_sent, "%d" % first if first is not None else "-",
-                 total * 1000, usage.input, usage.cache_read, usage.output)
+
+def access_log(handler):
+    """One line and the request metrics per answered request; never a key or a prompt."""
+    server, exchange = handler.server, handler.exchange
+    total = time.monotonic() - handler.started
+    first = (handler.first_byte - handler.started) * 1000 if handler.first_byte else None
+    usage = (exchange and exchange.usage) or Usage()
+    route = handler.route_name
+    server.metrics.count("requests_total", {"route": route, "backend": server.backend.name,
+                                            "status": handler.status_sent})
+    if exchange:
+        server.metrics.observe("request_seconds", {"route": route}, total)
+        if first is not None:
+            server.metrics.observe("first_byte_seconds", {"route": route}, first / 1000)
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
+             "tokens_in=%d cached=%d out=%d", handler.request_id, client_ip(
+                 handler.client_address[0], handler.headers and handler.headers.get("x-forwarded-for"),
+                 server.config["trustedProxies"]),
+             handler.command, urllib.parse.urlsplit(handler.path).path, server.backend.name,
+             handler.model_name, handler.status_sent, handler.bytes_sent,
+             "%d" % first if first is not None else "-", total * 1000, usage.input,
+             usage.cache_read, usage.output)
 
 
 class Connections:
@@ -4909,14 +4895,50 @@ class Connections:
             return self.changed.wait_for(lambda: not self.open, linger)
 
 
+# The server's own routes; each front end adds its own (FrontEnd.routes()).
+def index_route(handler, _):
+    handler.send_json(200, {"name": "cc-proxy", "version": __version__,
+                            "backend": handler.server.backend.name})
+
+
+def health_route(handler, _):
+    handler.send_json(200, handler.server.health())
+
+
+def metrics_route(handler, _):
+    data = handler.server.metrics.render().encode()
+    handler.send_body(200, "text/plain; version=0.0.4; charset=utf-8", data)
+
+
+def models_route(handler, model_id):
+    """GET /v1/models[/{id}], in the shape of the protocol the client speaks."""
+    model_id = urllib.parse.unquote(model_id) if model_id else None
+    backend = handler.server.backend
+    key = None
+    try:
+        key = handler.authenticate()
+    except ProxyError:
+        if not backend.open_model_list:
+            raise
+    models = backend.list_models(key)
+    if model_id is not None:
+        models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
+        if not models:
+            raise ProxyError(404, "not_found", "model %r not found" % model_id)
+    frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers)
+    if model_id is not None:
+        return handler.send_json(200, frontend.model_object(models[0], backend.name))
+    return handler.send_json(200, frontend.model_list(models, backend.name))
+
+
 class Route(NamedTuple):
     path: str       # the whole path, or for prefix routes what comes before a path parameter
     methods: dict   # method -> handler(request handler, the rest of the path)
 
 
-SERVER_ROUTES = [("/", "GET", ProxyHandler._index), ("/health", "GET", ProxyHandler._health),
-                 ("/metrics", "GET", ProxyHandler._metrics), ("/v1/models", "GET", ProxyHandler._models),
-                 ("/v1/models/", "GET", ProxyHandler._models)]
+SERVER_ROUTES = [("/", "GET", index_route), ("/health", "GET", health_route),
+                 ("/metrics", "GET", metrics_route), ("/v1/models", "GET", models_route),
+                 ("/v1/models/", "GET", models_route)]
 
 
 def route_table(frontends):

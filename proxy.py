@@ -828,6 +828,15 @@ class Slots:
             return self.changed.wait_for(lambda: self.count == 0, timeout)
 
 
+def append_parts(request, role, parts):
+    """Consecutive assistant or tool items (reasoning, then a function call; several results)
+    form one turn."""
+    if request.messages and request.messages[-1]["role"] == role and role != "user":
+        request.messages[-1]["parts"].extend(parts)
+    else:
+        request.messages.append({"role": role, "parts": parts})
+
+
 def new_id(prefix):
     return prefix + uuid.uuid4().hex[:24]
 
@@ -995,55 +1004,70 @@ class ChatCompletions(FrontEnd):
         if not isinstance(message, dict):
             raise bad_request("'%s' must be an object" % where, where)
         role = message.get("role")
-        content = message.get("content")
-        if role in ("system", "developer"):
-            fold_system_text(request, text_of_parts(content, where + ".content"))
-        elif role == "user":
-            request.messages.append({"role": "user", "parts": self._user_parts(content, where + ".content")})
-        elif role == "assistant":
-            parts = []
-            reasoning = message.get("reasoning_content", message.get("reasoning"))
-            if isinstance(reasoning, str) and reasoning:
-                parts.append({"type": "reasoning", "text": reasoning, "signature": None})
-            if content:
-                text = text_of_parts(content, where + ".content", ("text", "output_text", "refusal")) \
-                    if not isinstance(content, str) else content
-                if text:
-                    parts.append({"type": "text", "text": text})
-            calls = message.get("tool_calls") or []
-            if not isinstance(calls, list):
-                raise bad_request("'%s.tool_calls' must be an array" % where, where + ".tool_calls")
-            for j, call in enumerate(calls):
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise bad_request("'%s.tool_calls[%d].function.name' is required" % (where, j))
-                call_id = call.get("id") or "call_%d_%d" % (len(request.messages), j)
-                if not isinstance(call_id, str):
-                    raise bad_request("'%s.tool_calls[%d].id' must be a string" % (where, j))
-                tool_names[call_id] = fn["name"]
-                parts.append({"type": "tool_call", "id": call_id, "name": fn["name"],
-                              "arguments": arguments_object(fn.get("arguments"),
-                                                            "'%s.tool_calls[%d].function.arguments'" % (where, j))})
-            legacy = message.get("function_call")
-            if isinstance(legacy, dict) and isinstance(legacy.get("name"), str):
-                tool_names[legacy["name"]] = legacy["name"]
-                parts.append({"type": "tool_call", "id": legacy["name"], "name": legacy["name"],
-                              "arguments": arguments_object(legacy.get("arguments"), where + ".function_call")})
-            if parts:
-                request.messages.append({"role": "assistant", "parts": parts})
-        elif role in ("tool", "function"):
-            call_id = message.get("tool_call_id") or message.get("name")
-            if not isinstance(call_id, str):
-                raise bad_request("'%s.tool_call_id' is required" % where, where + ".tool_call_id")
-            part = {"type": "tool_result", "call_id": call_id, "name": tool_names.get(call_id, "unknown"),
-                    "content": text_of_parts(content, where + ".content"), "is_error": False, "images": []}
-            if request.messages and request.messages[-1]["role"] == "tool":
-                request.messages[-1]["parts"].append(part)
-            else:
-                request.messages.append({"role": "tool", "parts": [part]})
-        else:
+        decode = self.ROLES.get(role) if isinstance(role, str) else None
+        if decode is None:
             raise bad_request("'%s.role' must be system, developer, user, assistant or tool" % where,
                               where + ".role")
+        decode(self, request, message, where, tool_names)
+
+    def _system(self, request, message, where, tool_names):
+        fold_system_text(request, text_of_parts(message.get("content"), where + ".content"))
+
+    def _user(self, request, message, where, tool_names):
+        request.messages.append({"role": "user", "parts": self._user_parts(message.get("content"),
+                                                                           where + ".content")})
+
+    def _assistant(self, request, message, where, tool_names):
+        parts = []
+        reasoning = message.get("reasoning_content", message.get("reasoning"))
+        if isinstance(reasoning, str) and reasoning:
+            parts.append({"type": "reasoning", "text": reasoning, "signature": None})
+        content = message.get("content")
+        if content:
+            text = text_of_parts(content, where + ".content", ("text", "output_text", "refusal")) \
+                if not isinstance(content, str) else content
+            if text:
+                parts.append({"type": "text", "text": text})
+        parts += self._tool_calls(request, message, where, tool_names)
+        if parts:
+            request.messages.append({"role": "assistant", "parts": parts})
+
+    @staticmethod
+    def _tool_calls(request, message, where, tool_names):
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise bad_request("'%s.tool_calls' must be an array" % where, where + ".tool_calls")
+        named = []   # (where, where its function is, id, function)
+        for j, call in enumerate(calls):
+            call = call if isinstance(call, dict) else {}
+            here = "%s.tool_calls[%d]" % (where, j)
+            named.append((here, here + ".function", call.get("id"), call.get("function")))
+        legacy = message.get("function_call")   # before tool_calls: one call, named by its function
+        if isinstance(legacy, dict) and isinstance(legacy.get("name"), str):
+            named.append((where, where + ".function_call", legacy["name"], legacy))
+        parts = []
+        for j, (here, fn_where, call_id, fn) in enumerate(named):
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad_request("'%s.name' is required" % fn_where)
+            call_id = call_id or "call_%d_%d" % (len(request.messages), j)
+            if not isinstance(call_id, str):
+                raise bad_request("'%s.id' must be a string" % here)
+            tool_names[call_id] = fn["name"]
+            parts.append({"type": "tool_call", "id": call_id, "name": fn["name"], "arguments":
+                          arguments_object(fn.get("arguments"), "'%s.arguments'" % fn_where)})
+        return parts
+
+    def _tool_result(self, request, message, where, tool_names):
+        call_id = message.get("tool_call_id") or message.get("name")
+        if not isinstance(call_id, str):
+            raise bad_request("'%s.tool_call_id' is required" % where, where + ".tool_call_id")
+        append_parts(request, "tool", [{
+            "type": "tool_result", "call_id": call_id, "name": tool_names.get(call_id, "unknown"),
+            "content": text_of_parts(message.get("content"), where + ".content"), "is_error": False,
+            "images": []}])
+
+    ROLES = {"system": _system, "developer": _system, "user": _user, "assistant": _assistant,
+             "tool": _tool_result, "function": _tool_result}
 
     @staticmethod
     def _user_parts(content, where):
@@ -1336,40 +1360,47 @@ class AnthropicMessages(FrontEnd):
         for i, block in enumerate(content):
             here = "%s.content[%d]" % (where, i)
             kind = block.get("type") if isinstance(block, dict) else None
-            if kind == "text":
-                if not isinstance(block.get("text"), str):
-                    raise bad_request("'%s.text' must be a string" % here, here + ".text")
-                if block["text"]:
-                    parts.append({"type": "text", "text": block["text"]})
-            elif kind == "image" and role == "user":
-                parts.append(self._image(block, here))
-            elif kind == "tool_result" and role == "user":
-                results.append(self._tool_result(request, block, here))
-            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-                # earlier reasoning goes back upstream; its signature is ours to accept and drop
-                if kind == "thinking" and block.get("thinking"):
-                    parts.append({"type": "reasoning", "text": str(block["thinking"]),
-                                  "signature": block.get("signature")})
-            elif kind == "tool_use" and role == "assistant":
-                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                    raise bad_request("'%s' needs an id and a name" % here, here)
-                tool_input = block.get("input")
-                if isinstance(tool_input, str):
-                    tool_input = arguments_object(tool_input, "'%s.input'" % here)
-                parts.append({"type": "tool_call", "id": block["id"], "name": block["name"],
-                              "arguments": tool_input if isinstance(tool_input, dict) else {}})
-            elif kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-                          "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
-                continue  # server-executed tool traffic is not replayed (as the official CLI does)
-            elif kind == "document":
-                raise bad_request("'%s': document blocks (PDF) are not supported by this backend; send the "
-                                  "text or images of the document instead" % here, here)
-            else:
+            decode = self.BLOCKS.get((role, kind)) if isinstance(kind, str) else None
+            if decode is None:
                 raise bad_request("'%s' has unsupported type %r for role %s" % (here, kind, role), here)
+            part = decode(self, request, block, here)
+            if part is not None:
+                (results if part["type"] == "tool_result" else parts).append(part)
         if results:
             request.messages.append({"role": "tool", "parts": results})
         if parts:
             request.messages.append({"role": role, "parts": parts})
+
+    def _text_block(self, request, block, here):
+        if not isinstance(block.get("text"), str):
+            raise bad_request("'%s.text' must be a string" % here, here + ".text")
+        return {"type": "text", "text": block["text"]} if block["text"] else None
+
+    def _image_block(self, request, block, here):
+        return self._image(block, here)
+
+    def _thinking_block(self, request, block, here):
+        # earlier reasoning goes back upstream; its signature is ours to accept and drop
+        if block.get("type") == "thinking" and block.get("thinking"):
+            return {"type": "reasoning", "text": str(block["thinking"]),
+                    "signature": block.get("signature")}
+        return None
+
+    def _tool_use_block(self, request, block, here):
+        if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+            raise bad_request("'%s' needs an id and a name" % here, here)
+        tool_input = block.get("input")
+        if isinstance(tool_input, str):
+            tool_input = arguments_object(tool_input, "'%s.input'" % here)
+        return {"type": "tool_call", "id": block["id"], "name": block["name"],
+                "arguments": tool_input if isinstance(tool_input, dict) else {}}
+
+    def _server_tool_block(self, request, block, here):
+        return None  # server-executed tool traffic is not replayed (as the official CLI does)
+
+    def _document_block(self, request, block, here):
+        raise bad_request("'%s': document blocks (PDF) are not supported by this backend; send "
+                          "the text or images of the document instead" % here, here)
 
     @staticmethod
     def _image(block, where):
@@ -1406,6 +1437,18 @@ class AnthropicMessages(FrontEnd):
                     name = part["name"]
         return {"type": "tool_result", "call_id": call_id, "name": name, "content": "\n".join(texts),
                 "is_error": bool(block.get("is_error")), "images": images}
+
+    BLOCKS = {("user", "image"): _image_block, ("user", "tool_result"): _tool_result,
+              ("assistant", "thinking"): _thinking_block,
+              ("assistant", "redacted_thinking"): _thinking_block,
+              ("assistant", "tool_use"): _tool_use_block}
+    for _role in ("user", "assistant"):
+        BLOCKS[_role, "text"] = _text_block
+        BLOCKS[_role, "document"] = _document_block
+        for _kind in ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"):
+            BLOCKS[_role, _kind] = _server_tool_block
+    del _role, _kind
 
     def stream_encoder(self, request, exchange):
         return AnthropicStreamEncoder(request, exchange)
@@ -1667,73 +1710,80 @@ class OpenAIResponses(FrontEnd):
         if not isinstance(item, dict):
             raise bad_request("'%s' must be an object" % where, where)
         kind = item.get("type", "message" if "role" in item else None)
-        if kind == "message":
-            role, content = item.get("role"), item.get("content")
-            if role in ("system", "developer"):
-                fold_system_text(request, text_of_parts(content, where + ".content"))
-                return
-            if role not in ("user", "assistant"):
-                raise bad_request("'%s.role' must be user, assistant, system or developer" % where, where + ".role")
-            if isinstance(content, str):
-                content = [{"type": "input_text", "text": content}]
-            if not isinstance(content, list):
-                raise bad_request("'%s.content' must be a string or an array" % where, where + ".content")
-            parts = []
-            for j, part in enumerate(content):
-                here = "%s.content[%d]" % (where, j)
-                ptype = part.get("type") if isinstance(part, dict) else None
-                if ptype in ("input_text", "output_text", "text", "refusal"):
-                    text = part.get("text", part.get("refusal"))
-                    if not isinstance(text, str):
-                        raise bad_request("'%s.text' must be a string" % here, here + ".text")
-                    if text:
-                        parts.append({"type": "text", "text": text})
-                elif ptype == "input_image" and role == "user":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if not isinstance(url, str):
-                        raise bad_request("'%s.image_url' must be a data: or http(s) URL (file ids are not "
-                                          "supported)" % here, here + ".image_url")
-                    parts.append(data_url_image(url))
-                else:
-                    raise bad_request("'%s' has unsupported type %r" % (here, ptype), here)
-            if parts:
-                self._append(request, role, parts)
-        elif kind == "function_call":
-            call_id, name = item.get("call_id") or item.get("id"), item.get("name")
-            if not isinstance(call_id, str) or not isinstance(name, str):
-                raise bad_request("'%s' needs call_id and name" % where, where)
-            tool_names[call_id] = name
-            self._append(request, "assistant", [{"type": "tool_call", "id": call_id, "name": name, "arguments":
-                                                 arguments_object(item.get("arguments"), "'%s.arguments'" % where)}])
-        elif kind == "function_call_output":
-            call_id = item.get("call_id")
-            if not isinstance(call_id, str):
-                raise bad_request("'%s.call_id' is required" % where, where + ".call_id")
-            output = item.get("output")
-            self._append(request, "tool", [{"type": "tool_result", "call_id": call_id,
-                                            "name": tool_names.get(call_id, "unknown"),
-                                            "content": output if isinstance(output, str)
-                                            else text_of_parts(output, where + ".output"),
-                                            "is_error": False, "images": []}])
-        elif kind == "reasoning":
-            summary = item.get("summary") or []
-            text = "\n".join(s.get("text", "") for s in summary if isinstance(s, dict))
-            if text:
-                self._append(request, "assistant", [{"type": "reasoning", "text": text, "signature": None}])
-        elif kind in ("web_search_call", "file_search_call", "image_generation_call", "item_reference",
-                      "local_shell_call", "local_shell_call_output", "mcp_list_tools", "mcp_call"):
-            return  # built-in tool traffic no backend here ran: nothing to replay
-        else:
+        decode = self.ITEMS.get(kind) if isinstance(kind, str) else None
+        if decode is None:
             raise bad_request("'%s.type' %r is not supported" % (where, kind), where + ".type")
+        decode(self, request, item, where, tool_names)
+
+    def _message_item(self, request, item, where, tool_names):
+        role, content = item.get("role"), item.get("content")
+        if role in ("system", "developer"):
+            fold_system_text(request, text_of_parts(content, where + ".content"))
+            return
+        if role not in ("user", "assistant"):
+            raise bad_request("'%s.role' must be user, assistant, system or developer" % where,
+                              where + ".role")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        if not isinstance(content, list):
+            raise bad_request("'%s.content' must be a string or an array" % where, where + ".content")
+        parts = [self._content_part(part, role, "%s.content[%d]" % (where, j))
+                 for j, part in enumerate(content)]
+        parts = [part for part in parts if part is not None]
+        if parts:
+            append_parts(request, role, parts)
 
     @staticmethod
-    def _append(request, role, parts):
-        """Consecutive items of one role (reasoning, then a function_call) form one turn."""
-        if request.messages and request.messages[-1]["role"] == role and role != "user":
-            request.messages[-1]["parts"].extend(parts)
-        else:
-            request.messages.append({"role": role, "parts": parts})
+    def _content_part(part, role, here):
+        ptype = part.get("type") if isinstance(part, dict) else None
+        if ptype in ("input_text", "output_text", "text", "refusal"):
+            text = part.get("text", part.get("refusal"))
+            if not isinstance(text, str):
+                raise bad_request("'%s.text' must be a string" % here, here + ".text")
+            return {"type": "text", "text": text} if text else None
+        if ptype == "input_image" and role == "user":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise bad_request("'%s.image_url' must be a data: or http(s) URL (file ids are not "
+                                  "supported)" % here, here + ".image_url")
+            return data_url_image(url)
+        raise bad_request("'%s' has unsupported type %r" % (here, ptype), here)
+
+    def _function_call_item(self, request, item, where, tool_names):
+        call_id, name = item.get("call_id") or item.get("id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request("'%s' needs call_id and name" % where, where)
+        tool_names[call_id] = name
+        append_parts(request, "assistant", [{
+            "type": "tool_call", "id": call_id, "name": name,
+            "arguments": arguments_object(item.get("arguments"), "'%s.arguments'" % where)}])
+
+    def _function_output_item(self, request, item, where, tool_names):
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str):
+            raise bad_request("'%s.call_id' is required" % where, where + ".call_id")
+        output = item.get("output")
+        append_parts(request, "tool", [{
+            "type": "tool_result", "call_id": call_id, "name": tool_names.get(call_id, "unknown"),
+            "content": output if isinstance(output, str) else text_of_parts(output, where + ".output"),
+            "is_error": False, "images": []}])
+
+    def _reasoning_item(self, request, item, where, tool_names):
+        summary = item.get("summary")
+        text = "\n".join(str(s.get("text", "")) for s in summary if isinstance(s, dict)) \
+            if isinstance(summary, list) else ""
+        if text:
+            append_parts(request, "assistant", [{"type": "reasoning", "text": text, "signature": None}])
+
+    def _builtin_tool_item(self, request, item, where, tool_names):
+        pass  # built-in tool traffic no backend here ran: nothing to replay
+
+    ITEMS = {"message": _message_item, "function_call": _function_call_item,
+             "function_call_output": _function_output_item, "reasoning": _reasoning_item,
+             **dict.fromkeys(("web_search_call", "file_search_call", "image_generation_call",
+                              "item_reference", "local_shell_call", "local_shell_call_output",
+                              "mcp_list_tools", "mcp_call"), _builtin_tool_item)}
 
     def stream_encoder(self, request, exchange):
         return ResponsesStreamEncoder(self, request, exchange)

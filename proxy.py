@@ -23,21 +23,35 @@ Command Code, backend Claude Code CLI, HTTP server, command line.
 import os
 import sys
 
-# Python keeps the syntax tree of the script it runs (~11 MB for this file) until the script's top level
-# returns, which for a server is never; an imported module's tree is freed once compiled (and its bytecode
-# cached in __pycache__). So `start`, the one long-lived command, first re-executes itself as an import:
-# same process id, interpreter options and arguments; ~12 MB less resident memory for as long as it runs.
-# (Windows has no exec that keeps the process, and Python 3.9 no sys.orig_argv: those run as scripts.)
-if (__name__ == "__main__" and sys.argv[1:2] in ([], ["start"]) and __file__.endswith(".py")
-        and os.name == "posix" and sys.executable and hasattr(sys, "orig_argv")):
+# Python keeps the syntax tree of the script it runs (~11 MB for this file) until the script's
+# top level returns, which for a server is never; a module run with -m (or imported) has its tree
+# freed once compiled, and its bytecode cached in __pycache__. So `start`, the one long-lived
+# command, when the interpreter runs this file as its script, re-executes itself as
+# `python3 [options] -m proxy start ...`: same process id, interpreter options and arguments, a
+# command line `ps` shows plainly, ~12 MB less resident memory for as long as it runs. -m finds
+# the module in the working directory, so the exec happens from this file's directory and the
+# new process returns to the caller's at once. (Windows has no exec that keeps the process,
+# Python 3.9 no sys.orig_argv, -I/-P no working directory on sys.path: those run as scripts.)
+_REEXEC_CWD = "CC_PROXY_REEXEC_CWD"
+if __name__ == "__main__" and _REEXEC_CWD in os.environ:
+    os.chdir(os.environ.pop(_REEXEC_CWD))
+elif (__name__ == "__main__" and globals().get("__spec__") is None
+        and sys.modules["__main__"].__dict__ is globals()   # not run by cProfile, pdb, runpy
+        and sys.argv[1:2] in ([], ["start"]) and __file__.endswith(".py") and os.name == "posix"
+        and sys.executable and hasattr(sys, "orig_argv")
+        and not sys.flags.isolated and not getattr(sys.flags, "safe_path", False)):
+    _caller_cwd = None
     try:
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)], "-c",
-                                  "import importlib.util as u, os, sys; p = sys.argv.pop(1); "
-                                  "sys.path[0] = os.path.dirname(p); s = u.spec_from_file_location('proxy', p); "
-                                  "m = sys.modules['proxy'] = u.module_from_spec(s); s.loader.exec_module(m); "
-                                  "sys.exit(m.main())", os.path.abspath(__file__), *sys.argv[1:]])
+        _caller_cwd = os.getcwd()
+        os.chdir(os.path.dirname(os.path.abspath(__file__)))
+        os.environ[_REEXEC_CWD] = _caller_cwd
+        _options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+        os.execv(sys.executable, [sys.executable, *_options, "-m", os.path.basename(__file__)[:-3],
+                                  *sys.argv[1:]])
     except OSError:
-        pass  # serve on as a script: the same server, with more memory
+        os.environ.pop(_REEXEC_CWD, None)   # serve on as a script: the same server, more memory
+        if _caller_cwd:
+            os.chdir(_caller_cwd)
 
 import argparse
 import base64
@@ -5130,10 +5144,6 @@ SERVICE_NAME = "cc-proxy"
 LAUNCHD_LABEL = "com.cc-proxy"
 
 
-def current_platform():
-    return sys.platform
-
-
 def systemd_quote(arg):
     """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for specifiers)."""
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
@@ -5198,69 +5208,83 @@ def _run_tool(argv):
     return done.returncode
 
 
-def command_service(args):
-    platform = current_platform()
-    config_path = os.path.abspath(args.config or default_config_path())
-    action = args.action
-    if platform.startswith("linux"):
-        unit_path = os.path.expanduser("~/.config/systemd/user/%s.service" % SERVICE_NAME)
-        systemctl = ["systemctl", "--user"]
-        if action == "install":
-            os.makedirs(os.path.dirname(unit_path), exist_ok=True)
-            with open(unit_path, "w", encoding="utf-8") as f:
-                f.write(systemd_unit(config_path))
-            print("wrote %s" % unit_path)
-            code = _run_tool(systemctl + ["daemon-reload"]) or _run_tool(systemctl + ["enable", SERVICE_NAME])
-            if code == 0:
-                print("installed. Start it: python3 proxy.py service start\n"
-                      "To keep it running without a login session: loginctl enable-linger %s"
-                      % os.environ.get("USER", "$USER"))
-            return 1 if code else 0
-        if action == "uninstall":
-            _run_tool(systemctl + ["disable", "--now", SERVICE_NAME])
-            if os.path.exists(unit_path):
-                os.remove(unit_path)
-                print("removed %s" % unit_path)
-            return 1 if _run_tool(systemctl + ["daemon-reload"]) else 0
-        if not os.path.exists(unit_path) and action != "status":
-            print("cc-proxy: the service is not installed (python3 proxy.py service install)", file=sys.stderr)
-            return 1
-        return 1 if _run_tool(systemctl + [action, SERVICE_NAME]) else 0
-    if platform == "darwin":
-        import plistlib
-        plist_path = os.path.expanduser("~/Library/LaunchAgents/%s.plist" % LAUNCHD_LABEL)
-        domain = "gui/%d" % os.getuid()
-        target = "%s/%s" % (domain, LAUNCHD_LABEL)
-        if action == "install":
-            plist = launchd_plist(config_path)
-            os.makedirs(os.path.dirname(plist["StandardOutPath"]), exist_ok=True)
-            os.makedirs(os.path.dirname(plist_path), exist_ok=True)
-            with open(plist_path, "wb") as f:
-                plistlib.dump(plist, f)
-            print("wrote %s" % plist_path)
-            return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
-        if action == "uninstall":
-            _run_tool(["launchctl", "bootout", target])
-            if os.path.exists(plist_path):
-                os.remove(plist_path)
-                print("removed %s" % plist_path)
-            return 0
-        if not os.path.exists(plist_path):
-            print("cc-proxy: the service is not installed (python3 proxy.py service install)", file=sys.stderr)
-            return 1
-        if action == "status":
-            return 1 if _run_tool(["launchctl", "print", target]) else 0
-        if action == "stop":  # KeepAlive would restart a killed job: take it out of launchd instead
-            return 1 if _run_tool(["launchctl", "bootout", target]) else 0
-        loaded = subprocess.run(["launchctl", "print", target], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL).returncode == 0 if shutil.which("launchctl") else False
-        if not loaded:
-            return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
-        argv = ["launchctl", "kickstart", "-k", target] if action == "restart" else ["launchctl", "kickstart", target]
-        return 1 if _run_tool(argv) else 0
-    print("cc-proxy: no service manager support on %s; run `python3 proxy.py start` (e.g. from your system's "
-          "task scheduler)" % platform, file=sys.stderr)
+def systemd_service(action, config_path):
+    unit_path = os.path.expanduser("~/.config/systemd/user/%s.service" % SERVICE_NAME)
+    systemctl = ["systemctl", "--user"]
+    if action == "install":
+        os.makedirs(os.path.dirname(unit_path), exist_ok=True)
+        with open(unit_path, "w", encoding="utf-8") as f:
+            f.write(systemd_unit(config_path))
+        print("wrote %s" % unit_path)
+        code = (_run_tool(systemctl + ["daemon-reload"])
+                or _run_tool(systemctl + ["enable", SERVICE_NAME]))
+        if code == 0:
+            print("installed. Start it: python3 proxy.py service start\n"
+                  "To keep it running without a login session: loginctl enable-linger %s"
+                  % os.environ.get("USER", "$USER"))
+        return 1 if code else 0
+    if action == "uninstall":
+        _run_tool(systemctl + ["disable", "--now", SERVICE_NAME])
+        if os.path.exists(unit_path):
+            os.remove(unit_path)
+            print("removed %s" % unit_path)
+        return 1 if _run_tool(systemctl + ["daemon-reload"]) else 0
+    if not os.path.exists(unit_path) and action != "status":
+        return _not_installed()
+    return 1 if _run_tool(systemctl + [action, SERVICE_NAME]) else 0
+
+
+def _not_installed():
+    print("cc-proxy: the service is not installed (python3 proxy.py service install)",
+          file=sys.stderr)
     return 1
+
+
+def launchd_service(action, config_path):
+    import plistlib
+    plist_path = os.path.expanduser("~/Library/LaunchAgents/%s.plist" % LAUNCHD_LABEL)
+    domain = "gui/%d" % os.getuid()
+    target = "%s/%s" % (domain, LAUNCHD_LABEL)
+    if action == "install":
+        plist = launchd_plist(config_path)
+        os.makedirs(os.path.dirname(plist["StandardOutPath"]), exist_ok=True)
+        os.makedirs(os.path.dirname(plist_path), exist_ok=True)
+        with open(plist_path, "wb") as f:
+            plistlib.dump(plist, f)
+        print("wrote %s" % plist_path)
+        return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
+    if action == "uninstall":
+        _run_tool(["launchctl", "bootout", target])
+        if os.path.exists(plist_path):
+            os.remove(plist_path)
+            print("removed %s" % plist_path)
+        return 0
+    if not os.path.exists(plist_path):
+        return _not_installed()
+    if action == "status":
+        return 1 if _run_tool(["launchctl", "print", target]) else 0
+    if action == "stop":  # KeepAlive would restart a killed job: take it out of launchd instead
+        return 1 if _run_tool(["launchctl", "bootout", target]) else 0
+    loaded = shutil.which("launchctl") and subprocess.run(
+        ["launchctl", "print", target], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL).returncode == 0
+    if not loaded:
+        return 1 if _run_tool(["launchctl", "bootstrap", domain, plist_path]) else 0
+    kick = ["launchctl", "kickstart"] + (["-k"] if action == "restart" else [])
+    return 1 if _run_tool(kick + [target]) else 0
+
+
+SERVICE_MANAGERS = {"linux": systemd_service, "darwin": launchd_service}
+
+
+def command_service(args):
+    platform = "linux" if args.platform.startswith("linux") else args.platform
+    manager = SERVICE_MANAGERS.get(platform)
+    if manager is None:
+        print("cc-proxy: no service manager support on %s; run `python3 proxy.py start` (e.g. from "
+              "your system's task scheduler)" % platform, file=sys.stderr)
+        return 1
+    return manager(args.action, os.path.abspath(args.config or default_config_path()))
 
 
 def command_start(args):
@@ -5349,7 +5373,9 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv=None, platform=sys.platform):
+    """The command line; `platform` picks the service manager (systemd on linux, launchd on
+    darwin)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["start"]
     # argparse cannot take an option between nargs="*" positionals (config set --config F KEY VALUE):
     # move "--config F" (or --config=F) right behind the command word.
@@ -5362,6 +5388,7 @@ def main(argv=None):
             break
     try:
         args = build_parser().parse_args(argv)
+        args.platform = platform
         status = args.func(args)
         sys.stdout.flush()
         return status

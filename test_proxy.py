@@ -3051,19 +3051,35 @@ class TestCommandLineStart(unittest.TestCase):
         return child, port, tmp
 
     @unittest.skipUnless(os.path.exists("/proc/self/cmdline") and sys.version_info >= (3, 10), "needs /proc, 3.10+")
-    def test_start_reexecutes_itself_as_an_import_keeping_pid_options_and_arguments(self):
+    def test_start_reexecutes_itself_as_a_module_keeping_pid_options_arguments_and_cwd(self):
         child, port, tmp = self.spawn_proxy(interpreter_options=("-X", "utf8"))
         with open("/proc/%d/cmdline" % child.pid, "rb") as f:
             argv = f.read().decode().split("\0")[:-1]
-        self.assertEqual(argv[1:4], ["-X", "utf8", "-c"])  # same interpreter options, now an import
-        self.assertEqual(argv[5:], [PROXY_PY, "start", "--config",
+        # same interpreter options and arguments, now `-m proxy`: what ps shows an operator
+        self.assertEqual(argv[1:], ["-X", "utf8", "-m", "proxy", "start", "--config",
                                     os.path.join(tmp, "config.json")])
+        self.assertEqual(os.path.realpath("/proc/%d/cwd" % child.pid), os.path.realpath(tmp))
         r = http_request(port, "POST", "/v1/chat/completions",
                          {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
                          {"Authorization": "Bearer " + KEY})
         self.assertEqual(r.status, 200, r)
         child.send_signal(signal.SIGTERM)  # the pid we spawned is the server: service managers can stop it
         self.assertEqual(child.wait(10), 0)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/cmdline"), "needs /proc")
+    def test_start_under_cprofile_is_not_reexecuted_and_writes_its_profile_on_sigterm(self):
+        profile = os.path.join(ops_tempdir(self), "start.prof")
+        child, port, tmp = self.spawn_proxy(interpreter_options=("-m", "cProfile", "-o", profile))
+        with open("/proc/%d/cmdline" % child.pid, "rb") as f:
+            argv = f.read().decode().split("\0")[:-1]
+        self.assertEqual(argv[1:6], ["-m", "cProfile", "-o", profile, PROXY_PY])
+        r = http_request(port, "POST", "/v1/chat/completions",
+                         {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+                         {"Authorization": "Bearer " + KEY})
+        self.assertEqual(r.status, 200, r)
+        child.send_signal(signal.SIGTERM)
+        child.wait(10)
+        self.assertGreater(os.path.getsize(profile), 1000)
 
     def test_start_serves_from_config_file_and_logs_no_secrets(self):
         log_file = os.path.join(tempfile.gettempdir(), "cc-proxy-test-%s.log" % uuid.uuid4().hex)
@@ -3123,7 +3139,7 @@ def ops_run(args, env=None, timeout=OPS_TIMEOUT):
                           text=True, timeout=timeout)
 
 
-def ops_main(args, env=None):
+def ops_main(args, env=None, platform=sys.platform):
     """proxy.main(ARGS) in this process, with os.environ replaced by `env` -> CompletedProcess (text).
 
     The same code path as the subprocess, ~100x cheaper: used for the checks beyond the ones the issue
@@ -3132,7 +3148,7 @@ def ops_main(args, env=None):
     with mock.patch.dict(os.environ, env or ops_clean_env(), clear=True), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = proxy.main(list(args))
+            code = proxy.main(list(args), platform=platform)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
@@ -3931,9 +3947,8 @@ class InProcessServiceCase(ServiceCase):
     platform = None
 
     def run_main(self, *args, fail=None, path=None):
-        """proxy.main([...]) with current_platform patched -> (exit code, stdout, stderr)."""
-        with mock.patch.object(proxy, "current_platform", return_value=self.platform):
-            done = ops_main(args, self.env(fail, path))
+        """proxy.main([...], platform=self.platform) -> (exit code, stdout, stderr)."""
+        done = ops_main(args, self.env(fail, path), platform=self.platform)
         return done.returncode, done.stdout, done.stderr
 
 

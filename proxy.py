@@ -4148,11 +4148,7 @@ class ClaudeCodeBackend:
         try:
             if plan["lookup"]:
                 yield from self._lock_session(plan["lookup"], held, tick)
-            if not self.cli_path:
-                self.check_cli()
-                if not self.cli_path:
-                    raise ProxyError(502, "upstream", self.cli_error or "Claude Code CLI not found",
-                                     code="cli_not_found")
+            self._require_cli()
             yield from self._take_slot(tick)
             slot = True
             entry = self.sessions.get(plan["lookup"]) if plan["lookup"] else None
@@ -4182,14 +4178,7 @@ class ClaudeCodeBackend:
                 break
             final = self._finish(decoder, rc, proc, request, resume)
             self._remember(plan, request, decoder, session_id, held)
-            cost = decoder.result.get("total_cost_usd")
-            if isinstance(cost, (int, float)) and not isinstance(cost, bool):
-                exchange.cost_usd = cost
-                exchange.response_headers["X-Claude-Cost-Usd"] = "%.6f" % cost
-                self.metrics.count("claude_cost_usd_total", {}, cost)
-            log.info("%s claude session=%s %s turns=%s cost_usd=%s duration_ms=%s", exchange.request_id,
-                     session_id, "resumed" if resume else "new", decoder.result.get("num_turns"),
-                     cost, decoder.result.get("duration_ms"))
+            self._report(exchange, decoder.result, session_id, resume)
             yield final
         finally:
             for proc in procs:
@@ -4199,6 +4188,24 @@ class ClaudeCodeBackend:
             for key, lock in reversed(held):
                 lock.release()
                 self.sessions.locks.leave(key)
+
+    def _require_cli(self):
+        if not self.cli_path:
+            self.check_cli()
+            if not self.cli_path:
+                raise ProxyError(502, "upstream", self.cli_error or "Claude Code CLI not found",
+                                 code="cli_not_found")
+
+    def _report(self, exchange, result, session_id, resume):
+        """The run's cost to the client (X-Claude-Cost-Usd) and the metrics; a log line."""
+        cost = result.get("total_cost_usd")
+        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+            exchange.cost_usd = cost
+            exchange.response_headers["X-Claude-Cost-Usd"] = "%.6f" % cost
+            self.metrics.count("claude_cost_usd_total", {}, cost)
+        log.info("%s claude session=%s %s turns=%s cost_usd=%s duration_ms=%s", exchange.request_id,
+                 session_id, "resumed" if resume else "new", result.get("num_turns"), cost,
+                 result.get("duration_ms"))
 
     def _lock_session(self, key, held, tick):
         """One request per conversation at a time; the others queue (ticking) behind it."""
@@ -5074,68 +5081,84 @@ def _shown(setting, value, mask=True):
     return str(value)
 
 
+def _setting_named(name):
+    setting = resolve_setting(name)
+    if setting is None:
+        print("cc-proxy: unknown config key %r (see: python3 proxy.py config help)" % name,
+              file=sys.stderr)
+        raise SystemExit(2)
+    return setting
+
+
+def _config_path(path, rest):
+    print(path)
+
+
+def _config_help(path, rest):
+    row = "%-24s %-28s %-8s %-28s %s"
+    print(row % ("key", "env", "type", "default", "meaning"))
+    for s in SETTINGS:
+        allowed = getattr(s.parse, "allowed", None)
+        kind = s.kind + ("(" + "|".join(allowed) + ")" if allowed else "")
+        print(row % (s.key, s.env, kind, _shown(s, s.default, False) or '""', s.help))
+    print("\nSizes: 10mb, 512kb or bytes. Durations: milliseconds. Environment overrides the file.")
+
+
+def _config_list(path, rest):
+    sources = {}
+    config = load_config(path, sources=sources)
+    for s in SETTINGS:
+        print("%-24s %-32s (%s)" % (s.key, _shown(s, config[s.key]) or '""', sources[s.key]))
+
+
+def _config_get(path, rest):
+    if len(rest) != 1:
+        raise ConfigError("usage: config get KEY")
+    setting = _setting_named(rest[0])
+    print(_shown(setting, load_config(path)[setting.key], mask=False))
+
+
+def _config_set(path, rest):
+    if len(rest) != 2:
+        raise ConfigError("usage: config set KEY VALUE")
+    setting, raw = _setting_named(rest[0]), rest[1]
+    try:
+        value = setting.parse(raw)
+    except ValueError as e:
+        print("cc-proxy: invalid value for %s: %s" % (setting.key, e), file=sys.stderr)
+        return 2
+    data = read_config_file(path)
+    for alias in (setting.env, setting.key):
+        data.pop(alias, None)
+    data[setting.key] = raw.strip() if setting.kind in ("size", "list") else value
+    write_json_atomic(path, data)
+    print("%s = %s  (%s)" % (setting.key, _shown(setting, value), path))
+    if setting.env in os.environ:
+        print("note: the environment variable %s overrides this value" % setting.env)
+
+
+def _config_reset(path, rest):
+    if len(rest) != 1:
+        raise ConfigError("usage: config reset KEY")
+    setting = _setting_named(rest[0])
+    data = read_config_file(path)
+    if any(data.pop(alias, None) is not None for alias in (setting.key, setting.env)):
+        write_json_atomic(path, data)
+    print("%s reset to its default (%s)" % (setting.key, _shown(setting, setting.default) or '""'))
+
+
+CONFIG_ACTIONS = {"path": _config_path, "help": _config_help, "list": _config_list,
+                  "get": _config_get, "set": _config_set, "reset": _config_reset}
+
+
 def command_config(args):
     """config set/get/list/reset/path/help: edit the config file, validating every value."""
     path = os.path.abspath(args.config or default_config_path())
-    action = args.action
-
-    def setting_or_exit(name):
-        setting = resolve_setting(name)
-        if setting is None:
-            print("cc-proxy: unknown config key %r (see: python3 proxy.py config help)" % name, file=sys.stderr)
-            raise SystemExit(2)
-        return setting
-
     try:
-        if action == "path":
-            print(path)
-        elif action == "help":
-            print("%-24s %-28s %-8s %-28s %s" % ("key", "env", "type", "default", "meaning"))
-            for s in SETTINGS:
-                kind = s.kind + ("(" + "|".join(s.parse.allowed) + ")" if hasattr(s.parse, "allowed") else "")
-                print("%-24s %-28s %-8s %-28s %s" % (s.key, s.env, kind, _shown(s, s.default, False) or '""', s.help))
-            print("\nSizes: 10mb, 512kb or bytes. Durations: milliseconds. Environment overrides the file.")
-        elif action == "list":
-            sources = {}
-            config = load_config(path, sources=sources)
-            for s in SETTINGS:
-                print("%-24s %-32s (%s)" % (s.key, _shown(s, config[s.key]) or '""', sources[s.key]))
-        elif action == "get":
-            if len(args.rest) != 1:
-                raise ConfigError("usage: config get KEY")
-            setting = setting_or_exit(args.rest[0])
-            print(_shown(setting, load_config(path)[setting.key], mask=False))
-        elif action == "set":
-            if len(args.rest) != 2:
-                raise ConfigError("usage: config set KEY VALUE")
-            setting = setting_or_exit(args.rest[0])
-            raw = args.rest[1]
-            try:
-                value = setting.parse(raw)
-            except ValueError as e:
-                print("cc-proxy: invalid value for %s: %s" % (setting.key, e), file=sys.stderr)
-                return 2
-            stored = raw.strip() if setting.kind in ("size", "list") else value
-            data = read_config_file(path)
-            for alias in (setting.env, setting.key):
-                data.pop(alias, None)
-            data[setting.key] = stored
-            write_json_atomic(path, data)
-            print("%s = %s  (%s)" % (setting.key, _shown(setting, value), path))
-            if setting.env in os.environ:
-                print("note: the environment variable %s overrides this value" % setting.env)
-        elif action == "reset":
-            if len(args.rest) != 1:
-                raise ConfigError("usage: config reset KEY")
-            setting = setting_or_exit(args.rest[0])
-            data = read_config_file(path)
-            if any(data.pop(alias, None) is not None for alias in (setting.key, setting.env)):
-                write_json_atomic(path, data)
-            print("%s reset to its default (%s)" % (setting.key, _shown(setting, setting.default) or '""'))
+        return CONFIG_ACTIONS[args.action](path, args.rest) or 0
     except ConfigError as e:
         print("cc-proxy: %s" % e, file=sys.stderr)
         return 2
-    return 0
 
 
 # ---- service install: systemd user unit (Linux), LaunchAgent (macOS) -----------------
@@ -5359,7 +5382,7 @@ def build_parser():
     start.add_argument("--backend", choices=("commandcode", "claude-code"))
     start.set_defaults(func=command_start)
     config = commands.add_parser("config", help="show or edit the config file: set/get/list/reset/path/help")
-    config.add_argument("action", choices=("set", "get", "list", "reset", "path", "help"))
+    config.add_argument("action", choices=tuple(CONFIG_ACTIONS))
     config.add_argument("rest", nargs="*", metavar="KEY [VALUE]")
     config.add_argument("--config", help="config file to edit")
     config.set_defaults(func=command_config)

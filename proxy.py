@@ -4,7 +4,7 @@
 One file, Python standard library only, Python 3.9+.
 
     python3 proxy.py                 # serve on 127.0.0.1:3000 (config.json beside this file)
-    python3 proxy.py help            # commands: start, config, service, version, help
+    python3 proxy.py help            # commands: start, config, service, usage, version, help
 
 Front ends (what clients speak):  OpenAI Chat Completions  POST /v1/chat/completions
                                    OpenAI Responses          POST /v1/responses
@@ -63,6 +63,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import http.cookies
 import http.server
 import ipaddress
 import json
@@ -76,6 +77,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import tempfile
@@ -214,6 +216,12 @@ SETTINGS = [
             "larger request bodies get 413"),
     Setting("maxInFlight", "MAX_IN_FLIGHT", 64, lambda v: parse_int(v, 1), "int",
             "more concurrent model requests get 503 + Retry-After"),
+    Setting("usageDb", "USAGE_DB", "usage.sqlite3", _text, "path",
+            "usage ledger (sqlite), relative to the config file's directory; empty = off"),
+    Setting("usageRetentionDays", "USAGE_RETENTION_DAYS", 90, lambda v: parse_int(v, 1, 36500),
+            "int", "ledger rows older than this many days are pruned (at start, then hourly)"),
+    Setting("dashboardKey", "DASHBOARD_KEY", "", _text, "text",
+            "key for /dashboard; empty = loopback clients only", True),
     Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text", "model used when a request names none"),
     Setting("modelMap", "MODEL_MAP", {}, parse_model_map, "json",
             "client model id or * glob -> backend model id"),
@@ -2024,6 +2032,9 @@ class Exchange:
         self.cost_usd = None                   # what the backend says this request cost
         self.usage = None                      # the answer's final usage, once known
         self.status = None                     # 499 when the client left before the status line
+        self.error_kind = None                 # why it failed after the status line, if it did
+        self.backend_model = None              # the model the backend says it used
+        self.retries = 0
 
 
 class StreamedAnswer:
@@ -2115,6 +2126,7 @@ class Pipeline:
                 self._answer(kind(self, frontend, request, exchange, client), exchange)
             except ClientGone:
                 self.metrics.count("client_disconnects_total", {})
+                exchange.error_kind = "client_disconnected"
                 if not exchange.committed:
                     exchange.status = 499   # nginx's "client closed request", for the access log
                 raise
@@ -2130,6 +2142,7 @@ class Pipeline:
                 return answer.client.send_failure(err, answer.frontend)
             log.warning("%s failed after output started: %s %s", exchange.request_id, err.status,
                         err.kind)
+            exchange.error_kind = err.kind
             return answer.fail(err)
         answer.complete()
 
@@ -2157,6 +2170,7 @@ class Pipeline:
             finally:
                 events.close()
             attempt += 1
+            exchange.retries = attempt
             self.metrics.count("upstream_retries_total", {})
             self._back_off(attempt, answer.client)
 
@@ -2182,12 +2196,14 @@ class Pipeline:
     def _check(exchange, batch):
         """The zero-output guard (a finish with nothing before it is an error, not an empty 200),
         and the usage a backend reports just before Finish (only a last batch is looked into)."""
-        if not exchange.produced:
+        if not exchange.produced:   # a backend names its model before (or with) its first content
             for event in batch:
                 if isinstance(event, CONTENT_EVENTS):
                     exchange.produced = True
                     break
-                if type(event) is Finish:
+                if type(event) is ModelUsed:
+                    exchange.backend_model = event.model
+                elif type(event) is Finish:
                     raise ProxyError(502, "upstream", "the backend finished without any output",
                                      retry_after=10, retryable=True, code="empty_response")
         if type(batch[-1]) is Finish:
@@ -4535,7 +4551,7 @@ def route_path(target):
     """The route a request target names: no query, no trailing slash, /v1 added when missing
     (clients configured without the /v1 suffix)."""
     path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
-    if not path.startswith("/v1/") and path not in ("/", "/health", "/metrics"):
+    if not path.startswith("/v1/") and path not in UNVERSIONED_ROUTES:
         path = "/v1" + path
     return path
 
@@ -4647,6 +4663,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.route_name = "-"
         self.model_name = "-"
         self.exchange = None   # a model request's, once decoded
+        self.model_route = False
+        self.client_model = "-"
+        self.streamed = False
+        self.credential = None
+        self.error_kind = None
+        self.cors = True       # the dashboard routes send no CORS headers
         self.first_byte = None
         self.chunked = True
         self.request_id = None
@@ -4661,6 +4683,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.status_sent = self.exchange.status
         if self.request_id and self.status_sent:
             access_log(self)
+            if self.model_route and self.server.ledger is not None:
+                self.server.ledger.record(ledger_row(self, self.server.ledger))
 
     def parse_request(self):
         self.server.connections.request_started(self)
@@ -4698,7 +4722,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _common_headers(self):
         self.send_header("X-Request-Id", self.request_id)
-        origin = self.server.config["corsOrigin"]
+        origin = self.server.config["corsOrigin"] if self.cors else ""
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers",
@@ -4738,6 +4762,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_failure(self, err, frontend=None):
         """Before the status line: a real HTTP status, in the client protocol's error shape."""
+        self.error_kind = err.kind
         headers = err.headers()
         if frontend is None:
             frontend = frontend_for(self.server.frontends, route_path(self.path) if self.path != "-"
@@ -4822,10 +4847,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def model_request(self, frontend):
         server = self.server
         self.route_name = frontend.name
+        self.model_route = True
         try:
             raw = self.read_body()  # first: a keep-alive connection must not keep unread bytes
-            credential = self.authenticate()
+            credential = self.credential = self.authenticate()
             request = frontend.decode(parse_json_body(raw), self.headers)
+            self.client_model, self.streamed = request.client_model or request.model, request.stream
             request.explicit_session = self.headers.get("x-session-id")
             request.working_dir = self.headers.get("x-working-dir")
             server.backend.prepare(request)
@@ -4920,6 +4947,505 @@ def access_log(handler):
              usage.cache_read, usage.output)
 
 
+# ---- usage ledger: one sqlite row per model request, written off the hot path ----------
+
+LEDGER_COLUMNS = (
+    ("ts", "REAL NOT NULL"), ("request_id", "TEXT"), ("route", "TEXT"), ("backend", "TEXT"),
+    ("client_model", "TEXT"), ("backend_model", "TEXT"), ("status", "INTEGER"),
+    ("error_kind", "TEXT"), ("stream", "INTEGER"), ("input_uncached", "INTEGER"),
+    ("cache_read", "INTEGER"), ("cache_write", "INTEGER"), ("output", "INTEGER"),
+    ("reasoning", "INTEGER"), ("first_byte_ms", "REAL"), ("total_ms", "REAL"),
+    ("retries", "INTEGER"), ("cost_usd", "REAL"), ("client", "TEXT"), ("key_fp", "TEXT"))
+LEDGER_FIELDS = tuple(name for name, _ in LEDGER_COLUMNS)
+_LEDGER_INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (
+    ", ".join(LEDGER_FIELDS), ", ".join("?" * len(LEDGER_FIELDS)))
+
+# The client's family from its User-Agent: first match wins.
+CLIENT_FAMILIES = (("claude-cli/", "claude-cli"), ("codex", "codex"), ("openai/python", "openai-python"),
+                   ("anthropic/python", "anthropic-python"), ("openai/js", "openai-node"),
+                   ("anthropic/js", "anthropic-node"), ("opencode", "opencode"), ("aider", "aider"),
+                   ("curl/", "curl"), ("python-requests", "python-requests"),
+                   ("python-httpx", "httpx"), ("mozilla/", "browser"))
+
+
+def client_family(user_agent):
+    agent = (user_agent or "").lower()
+    return next((family for needle, family in CLIENT_FAMILIES if needle in agent),
+                "other" if agent else "unknown")
+
+
+def ledger_path(config):
+    """usageDb, relative to the config file's directory; None when the ledger is off."""
+    path = os.path.expanduser(config["usageDb"])
+    if not path:
+        return None
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(config["configPath"]), path)
+
+
+def open_ledger(path, readonly=False):
+    """A connection to the ledger database; the schema and the fingerprint secret are created
+    on first use (a read-only open of a missing file raises sqlite3.OperationalError)."""
+    if readonly:
+        return sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True, timeout=2)
+    conn = sqlite3.connect(path, timeout=2, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS requests (%s)"
+                 % ", ".join("%s %s" % column for column in LEDGER_COLUMNS))
+    conn.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB)")
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('fingerprint_secret', ?)",
+                 (secrets.token_bytes(32),))
+    return conn
+
+
+class UsageLedger:
+    """Rows go through a bounded queue to one writer thread that commits them in batches; a full
+    queue drops rows (counted), and a database that is locked, read-only, corrupt or full is
+    logged and counted, never felt by a request. stop() writes what is queued."""
+
+    BATCH = 500
+
+    def __init__(self, path, retention_days, metrics, queue_size=10000):
+        self.path, self.metrics = path, metrics
+        self.retention = retention_days * 86400
+        self.rows = queue.Queue(queue_size)
+        self.secret = secrets.token_bytes(32)   # replaced by the database's own when it opens
+        self.thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
+        self.dropped = self.errors = 0
+
+    def start(self):
+        try:
+            conn = open_ledger(self.path)
+            try:
+                self.secret = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'fingerprint_secret'").fetchone()[0]
+                self._prune(conn)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as e:
+            self._failed("cannot open", e)
+        self.thread.start()
+
+    def fingerprint(self, credential):
+        """A keyed hash: stable across restarts, tells one key's rows apart, reveals no key."""
+        if not credential:
+            return None
+        return hmac.new(self.secret, credential.encode("utf-8", "replace"),
+                        hashlib.sha256).hexdigest()[:16]
+
+    def record(self, row):
+        try:
+            self.rows.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+            self.metrics.count("usage_ledger_dropped_total", {})
+
+    def stop(self, timeout=5.0):
+        if self.thread.is_alive():
+            try:
+                self.rows.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self.thread.join(timeout)
+
+    def _failed(self, what, error):
+        self.errors += 1
+        self.metrics.count("usage_ledger_errors_total", {})
+        log.warning("usage ledger %s: %s %s", what, type(error).__name__, error)
+
+    def _prune(self, conn):
+        conn.execute("DELETE FROM requests WHERE ts < ?", (time.time() - self.retention,))
+
+    def _run(self):
+        conn, next_prune, stopping = None, time.monotonic() + 3600, False
+        while not stopping:
+            try:
+                batch = [self.rows.get(timeout=60)]
+            except queue.Empty:
+                batch = []
+            while len(batch) < self.BATCH and not self.rows.empty():
+                batch.append(self.rows.get_nowait())
+            stopping = None in batch
+            rows = [tuple(row[f] for f in LEDGER_FIELDS) for row in batch if row is not None]
+            prune = time.monotonic() >= next_prune
+            if rows or prune:
+                conn = self._write(conn, rows, prune)
+                next_prune = next_prune + 3600 if prune else next_prune
+        if conn is not None:
+            conn.close()
+
+    def _write(self, conn, rows, prune):
+        try:
+            conn = conn or open_ledger(self.path)
+            with contextlib.closing(conn.cursor()) as cursor:
+                cursor.execute("BEGIN")
+                cursor.executemany(_LEDGER_INSERT, rows)
+                cursor.execute("COMMIT")
+            if prune:
+                self._prune(conn)
+            return conn
+        except (sqlite3.Error, OSError) as e:
+            self._failed("dropped %d row(s)" % len(rows), e)
+            if conn is not None:
+                conn.close()
+            return None
+
+
+def ledger_row(handler, ledger):
+    """What the ledger keeps of one model request: figures, never a prompt, answer or key."""
+    exchange, started = handler.exchange, handler.started
+    usage = (exchange and exchange.usage) or Usage()
+    status = handler.status_sent
+    error_kind = (exchange and exchange.error_kind) or handler.error_kind
+    if error_kind == "client_disconnected":
+        status = 499
+    return {"ts": time.time(), "request_id": handler.request_id, "route": handler.route_name,
+            "backend": handler.server.backend.name, "client_model": handler.client_model,
+            "backend_model": (exchange and exchange.backend_model) or handler.model_name,
+            "status": status, "error_kind": error_kind, "stream": int(handler.streamed),
+            "input_uncached": usage.uncached_input, "cache_read": usage.cache_read,
+            "cache_write": usage.cache_write, "output": usage.output, "reasoning": usage.reasoning,
+            "first_byte_ms": (round((handler.first_byte - started) * 1000, 2)
+                              if handler.first_byte else None),
+            "total_ms": round((time.monotonic() - started) * 1000, 2),
+            "retries": exchange.retries if exchange else 0,
+            "cost_usd": exchange.cost_usd if exchange else None,
+            "client": client_family(handler.headers.get("user-agent") if handler.headers else ""),
+            "key_fp": ledger.fingerprint(exchange.credential if exchange else handler.credential)}
+
+
+def ledger_rows(path, since):
+    """Rows since a Unix time, oldest first, as dicts (read-only: the CLI and the dashboard)."""
+    with contextlib.closing(open_ledger(path, readonly=True)) as conn:
+        cursor = conn.execute("SELECT %s FROM requests WHERE ts >= ? ORDER BY ts"
+                              % ", ".join(LEDGER_FIELDS), (since,))
+        return [dict(zip(LEDGER_FIELDS, row)) for row in cursor]
+
+
+def percentile(values, fraction):
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def usage_summary(rows):
+    """Totals of a group of ledger rows: requests, errors, tokens, cache hit rate, latency."""
+    tokens = {f: sum(r[f] or 0 for r in rows)
+              for f in ("input_uncached", "cache_read", "cache_write", "output", "reasoning")}
+    prompt = tokens["input_uncached"] + tokens["cache_read"] + tokens["cache_write"]
+    costs = [r["cost_usd"] for r in rows if r["cost_usd"] is not None]
+    return {"requests": len(rows),
+            "errors": sum(1 for r in rows if (r["status"] or 0) >= 400 or r["error_kind"]),
+            **tokens, "cache_hit_rate": round(tokens["cache_read"] / prompt, 4) if prompt else None,
+            "p50_ms": percentile([r["total_ms"] for r in rows], 0.5),
+            "p95_ms": percentile([r["total_ms"] for r in rows], 0.95),
+            "cost_usd": round(sum(costs), 6) if costs else None}
+
+
+USAGE_GROUPS = {"day": lambda r: time.strftime("%Y-%m-%d", time.localtime(r["ts"])),
+                "model": lambda r: r["client_model"] or "-", "client": lambda r: r["client"] or "-",
+                "key": lambda r: r["key_fp"] or "-"}
+
+
+def usage_groups(rows, by):
+    groups = collections.OrderedDict()
+    for row in rows:
+        groups.setdefault(USAGE_GROUPS[by](row), []).append(row)
+    return [dict(usage_summary(members), **{by: name}) for name, members in groups.items()]
+
+
+def parse_since(text, now=None):
+    """'90m', '24h', '7d', '2w' or seconds -> the Unix time that long ago."""
+    match = re.fullmatch(r"\s*([0-9]{1,9})\s*([smhdw]?)\s*", text or "")
+    if not match:
+        raise ValueError("expected a duration like 24h, 7d or 2w, not %r" % text)
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return (time.time() if now is None else now) - int(match.group(1)) * unit
+
+
+# ---- dashboard: GET /dashboard (one self-contained page) and GET /dashboard/data -------
+
+DASHBOARD_COOKIE = "cc_proxy_dashboard"
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+KEY_NEEDED = "the dashboard needs its key: open /dashboard?key=... once, or send it as Bearer"
+
+
+def dashboard_refusal(handler):
+    """Why this client may not see the dashboard, or None. Only the proxy's own host names are
+    answered (DNS rebinding); with dashboardKey set, only a client presenting it (Bearer or the
+    cookie set by ?key=), else only loopback clients (behind trustedProxies: the forwarded one)."""
+    config, headers = handler.server.config, handler.headers
+    host = urllib.parse.urlsplit("//" + (headers.get("host") or "")).hostname or ""
+    if host not in _LOCAL_HOSTS + (config["host"].strip("[]"), handler.server.server_address[0]):
+        return "this page is served only under the proxy's own address or localhost"
+    key = config["dashboardKey"]
+    if key:
+        cookies = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            cookies.load(headers.get("cookie") or "")
+        authorization = headers.get("authorization") or ""
+        given = [urllib.parse.unquote(cookies[DASHBOARD_COOKIE].value)
+                 if DASHBOARD_COOKIE in cookies else "",
+                 authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
+        ok = False
+        for value in given:   # both compared: the time taken says nothing about either
+            ok |= bool(value) and hmac.compare_digest(value.encode("utf-8", "replace"),
+                                                      key.encode("utf-8"))
+        return None if ok else KEY_NEEDED
+    peer = client_ip(handler.client_address[0], headers.get("x-forwarded-for"),
+                     config["trustedProxies"])
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(peer).is_loopback:
+            return None
+    return "the dashboard is served to loopback clients only (set dashboardKey to open it)"
+
+
+def _dashboard_admit(handler, login=False):
+    """True to answer; False when the answer (a login redirect) was sent; else a 403."""
+    handler.cors = False   # a page elsewhere must not read it, whatever corsOrigin says
+    refusal = dashboard_refusal(handler)
+    if refusal is None:
+        return True
+    if login and refusal is KEY_NEEDED and dashboard_login(handler):
+        return False
+    raise ProxyError(403, "permission", refusal)
+
+
+def dashboard_route(handler, _):
+    if _dashboard_admit(handler, login=True):
+        handler.send_body(200, "text/html; charset=utf-8", DASHBOARD_HTML.encode(), PAGE_HEADERS)
+
+
+def dashboard_login(handler):
+    """GET /dashboard?key=K: a cookie for the page, then the page without the key in its URL."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+    given, key = (query.get("key") or [""])[0], handler.server.config["dashboardKey"]
+    if not (key and given and hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                  key.encode("utf-8"))):
+        return False
+    cookie = "%s=%s; Path=/dashboard; HttpOnly; SameSite=Strict" % (
+        DASHBOARD_COOKIE, urllib.parse.quote(key, safe=""))
+    handler.send_body(303, "text/plain; charset=utf-8", b"see /dashboard\n",
+                      {"Location": "/dashboard", "Set-Cookie": cookie, "Cache-Control": "no-store"})
+    return True
+
+
+PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src data:"}
+
+
+def dashboard_data_route(handler, _):
+    if not _dashboard_admit(handler):
+        return
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+    try:
+        since = parse_since((query.get("since") or ["24h"])[0])
+    except ValueError as e:
+        raise bad_request(str(e), "since") from None
+    handler.send_json(200, dashboard_data(handler.server, since), PAGE_HEADERS)
+
+
+def dashboard_data(server, since):
+    """What the page draws: the server's state now, and the ledger since `since`."""
+    health = server.health()
+    data = {"version": __version__, "backend": server.backend.name, "status": health["status"],
+            "uptime_s": health["uptime_s"], "in_flight": health["in_flight"],
+            "claude": {k: health[k] for k in ("claudeProcesses", "claudeSessions") if k in health},
+            "since": since, "now": time.time(), "ledger": None}
+    ledger = server.ledger
+    if ledger is None:
+        return data
+    try:
+        rows = ledger_rows(ledger.path, since)
+    except sqlite3.Error as e:
+        data["ledger"] = {"error": "the usage database cannot be read (%s)" % type(e).__name__}
+        return data
+    span = max(1.0, data["now"] - since)
+    bucket = next(b for b in (60, 300, 900, 3600, 21600, 86400, 604800) if span / b <= 96)
+    series = collections.OrderedDict()
+    for row in rows:
+        slot = series.setdefault(int(row["ts"] // bucket * bucket), {})
+        model = slot.setdefault(row["client_model"] or "-", {"requests": 0, "tokens": 0})
+        model["requests"] += 1
+        model["tokens"] += sum(row[f] or 0 for f in ("input_uncached", "cache_read",
+                                                     "cache_write", "output"))
+    kinds = collections.Counter(r["error_kind"] or "http_%s" % r["status"] for r in rows
+                                if r["error_kind"] or (r["status"] or 0) >= 400)
+    data["ledger"] = {
+        "dropped": ledger.dropped, "errors": ledger.errors, "totals": usage_summary(rows),
+        "bucket_s": bucket, "series": [{"t": t, "models": m} for t, m in series.items()],
+        "models": sorted(usage_groups(rows, "model"), key=lambda g: -g["requests"]),
+        "clients": sorted(usage_groups(rows, "client"), key=lambda g: -g["requests"])[:10],
+        "errors_by_kind": dict(kinds.most_common()),
+        "recent": [{f: r[f] for f in ("ts", "route", "client_model", "status", "error_kind",
+                                      "stream", "input_uncached", "cache_read", "output",
+                                      "first_byte_ms", "total_ms", "client")}
+                   for r in rows[-50:][::-1]]}
+    return data
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cc-proxy usage</title>
+<style>
+:root{--fg:#1d2430;--mute:#667085;--line:#e4e7ec;--bg:#f6f7f9;--card:#fff;--bad:#c0392b}
+*{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,sans-serif;color:var(--fg);
+background:var(--bg)}header{display:flex;flex-wrap:wrap;gap:.5em 1.5em;align-items:baseline;
+padding:12px 16px;background:var(--card);border-bottom:1px solid var(--line)}
+h1{font-size:18px;margin:0}h2{font-size:14px;margin:0 0 8px;color:var(--mute);font-weight:600}
+.state{color:var(--mute)}.state b{color:var(--fg);font-weight:600}
+main{padding:12px 16px;display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(320px,1fr))}
+section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px;
+min-width:0}.wide{grid-column:1/-1}.cards{display:grid;gap:8px;
+grid-template-columns:repeat(auto-fit,minmax(120px,1fr))}.card b{display:block;font-size:20px}
+.card span{color:var(--mute);font-size:12px}select{font:inherit;padding:2px 4px}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{padding:4px 6px;text-align:right;
+border-bottom:1px solid var(--line);white-space:nowrap}th:first-child,td:first-child{text-align:left}
+th{color:var(--mute);font-weight:600}.scroll{overflow-x:auto}.bad{color:var(--bad)}
+.note{color:var(--mute);margin:4px 0}.legend span{display:inline-block;margin-right:10px;
+font-size:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;
+border-radius:2px}svg{width:100%;height:160px;display:block}
+</style></head><body>
+<header><h1>cc-proxy usage</h1><div class="state" id="state">loading...</div>
+<label class="state">range <select id="since"><option value="1h">last hour</option>
+<option value="24h" selected>last 24 hours</option><option value="7d">last 7 days</option>
+<option value="30d">last 30 days</option><option value="90d">last 90 days</option></select></label>
+</header>
+<main>
+<section class="wide"><div class="cards" id="cards"></div><p class="note" id="note"></p></section>
+<section><h2>Requests over time, by model</h2><svg id="requests"></svg>
+<div class="legend" id="legend"></div></section>
+<section><h2>Tokens over time (input, cached and output)</h2><svg id="tokens"></svg></section>
+<section><h2>Errors by kind</h2><div id="errors"></div></section>
+<section><h2>Top clients</h2><div class="scroll" id="clients"></div></section>
+<section class="wide"><h2>By model</h2><div class="scroll" id="models"></div></section>
+<section class="wide"><h2>Last requests (live)</h2><div class="scroll" id="recent"></div></section>
+</main>
+<script>
+"use strict";
+const COLORS = ["#3b82f6", "#f59e0b", "#10b981", "#8b5cf6", "#ef4444", "#14b8a6", "#64748b"];
+const $ = (id) => document.getElementById(id);
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+function num(n) {
+  if (n === null || n === undefined) return "-";
+  if (n >= 1e9) return (n / 1e9).toFixed(1) + "G";
+  if (n >= 1e6) return (n / 1e6).toFixed(1) + "M";
+  if (n >= 1e4) return (n / 1e3).toFixed(1) + "k";
+  return String(Math.round(n * 100) / 100);
+}
+const pct = (x) => x === null || x === undefined ? "-" : (x * 100).toFixed(1) + "%";
+const ms = (x) => x === null || x === undefined ? "-" : x >= 1000 ? (x / 1000).toFixed(2) + " s"
+  : Math.round(x) + " ms";
+const when = (t) => new Date(t * 1000).toLocaleString();
+function table(target, head, rows) {
+  const t = el("table"), tr = el("tr");
+  head.forEach((h) => tr.appendChild(el("th", h)));
+  t.appendChild(tr);
+  rows.forEach((r) => {
+    const row = el("tr");
+    r.forEach((c) => row.appendChild(c instanceof Node ? wrap(c) : el("td", c)));
+    t.appendChild(row);
+  });
+  target.replaceChildren(rows.length ? t : el("p", "nothing in this range", "note"));
+}
+function wrap(node) { const td = el("td"); td.appendChild(node); return td; }
+function bars(svg, series, keys, value) {
+  const NS = svg.namespaceURI, W = 600, H = 160, pad = 18;
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  svg.replaceChildren();
+  const totals = series.map((s) => keys.reduce((a, k) => a + value(s, k), 0));
+  const top = Math.max(1, ...totals), w = (W - 40) / Math.max(1, series.length);
+  series.forEach((s, i) => {
+    let y = H - pad;
+    keys.forEach((k, j) => {
+      const h = value(s, k) / top * (H - 2 * pad);
+      if (h <= 0) return;
+      const r = document.createElementNS(NS, "rect");
+      r.setAttribute("x", 40 + i * w + 1); r.setAttribute("width", Math.max(1, w - 2));
+      r.setAttribute("y", y - h); r.setAttribute("height", h);
+      r.setAttribute("fill", COLORS[j % COLORS.length]);
+      const tip = document.createElementNS(NS, "title");
+      tip.textContent = when(s.t) + "  " + k + ": " + num(value(s, k));
+      r.appendChild(tip); svg.appendChild(r); y -= h;
+    });
+  });
+  [[top, pad + 4], [0, H - pad]].forEach(([v, y]) => {
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", 0); t.setAttribute("y", y); t.setAttribute("font-size", "11");
+    t.setAttribute("fill", "#667085"); t.textContent = num(v); svg.appendChild(t);
+  });
+}
+function render(d) {
+  const c = d.claude || {};
+  $("state").replaceChildren(...[["backend", d.backend], ["status", d.status],
+    ["in flight", d.in_flight], ["CLI processes", c.claudeProcesses],
+    ["sessions", c.claudeSessions], ["version", d.version],
+    ["up", ms(d.uptime_s * 1000)]].filter(([, v]) => v !== undefined).map(([k, v]) => {
+      const s = el("span", k + " "); s.appendChild(el("b", v)); s.append("  "); return s; }));
+  const L = d.ledger;
+  if (!L || L.error) {
+    $("note").textContent = L ? L.error : "The usage ledger is off (usageDb is empty).";
+    return;
+  }
+  const T = L.totals;
+  $("cards").replaceChildren(...[["requests", num(T.requests)],
+    ["errors", num(T.errors) + " (" + pct(T.requests ? T.errors / T.requests : null) + ")"],
+    ["input tokens", num(T.input_uncached + T.cache_read + T.cache_write)],
+    ["cache hit rate", pct(T.cache_hit_rate)], ["output tokens", num(T.output)],
+    ["latency p50", ms(T.p50_ms)], ["latency p95", ms(T.p95_ms)],
+    ["CLI cost", T.cost_usd === null ? "-" : "$" + T.cost_usd.toFixed(4)]].map(([k, v]) => {
+      const e = el("div", null, "card"); e.appendChild(el("b", v)); e.appendChild(el("span", k));
+      return e; }));
+  $("note").textContent = T.requests ? (L.dropped || L.errors ? "ledger: " + L.dropped +
+    " rows dropped, " + L.errors + " write errors" : "") :
+    "No requests recorded in this range yet: point a client at " + location.origin + "/v1.";
+  const models = L.models.map((m) => m.model).slice(0, 6);
+  const other = (s, k) => k === "other" ? Object.entries(s.models)
+    .filter(([m]) => !models.includes(m)).reduce((a, [, v]) => a + v.requests, 0)
+    : (s.models[k] || {}).requests || 0;
+  const keys = L.models.length > 6 ? models.concat(["other"]) : models;
+  bars($("requests"), L.series, keys, other);
+  $("legend").replaceChildren(...keys.map((k, j) => {
+    const s = el("span"), i = el("i"); i.style.background = COLORS[j % COLORS.length];
+    s.appendChild(i); s.append(k); return s; }));
+  bars($("tokens"), L.series, ["tokens"], (s) => Object.values(s.models)
+    .reduce((a, v) => a + v.tokens, 0));
+  table($("errors"), ["kind", "requests"], Object.entries(L.errors_by_kind));
+  table($("clients"), ["client", "requests", "errors", "tokens in", "p50"], L.clients.map((g) =>
+    [g.client, g.requests, g.errors, num(g.input_uncached + g.cache_read), ms(g.p50_ms)]));
+  table($("models"), ["model", "requests", "errors", "input", "cached", "output", "hit rate",
+    "p50", "p95"], L.models.map((g) => [g.model, g.requests, g.errors, num(g.input_uncached),
+    num(g.cache_read), num(g.output), pct(g.cache_hit_rate), ms(g.p50_ms), ms(g.p95_ms)]));
+  table($("recent"), ["time", "route", "model", "status", "in", "cached", "out", "first byte",
+    "total", "client"], L.recent.map((r) => [new Date(r.ts * 1000).toLocaleTimeString(), r.route
+    + (r.stream ? " (stream)" : ""), r.client_model, el("span", r.status + (r.error_kind ? " " +
+    r.error_kind : ""), r.status >= 400 || r.error_kind ? "bad" : ""), num(r.input_uncached),
+    num(r.cache_read), num(r.output), ms(r.first_byte_ms), ms(r.total_ms), r.client]));
+}
+async function refresh() {
+  try {
+    const r = await fetch("dashboard/data?since=" + encodeURIComponent($("since").value),
+                          {credentials: "same-origin", cache: "no-store"});
+    if (!r.ok) throw new Error((await r.json()).error.message);
+    render(await r.json());
+  } catch (e) { $("state").textContent = "cannot load the data: " + e.message; }
+}
+$("since").addEventListener("change", refresh);
+refresh();
+setInterval(refresh, 3000);
+</script></body></html>
+"""
+
+
 class Connections:
     """The server's open client connections, for a graceful stop: when the drain begins, idle
     keep-alive connections are closed, answers in flight end with `Connection: close`, and a
@@ -5009,7 +5535,9 @@ class Route(NamedTuple):
 
 SERVER_ROUTES = [("/", "GET", index_route), ("/health", "GET", health_route),
                  ("/metrics", "GET", metrics_route), ("/v1/models", "GET", models_route),
-                 ("/v1/models/", "GET", models_route)]
+                 ("/v1/models/", "GET", models_route), ("/dashboard", "GET", dashboard_route),
+                 ("/dashboard/data", "GET", dashboard_data_route)]
+UNVERSIONED_ROUTES = ("/", "/health", "/metrics", "/dashboard", "/dashboard/data")
 
 
 def route_table(frontends):
@@ -5039,8 +5567,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.started_at = time.time()
         host = config["host"]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        path = ledger_path(config)
+        self.ledger = UsageLedger(path, config["usageRetentionDays"], self.metrics) if path else None
         super().__init__((host, config["port"]), ProxyHandler)
         self.backend.start()
+        if self.ledger is not None:
+            self.ledger.start()
 
     def health(self):
         return {"status": "ok", "version": __version__, "backend": self.backend.name,
@@ -5053,6 +5585,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         self.backend.stop()
+        if self.ledger is not None:
+            self.ledger.stop()   # what is queued is written before the process exits
         super().server_close()
 
 
@@ -5366,6 +5900,52 @@ def release_free_memory():
         pass
 
 
+USAGE_COLUMNS = (("requests", "requests", "%d"), ("errors", "errors", "%d"),
+                 ("input_uncached", "input", "%d"), ("cache_read", "cached", "%d"),
+                 ("cache_write", "cache write", "%d"), ("output", "output", "%d"),
+                 ("cache_hit_rate", "hit rate", "%.1f%%"), ("p50_ms", "p50 ms", "%.0f"),
+                 ("p95_ms", "p95 ms", "%.0f"), ("cost_usd", "cost $", "%.4f"))
+
+
+def _usage_cell(value, fmt):
+    if value is None:
+        return "-"
+    return fmt % (value * 100 if fmt.endswith("%%") else value)
+
+
+def command_usage(args):
+    """usage [--since 7d] [--by day|model|client|key] [--json]: the ledger, summed."""
+    try:
+        config = load_config(args.config)
+        since = parse_since(args.since)
+    except (ConfigError, ValueError) as e:
+        print("cc-proxy: %s" % e, file=sys.stderr)
+        return 2
+    path = ledger_path(config)
+    if path is None:
+        print("cc-proxy: the usage ledger is off (usageDb is empty)", file=sys.stderr)
+        return 1
+    try:
+        rows = ledger_rows(path, since) if os.path.exists(path) else []
+    except sqlite3.Error as e:
+        print("cc-proxy: cannot read %s: %s" % (path, e), file=sys.stderr)
+        return 1
+    groups, totals = usage_groups(rows, args.by), usage_summary(rows)
+    if args.json:
+        print(json.dumps({"since": since, "by": args.by, "groups": groups, "totals": totals},
+                         indent=1))
+        return 0
+    width = max([len(args.by), 5] + [len(str(g[args.by])) for g in groups])
+    print("%-*s " % (width, args.by) + " ".join("%12s" % label for _, label, _ in USAGE_COLUMNS))
+    for name, row in [(g[args.by], g) for g in groups] + [("total", totals)]:
+        print("%-*s " % (width, name) + " ".join(
+            "%12s" % _usage_cell(row[key], fmt) for key, _, fmt in USAGE_COLUMNS))
+    if not rows:
+        print("(no requests recorded since %s in %s)"
+              % (time.strftime("%Y-%m-%d %H:%M", time.localtime(since)), path))
+    return 0
+
+
 def command_version(args):
     print("cc-proxy %s (Python %s)" % (__version__, sys.version.split()[0]))
     return 0
@@ -5374,7 +5954,7 @@ def command_version(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API in front of "
                                      "Command Code or the Claude Code CLI")
-    commands = parser.add_subparsers(dest="command", metavar="{start,config,service,version,help}")
+    commands = parser.add_subparsers(dest="command", metavar="{start,config,service,usage,version,help}")
     start = commands.add_parser("start", help="run the server in the foreground (the default)")
     start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json beside proxy.py)")
     start.add_argument("--host")
@@ -5391,6 +5971,13 @@ def build_parser():
     service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart", "status"))
     service.add_argument("--config", help="config file the service runs with")
     service.set_defaults(func=command_service)
+    usage = commands.add_parser("usage", help="requests, tokens, cache hits, errors and latency "
+                                "from the usage ledger")
+    usage.add_argument("--since", default="7d", help="how far back: 24h, 7d, 2w (default 7d)")
+    usage.add_argument("--by", choices=tuple(USAGE_GROUPS), default="day")
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.add_argument("--config", help="config file whose usageDb to read")
+    usage.set_defaults(func=command_usage)
     commands.add_parser("version", help="print the version").set_defaults(func=command_version)
     commands.add_parser("help", help="show this help").set_defaults(func=lambda a: parser.print_help() or 0)
     return parser

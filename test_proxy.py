@@ -15,6 +15,7 @@ import os
 import re
 import select
 import socket
+import sqlite3
 import struct
 import sys
 import tempfile
@@ -529,6 +530,7 @@ def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
 
 BASE_OVERRIDES = {
     "port": 0, "host": "127.0.0.1", "ccVersion": "1.64.0", "useProviderModels": False,
+    "usageDb": "",   # the ledger's own tests give it a database; the others keep none
     "logLevel": "error", "projectSlug": "my-app", "upstreamRetries": 2,
     "streamIdleTimeoutMs": 10000, "nonStreamIdleTimeoutMs": 10000, "keepAliveIntervalMs": 15000,
     "upstreamRetryBackoffMs": 20,   # retries are tested by count and outcome, not by their spacing
@@ -3302,7 +3304,7 @@ def ops_capture_log(level=logging.DEBUG):
 # ---- an in-process proxy server -------------------------------------------------------------
 
 OPS_BASE_OVERRIDES = {"port": 0, "apiBase": "http://127.0.0.1:9", "ccVersion": "1.64.0",
-                      "useProviderModels": False, "logLevel": "error"}
+                      "useProviderModels": False, "logLevel": "error", "usageDb": ""}
 
 
 def ops_start_server(test, **overrides):
@@ -4688,7 +4690,8 @@ class Case(unittest.TestCase):
         overrides = {"port": 0, "backend": "claude-code", "apiKey": CLAUDE_KEY, "claudePath": FAKE_CLAUDE, "logLevel": "error",
                      "claudeWorkingDir": self.work, "claudeAskWorkingDir": False, "upstreamRetries": 0,
                      "keepAliveIntervalMs": 1000, "upstreamRetryBackoffMs": 20,
-                     "claudeKillGraceMs": 300, "claudeExitWaitMs": 2000}   # quicker stops of the fake
+                     "claudeKillGraceMs": 300, "claudeExitWaitMs": 2000,   # quicker stops of the fake
+                     "usageDb": ""}
         overrides.update(self.overrides)
         overrides.update(extra)
         config = proxy.load_config("/nonexistent/config.json", {}, {k: v for k, v in overrides.items()
@@ -6819,3 +6822,332 @@ class TestResilienceInFlightOverflow(ResilienceCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# =======================================================================================
+# Usage ledger (sqlite) and the dashboard
+# =======================================================================================
+
+def ledger_dir():
+    """A temporary directory for a class's ledger, removed when the test run ends."""
+    path = tempfile.mkdtemp(prefix="cc-proxy-ledger-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def ledger_row_for(path, request_id, timeout=5.0):
+    """The ledger row of one request, once the writer thread has committed it."""
+    found = []
+
+    def committed():
+        if os.path.exists(path):
+            found[:] = [r for r in proxy.ledger_rows(path, 0) if r["request_id"] == request_id]
+        return bool(found)
+    wait_for(committed, timeout)
+    return found[0] if found else None
+
+
+class TestUsageLedger(ProxyTestCase):
+    db = os.path.join(ledger_dir(), "usage.sqlite3")
+    proxy_overrides = {"usageDb": db, "upstreamRetries": 1}
+
+    def send(self, call, **kw):
+        rid = "req-ledger-" + uuid.uuid4().hex[:12]
+        headers = dict(kw.pop("headers", {}), **{"X-Request-Id": rid,
+                                                 "User-Agent": "OpenAI/Python 1.99.0"})
+        return call(headers=headers, **kw), rid
+
+    def test_every_route_records_one_row_with_its_figures(self):
+        for call in (self.chat, self.responses, self.messages):
+            for streamed in (False, True):
+                with self.subTest(route=call.__name__, stream=streamed):
+                    self.upstream.script(ok(text_parts("Hello")))
+                    r, rid = self.send(call, stream=streamed)
+                    self.assertEqual(r.status, 200, r)
+                    row = ledger_row_for(self.db, rid)
+                    self.assertIsNotNone(row, "no ledger row for %s" % rid)
+                    self.assertEqual(
+                        {k: row[k] for k in ("route", "backend", "client_model", "status",
+                                             "error_kind", "stream", "input_uncached",
+                                             "cache_read", "cache_write", "output", "retries",
+                                             "client")},
+                        {"route": {"chat": "chat", "responses": "responses",
+                                   "messages": "messages"}[call.__name__],
+                         "backend": "commandcode", "client_model": "claude-sonnet-5",
+                         "status": 200, "error_kind": None, "stream": int(streamed),
+                         "input_uncached": 32, "cache_read": 7168, "cache_write": 200,
+                         "output": 12, "retries": 0, "client": "openai-python"})
+                    self.assertEqual(row["backend_model"], "claude-sonnet-5")
+                    self.assertGreater(row["first_byte_ms"], 0)
+                    self.assertGreaterEqual(row["total_ms"], row["first_byte_ms"])
+                    self.assertRegex(row["key_fp"], r"^[0-9a-f]{16}$")
+                    self.assertLessEqual(abs(row["ts"] - time.time()), 30)
+
+    def test_errors_are_recorded_with_the_status_the_client_got_and_their_kind(self):
+        r, rid = self.send(self.chat, messages=[{"role": "nobody", "content": "x"}])
+        self.assertEqual(r.status, 400, r)
+        row = ledger_row_for(self.db, rid)
+        self.assertEqual((row["status"], row["error_kind"]), (400, "invalid_request"))
+        self.upstream.script(http_error(429, {"error": {"message": "slow down"}}))
+        r, rid = self.send(self.messages)
+        row = ledger_row_for(self.db, rid)
+        self.assertEqual(row["status"], r.status)
+        self.assertEqual(row["error_kind"], "rate_limit")
+        r, rid = self.send(self.chat, key="sk-not-a-command-code-key")
+        self.assertEqual(ledger_row_for(self.db, rid)["status"], 401)
+
+    def test_a_retry_is_counted_on_the_row(self):
+        self.upstream.script(http_error(503, {"error": {"message": "busy"}}),
+                             ok(text_parts("second time")))
+        r, rid = self.send(self.chat)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(ledger_row_for(self.db, rid)["retries"], 1)
+
+    def test_a_client_that_hangs_up_is_499_client_disconnected(self):
+        for streamed in (True, False):
+            with self.subTest(stream=streamed):
+                self.upstream.script(dripped(100, 0.05))
+                rid = "req-gone-" + uuid.uuid4().hex[:12]
+                body = json.dumps({"model": "claude-sonnet-5", "stream": streamed,
+                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+                s.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: %s\r\n"
+                           "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n"
+                           % (rid, KEY, len(body))).encode() + body)
+                self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+                if streamed:
+                    self.assertIn(b"200", s.recv(4096))
+                s.close()
+                row = ledger_row_for(self.db, rid)
+                self.assertEqual((row["status"], row["error_kind"]), (499, "client_disconnected"))
+
+    def test_no_prompt_answer_or_key_reaches_the_database_files(self):
+        prompt = "PROMPT-SECRET-" + uuid.uuid4().hex
+        answer = "ANSWER-SECRET-" + uuid.uuid4().hex
+        key = "user_LEDGERKEY" + uuid.uuid4().hex[:12]
+        self.upstream.script(ok(text_parts(answer)))
+        r, rid = self.send(self.chat, key=key, stream=True,
+                           messages=[{"role": "user", "content": prompt}])
+        self.assertIn(answer.encode(), r.data)
+        row = ledger_row_for(self.db, rid)
+        self.assertNotIn(key[5:], json.dumps(row))
+        stored = b"".join(ops_file_bytes(self.db + suffix) for suffix in ("", "-wal", "-shm")
+                          if os.path.exists(self.db + suffix))
+        self.assertIn(rid.encode(), stored)   # the rows are really in these bytes
+        for secret in (prompt, answer, key, key[5:]):
+            self.assertNotIn(secret.encode(), stored)
+
+    def test_key_fingerprints_tell_keys_apart_and_survive_a_restart(self):
+        rows = []
+        for key in ("user_ALICE" + uuid.uuid4().hex[:8], "user_BOB" + uuid.uuid4().hex[:8]):
+            self.upstream.script(ok(text_parts("hi")))
+            r, rid = self.send(self.chat, key=key)
+            rows.append((key, ledger_row_for(self.db, rid)["key_fp"]))
+        self.assertNotEqual(rows[0][1], rows[1][1])
+        again = proxy.UsageLedger(self.db, 90, proxy.Metrics())
+        again.start()
+        self.addCleanup(again.stop)
+        self.assertEqual(again.fingerprint(rows[0][0]), rows[0][1])
+
+
+class TestUsageLedgerRetentionAndFaults(unittest.TestCase):
+    def setUp(self):
+        self.dir = ledger_dir()
+        self.upstream = FakeCommandCode()
+        self.upstream.start()
+        self.addCleanup(self.upstream.stop)
+
+    def serve(self, db):
+        _, port = ops_start_server(self, usageDb=db, apiBase=self.upstream.url)
+        return port
+
+    def chat(self, port):
+        self.upstream.script(ok(text_parts("fine")))
+        return http_request(port, "POST", "/v1/chat/completions",
+                            {"model": "claude-sonnet-5",
+                             "messages": [{"role": "user", "content": "hi"}]},
+                            {"Authorization": "Bearer " + KEY})
+
+    def test_rows_older_than_the_retention_are_pruned_at_start(self):
+        db = os.path.join(self.dir, "old.sqlite3")
+        conn = proxy.open_ledger(db)
+        row = dict.fromkeys(proxy.LEDGER_FIELDS)
+        for age_days, rid in ((10, "old"), (1, "recent")):
+            conn.execute(proxy._LEDGER_INSERT, tuple(dict(
+                row, ts=time.time() - age_days * 86400, request_id=rid)[f]
+                for f in proxy.LEDGER_FIELDS))
+        conn.close()
+        ledger = proxy.UsageLedger(db, 5, proxy.Metrics())
+        ledger.start()
+        ledger.stop()
+        self.assertEqual([r["request_id"] for r in proxy.ledger_rows(db, 0)], ["recent"])
+
+    def test_a_locked_database_leaves_requests_unaffected_and_is_counted(self):
+        db = os.path.join(self.dir, "locked.sqlite3")
+        proxy.open_ledger(db).close()
+        port = self.serve(db)
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        statuses = [self.chat(port).status for _ in range(5)]
+        self.assertEqual(statuses, [200] * 5)
+        self.assertLess(time.monotonic() - started, 5)   # not one waited for the lock
+        metrics = lambda: parse_prometheus(http_request(port, "GET", "/metrics").data.decode())[0]
+        self.assertTrue(wait_for(lambda: prom_value(
+            metrics(), "ccproxy_usage_ledger_errors_total") >= 1, 10))
+        locker.execute("ROLLBACK")
+        locker.close()
+        self.assertEqual(self.chat(port).status, 200)
+        self.assertTrue(wait_for(lambda: len(proxy.ledger_rows(db, 0)) >= 1, 5))
+
+    def test_a_read_only_or_corrupt_database_leaves_requests_unaffected(self):
+        corrupt = os.path.join(self.dir, "corrupt.sqlite3")
+        with open(corrupt, "wb") as f:
+            f.write(b"this is not a database" * 100)
+        # /proc is a read-only file system even for root: the database cannot be created there
+        for db in ("/proc/cc-proxy-usage-%s.sqlite3" % uuid.uuid4().hex, corrupt):
+            with self.subTest(db=db), self.assertLogs("cc-proxy", "WARNING") as logs:
+                port = self.serve(db)
+                self.assertEqual([self.chat(port).status for _ in range(3)], [200] * 3)
+                wait_for(lambda: len(logs.records) >= 2, 5)
+            self.assertTrue(any("usage ledger" in r.getMessage() for r in logs.records))
+
+
+class TestUsageCommand(unittest.TestCase):
+    def setUp(self):
+        self.dir = ledger_dir()
+        self.config = os.path.join(self.dir, "config.json")
+        with open(self.config, "w") as f:
+            json.dump({"usageDb": "ledger.sqlite3"}, f)   # relative: beside the config file
+        conn = proxy.open_ledger(os.path.join(self.dir, "ledger.sqlite3"))
+        base = dict.fromkeys(proxy.LEDGER_FIELDS, 0)
+        base.update(error_kind=None, cost_usd=None, first_byte_ms=None, client="codex")
+        rows = [dict(base, ts=time.time() - 60, client_model="gpt-5.5", status=200,
+                     input_uncached=100, cache_read=300, output=10, total_ms=ms)
+                for ms in (100, 200, 300)]
+        rows.append(dict(base, ts=time.time() - 30, client_model="claude-sonnet-5", status=429,
+                         error_kind="rate_limit", total_ms=5))
+        rows.append(dict(base, ts=time.time() - 30 * 86400, client_model="old-model", status=200))
+        for row in rows:
+            conn.execute(proxy._LEDGER_INSERT, tuple(row[f] for f in proxy.LEDGER_FIELDS))
+        conn.close()
+
+    def test_json_groups_by_model_with_totals_cache_rate_errors_and_latency(self):
+        done = ops_main(["usage", "--config", self.config, "--by", "model", "--json"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        report = json.loads(done.stdout)
+        groups = {g["model"]: g for g in report["groups"]}
+        self.assertEqual(set(groups), {"gpt-5.5", "claude-sonnet-5"})   # --since 7d by default
+        gpt = groups["gpt-5.5"]
+        self.assertEqual((gpt["requests"], gpt["errors"], gpt["input_uncached"], gpt["cache_read"],
+                          gpt["output"]), (3, 0, 300, 900, 30))
+        self.assertEqual(gpt["cache_hit_rate"], 0.75)
+        self.assertEqual((gpt["p50_ms"], gpt["p95_ms"]), (200, 300))
+        self.assertEqual(groups["claude-sonnet-5"]["errors"], 1)
+        self.assertEqual(report["totals"]["requests"], 4)
+
+    def test_table_has_one_line_per_group_and_a_total(self):
+        done = ops_main(["usage", "--config", self.config, "--since", "60d", "--by", "model"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0].split()[:4], ["model", "requests", "errors", "input"])
+        self.assertEqual([line.split()[0] for line in lines[1:]],
+                         ["old-model", "gpt-5.5", "claude-sonnet-5", "total"])
+        self.assertEqual(lines[-1].split()[1:3], ["5", "1"])
+        self.assertIn("75.0%", lines[2])
+
+    def test_bad_since_is_exit_2_and_an_empty_usage_db_says_the_ledger_is_off(self):
+        done = ops_main(["usage", "--config", self.config, "--since", "yesterday"])
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("24h", done.stderr)
+        with open(self.config, "w") as f:
+            json.dump({"usageDb": ""}, f)
+        done = ops_main(["usage", "--config", self.config])
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("off", done.stderr)
+
+
+class TestDashboard(ProxyTestCase):
+    db = os.path.join(ledger_dir(), "usage.sqlite3")
+    proxy_overrides = {"usageDb": db, "corsOrigin": "*"}
+
+    def get(self, path, headers=None):
+        return http_request(self.port, "GET", path, None, dict({"Host": "127.0.0.1"},
+                                                               **(headers or {})))
+
+    def test_page_is_self_contained_html_without_cors_or_external_urls(self):
+        r = self.get("/dashboard")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("content-type"), "text/html; charset=utf-8")
+        page = r.data.decode()
+        self.assertIn("<svg", page)
+        self.assertIn("dashboard/data", page)
+        self.assertIsNone(re.search(r"https?:|//[A-Za-z]|src=|@import", page))
+        self.assertIn("default-src 'none'", r.header("content-security-policy"))
+        self.assertIsNone(r.header("access-control-allow-origin"))
+        self.assertIsNotNone(self.request("GET", "/v1/models").header(
+            "access-control-allow-origin"))   # the API itself still speaks CORS
+
+    def test_data_has_state_totals_series_and_the_last_requests_never_a_prompt(self):
+        prompt = "DASH-PROMPT-" + uuid.uuid4().hex
+        for _ in range(2):
+            self.upstream.script(ok(text_parts("hi")))
+            self.assertEqual(self.chat(messages=[{"role": "user", "content": prompt}]).status, 200)
+        self.assertTrue(wait_for(lambda: len(proxy.ledger_rows(self.db, 0)) >= 2, 5))
+        r = self.get("/dashboard/data?since=1h")
+        self.assertEqual(r.status, 200, r)
+        self.assertNotIn(prompt.encode(), r.data)
+        self.assertNotIn(KEY.encode(), r.data)
+        data = r.json()
+        self.assertEqual((data["backend"], data["status"], data["version"]),
+                         ("commandcode", "ok", proxy.__version__))
+        self.assertIn("in_flight", data)
+        ledger = data["ledger"]
+        self.assertGreaterEqual(ledger["totals"]["requests"], 2)
+        self.assertEqual(ledger["totals"]["cache_hit_rate"], round(7168 / 7400, 4))
+        self.assertGreaterEqual(sum(m["requests"] for s in ledger["series"]
+                                    for m in s["models"].values()), 2)
+        self.assertEqual(ledger["models"][0]["model"], "claude-sonnet-5")
+        self.assertEqual(set(ledger["recent"][0]), {
+            "ts", "route", "client_model", "status", "error_kind", "stream", "input_uncached",
+            "cache_read", "output", "first_byte_ms", "total_ms", "client"})
+        self.assertEqual(self.get("/dashboard/data?since=soon").status, 400)
+
+    def test_a_foreign_host_name_is_refused(self):   # DNS rebinding
+        for host in ("evil.example", "evil.example:%d" % self.port):
+            self.assertEqual(self.get("/dashboard", {"Host": host}).status, 403)
+            self.assertEqual(self.get("/dashboard/data", {"Host": host}).status, 403)
+        self.assertEqual(self.get("/dashboard", {"Host": "localhost:%d" % self.port}).status, 200)
+
+
+class TestDashboardBehindAFrontProxy(ProxyTestCase):
+    proxy_overrides = {"trustedProxies": "127.0.0.0/8"}
+
+    def test_a_relayed_remote_client_is_not_loopback(self):
+        r = http_request(self.port, "GET", "/dashboard", None, {"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(r.status, 403, r)
+        self.assertIn("loopback", r.json()["error"]["message"])
+        r = http_request(self.port, "GET", "/dashboard", None, {"X-Forwarded-For": "127.0.0.1"})
+        self.assertEqual(r.status, 200, r)
+
+
+class TestDashboardKey(ProxyTestCase):
+    dashboard_key = "dash-" + uuid.uuid4().hex
+    proxy_overrides = {"dashboardKey": dashboard_key}
+
+    def test_even_loopback_needs_the_key_by_bearer_or_the_login_cookie(self):
+        self.assertEqual(http_request(self.port, "GET", "/dashboard").status, 403)
+        self.assertEqual(http_request(self.port, "GET", "/dashboard/data", None,
+                                      {"Authorization": "Bearer wrong"}).status, 403)
+        self.assertEqual(http_request(self.port, "GET", "/dashboard/data", None, {
+            "Authorization": "Bearer " + self.dashboard_key}).status, 200)
+        self.assertEqual(http_request(self.port, "GET", "/dashboard?key=wrong").status, 403)
+        login = http_request(self.port, "GET", "/dashboard?key=" + self.dashboard_key)
+        self.assertEqual(login.status, 303, login)
+        self.assertEqual(login.header("location"), "/dashboard")
+        cookie = login.header("set-cookie")
+        self.assertIn("HttpOnly", cookie)
+        self.assertIn("SameSite=Strict", cookie)
+        r = http_request(self.port, "GET", "/dashboard", None, {"Cookie": cookie.split(";")[0]})
+        self.assertEqual(r.status, 200, r)
+        self.assertNotIn(self.dashboard_key.encode(), r.data)

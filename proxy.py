@@ -693,7 +693,11 @@ def _finite_float(text):
 
 
 # NaN, Infinity and 1e999 are not JSON: refuse them rather than forward something invalid.
-_json_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+_json_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_json_decode = _json_decoder.decode
+# The C scanner itself, for the upstream's NDJSON lines: (value, end) or StopIteration, without
+# decode()'s two Python frames and whitespace regex per line (~0.3 us of every relayed event).
+_json_scan = _json_decoder.scan_once
 
 
 class Fields:
@@ -1171,9 +1175,9 @@ class ChatStreamEncoder(StreamEncoder):
     def _delta(self, delta_json):
         self.out.append(self.head + delta_json + self.tail)
 
-    def on_text(self, event):
+    def on_text(self, event):   # the hottest path of a relay: no helper call
         if event.text:
-            self._delta('{"content":' + json_dumps(event.text) + "}")
+            self.out.append(self.head + '{"content":' + json_dumps(event.text) + "}" + self.tail)
 
     def on_reasoning(self, event):
         if event.text:
@@ -2824,9 +2828,11 @@ class CommandCodeStreamDecoder:
             if line == "[DONE]":
                 return
         try:
-            event = _json_decode(line)
+            event, end = _json_scan(line, 0)
+            if end != len(line):
+                raise ValueError("trailing data")
             handler = self.handlers.get(event.get("type"))
-        except (ValueError, AttributeError, TypeError, RecursionError):
+        except (StopIteration, ValueError, AttributeError, TypeError, RecursionError):
             self.skipped += 1
             return
         if handler is not None:

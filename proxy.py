@@ -4993,7 +4993,10 @@ def open_ledger(path, readonly=False):
     on first use (a read-only open of a missing file raises sqlite3.OperationalError)."""
     if readonly:
         return sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(path), uri=True, timeout=2)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     conn = sqlite3.connect(path, timeout=2, isolation_level=None)
+    with contextlib.suppress(OSError):   # fingerprints are for the operator's eyes only
+        os.chmod(path, 0o600)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE IF NOT EXISTS requests (%s)"
                  % ", ".join("%s %s" % column for column in LEDGER_COLUMNS))

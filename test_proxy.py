@@ -3083,6 +3083,31 @@ class TestCommandLineStart(unittest.TestCase):
         child.wait(10)
         self.assertGreater(os.path.getsize(profile), 1000)
 
+    def test_start_keeps_a_usage_ledger_beside_its_config_written_on_sigterm_readable_after_kill(self):
+        for stop in (signal.SIGTERM, signal.SIGKILL):
+            with self.subTest(signal=stop.name):
+                child, port, tmp = self.spawn_proxy()
+                sent = ["req-start-%d-%s" % (i, uuid.uuid4().hex[:6]) for i in range(5)]
+                for rid in sent:
+                    r = http_request(port, "POST", "/v1/chat/completions",
+                                     {"model": "claude-sonnet-5",
+                                      "messages": [{"role": "user", "content": "hi"}]},
+                                     {"Authorization": "Bearer " + KEY, "X-Request-Id": rid})
+                    self.assertEqual(r.status, 200, r)
+                child.send_signal(stop)
+                child.wait(10)
+                if stop == signal.SIGTERM:
+                    self.assertEqual(child.returncode, 0)
+                db = os.path.join(tmp, "usage.sqlite3")   # the default usageDb, beside the config
+                with contextlib.closing(sqlite3.connect(db)) as conn:
+                    self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+                stored = [r["request_id"] for r in proxy.ledger_rows(db, 0)]
+                if stop == signal.SIGTERM:
+                    self.assertEqual(stored, sent)
+                else:   # at most the last batch may be missing
+                    self.assertEqual(stored, sent[:len(stored)])
+                    self.assertGreaterEqual(len(stored), 4)
+
     def test_start_serves_from_config_file_and_logs_no_secrets(self):
         log_file = os.path.join(tempfile.gettempdir(), "cc-proxy-test-%s.log" % uuid.uuid4().hex)
         self.addCleanup(lambda: os.path.exists(log_file) and os.remove(log_file))
@@ -7151,3 +7176,24 @@ class TestDashboardKey(ProxyTestCase):
         r = http_request(self.port, "GET", "/dashboard", None, {"Cookie": cookie.split(";")[0]})
         self.assertEqual(r.status, 200, r)
         self.assertNotIn(self.dashboard_key.encode(), r.data)
+
+
+class TestUsageLedgerClaudeCode(Case):
+    def test_a_claude_code_run_is_recorded_with_its_model_usage_and_cost(self):
+        db = os.path.join(self.tmp, "usage.sqlite3")
+        self.stop_server()
+        self.start_server(usageDb=db)
+        rid = "req-claude-ledger-" + uuid.uuid4().hex[:8]
+        status, headers, data = self.chat("cost?", headers={"X-Request-Id": rid,
+                                                            "User-Agent": "claude-cli/2.1.197"})
+        self.assertEqual(status, 200, data)
+        row = ledger_row_for(db, rid)
+        self.assertIsNotNone(row)
+        self.assertEqual((row["backend"], row["route"], row["status"], row["client"]),
+                         ("claude-code", "chat", 200, "claude-cli"))
+        self.assertAlmostEqual(row["cost_usd"], float(headers["x-claude-cost-usd"]), places=6)
+        usage = json.loads(data)["usage"]
+        self.assertEqual(row["input_uncached"] + row["cache_read"] + row["cache_write"],
+                         usage["prompt_tokens"])
+        self.assertEqual(row["output"], usage["completion_tokens"])
+        self.assertTrue(row["backend_model"].startswith("claude-"), row["backend_model"])

@@ -7007,6 +7007,17 @@ class TestUsageLedgerRetentionAndFaults(unittest.TestCase):
         ledger.stop()
         self.assertEqual([r["request_id"] for r in proxy.ledger_rows(db, 0)], ["recent"])
 
+    def test_stop_writes_every_queued_row_before_it_returns(self):
+        db = os.path.join(self.dir, "flush.sqlite3")
+        ledger = proxy.UsageLedger(db, 90, proxy.Metrics())
+        ledger.start()
+        row = dict.fromkeys(proxy.LEDGER_FIELDS)
+        for i in range(3000):
+            ledger.record(dict(row, ts=time.time(), request_id="r%d" % i))
+        ledger.stop()
+        self.assertEqual(len(proxy.ledger_rows(db, 0)), 3000)
+        self.assertEqual(ledger.dropped, 0)
+
     def test_a_locked_database_leaves_requests_unaffected_and_is_counted(self):
         db = os.path.join(self.dir, "locked.sqlite3")
         proxy.open_ledger(db).close()

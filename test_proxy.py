@@ -83,6 +83,17 @@ def unique_key():
     return "user_test_" + uuid.uuid4().hex[:12]
 
 
+def wait_for(predicate, timeout=5.0, step=0.01):
+    """Poll predicate() until it is truthy or `timeout` s pass -> its last value (the one wait
+    helper: every other wait in this file is built on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
 # ---------------------------------------------------------------------------------------
 # NDJSON stream builders (AI SDK v6 parts, as in commandcode.md §6 / served_streams.ndjson)
 # ---------------------------------------------------------------------------------------
@@ -420,15 +431,6 @@ class FakeCommandCode:
         with self.lock:
             return [r for r in self.requests if r["path"].split("?")[0] == "/alpha/generate"]
 
-    def wait_for(self, predicate, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.01)
-        return predicate()
-
 
 def header_map(rec):
     return {k.lower(): v for k, v in rec["headers"]}
@@ -459,12 +461,21 @@ def parse_sse(data):
     return events, comments
 
 
+FRONTS = ("chat", "messages", "responses")
+PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+
+
 class Response:
-    def __init__(self, status, headers, data, elapsed):
+    """One HTTP answer as the client saw it, with thin views for each protocol on top."""
+
+    def __init__(self, status, headers, data, elapsed, head_lines=(), status_line=None):
         self.status = status
-        self.headers = headers
+        self.headers = headers  # an http.client.HTTPMessage: .get() is case-insensitive
         self.data = data
         self.elapsed = elapsed
+        self.head_lines = list(head_lines)  # raw header lines, for raw_request's answers
+        self.status_line = status_line
+        self.closed = None  # raw_request(..., wait_for_close=True): the server closed afterwards
 
     def json(self):
         return json.loads(self.data.decode("utf-8"))
@@ -490,15 +501,44 @@ class Response:
     def done(self):
         return any(d.strip() == "[DONE]" for _, d in self.sse())
 
+    def stream_text(self, front):
+        """The answer text a client sees in a stream of `front` ("chat", "messages", "responses")."""
+        if front == "chat":
+            return chunk_content(self.chunks())
+        out = ""
+        for name, data in self.typed_events():
+            if front == "messages":
+                if data.get("type") == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                    out += data["delta"]["text"]
+            elif name == "response.output_text.delta":
+                out += data["delta"]
+        return out
+
+    def body_text(self, front):
+        """The answer text of a non-streaming body of `front`."""
+        body = self.json()
+        if front == "chat":
+            return body["choices"][0]["message"]["content"] or ""
+        if front == "messages":
+            return "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
+        return body["output_text"]
+
     def header(self, name):
         return self.headers.get(name)
+
+    def header_values(self, name):
+        return self.headers.get_all(name) or []
 
     def __repr__(self):
         return "<Response %s %r>" % (self.status, self.data[:600])
 
 
-def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT, conn=None):
+    """The one HTTP client: a dict/list body is sent as JSON, str/bytes as they are; `conn`
+    (an http.client.HTTPConnection) reuses a keep-alive connection and leaves it open."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.monotonic()
     try:
         h = {}
@@ -522,9 +562,130 @@ def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
             if not piece:
                 break
             parts.append(piece)
+        parts.append(resp.read())  # b"", but marks the answer complete for a reused `conn`
         return Response(resp.status, resp.headers, b"".join(parts), time.monotonic() - t0)
     finally:
-        conn.close()
+        if own:
+            conn.close()
+
+
+def raw_head(front, length=None, key=KEY, extra=""):
+    """Request head bytes for a POST to a front end (the body is the caller's business)."""
+    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer %s\r\n" % (PATHS[front], key))
+    if front == "messages":
+        head += "anthropic-version: 2023-06-01\r\n"
+    if length is not None:
+        head += "Content-Length: %d\r\n" % length
+    return (head + extra + "\r\n").encode("latin-1")
+
+
+def send_request(port, front, body, key=KEY, extra="", timeout=TIMEOUT, sock=None):
+    """POST a JSON body to a front end on a raw socket and return the socket unread (for tests
+    that hang up, or stop reading, part way)."""
+    data = json.dumps(body).encode()
+    if sock is None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(raw_head(front, len(data), key, extra) + data)
+    return sock
+
+
+def read_until(sock, marker, timeout=TIMEOUT):
+    """Raw bytes from sock until `marker` has arrived (or the peer closed, or timeout)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def read_response(sock, deadline, pending=b""):
+    """One HTTP response read from a raw socket (after the bytes already read, `pending`):
+    chunked, Content-Length or read-to-close -> Response; AssertionError past the deadline."""
+    t0 = time.monotonic()
+    buf = pending
+    status = 100
+    while 100 <= status < 200:   # interim responses (100 Continue) come before the real one
+        while b"\r\n\r\n" not in buf:
+            if time.monotonic() > deadline:
+                raise AssertionError("no response head before the deadline: %r" % buf[:300])
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            piece = sock.recv(65536)
+            if not piece:
+                raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
+            buf += piece
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        m = re.match(r"^HTTP/\d\.\d (\d{3})( |$)", lines[0])
+        if not m:
+            raise AssertionError("not an HTTP status line: %r" % lines[0])
+        status = int(m.group(1))
+    headers = http.client.HTTPMessage()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name] = value.strip()
+
+    def answer(data):
+        return Response(status, headers, data, time.monotonic() - t0, lines[1:], lines[0])
+
+    body = buf
+    length = next((int(v) for v in headers.get_all("content-length") or []), None)
+    chunked = any("chunked" in v.lower() for v in headers.get_all("transfer-encoding") or [])
+
+    def more():
+        if time.monotonic() > deadline:
+            raise AssertionError("response body not complete before the deadline")
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        return sock.recv(65536)
+
+    if length is not None:
+        while len(body) < length:
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        return answer(body[:length])
+    if chunked:
+        while not body.endswith(b"0\r\n\r\n"):
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        return answer(out)
+    while True:
+        piece = more()
+        if not piece:
+            return answer(body)
+        body += piece
+
+
+def raw_request(port, raw, timeout=5, wait_for_close=False):
+    """Send raw bytes (a malformed request, say) on a new connection and read one answer with
+    read_response. wait_for_close: also look (for up to 2 s) whether the server then closed the
+    connection -> Response.closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        resp = read_response(s, time.monotonic() + timeout)
+        if wait_for_close:
+            s.settimeout(2)
+            try:
+                resp.closed = s.recv(1) == b""
+            except ConnectionResetError:
+                resp.closed = True
+            except socket.timeout:
+                resp.closed = False
+    return resp
 
 
 BASE_OVERRIDES = {
@@ -609,7 +770,7 @@ class ProxyTestCase(unittest.TestCase):
     # -- upstream inspection --------------------------------------------------------------
 
     def last_generate(self):
-        gens = self.upstream.wait_for(self.upstream.generates, 2.0)
+        gens = wait_for(self.upstream.generates, 2.0)
         self.assertTrue(gens, "the proxy made no POST /alpha/generate")
         return gens[-1]
 
@@ -728,7 +889,7 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
         self.assertEqual(rec["body"], {"k": [1, 2]})
         names = [k for k, _ in rec["headers"]]
         self.assertLess(names.index("X-Order-A"), names.index("x-order-b"))
-        self.assertTrue(self.fake.wait_for(lambda: rec["completed"], 2))
+        self.assertTrue(wait_for(lambda: rec["completed"], 2))
 
     def test_default_reply_when_script_is_empty(self):
         r = self.post()
@@ -751,13 +912,11 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
         self.fake.script(Reply(200, START + [Stall(5)]))
         s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         s.sendall(b"POST /alpha/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        buf = b""
-        while b"start-step" not in buf:
-            buf += s.recv(4096)
+        self.assertIn(b"start-step", read_until(s, b"start-step", 5))
         t0 = time.monotonic()
         s.close()
         rec = self.fake.generates()[0]
-        self.assertTrue(self.fake.wait_for(lambda: rec["disconnected_at"], 2))
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 2))
         self.assertLess(rec["disconnected_at"] - t0, 1.0)
 
     def test_provider_models_endpoint(self):
@@ -894,7 +1053,7 @@ class TestCommandCodeVersionFromNpm(ProxyTestCase):
         registry_url.start()
         cls.addClassCleanup(registry_url.stop)
         super().setUpClass()
-        cls.fetched = cls.upstream.wait_for(lambda: cls.server.backend.version.latest, 5.0)
+        cls.fetched = wait_for(lambda: cls.server.backend.version.latest, 5.0)
 
     def setUp(self):
         super().setUp()
@@ -919,7 +1078,7 @@ class TestCommandCodeVersionFromNpm(ProxyTestCase):
             watcher.stop_event.clear()
             check = threading.Thread(target=watcher._run, daemon=True)  # one pass, then waits on stop_event
             check.start()
-            self.assertTrue(self.registry.wait_for(lambda: self.registry.requests, 5.0))
+            self.assertTrue(wait_for(lambda: self.registry.requests, 5.0))
             watcher.stop_event.set()
             check.join(5)
             self.assertFalse(check.is_alive())
@@ -1504,17 +1663,15 @@ class TestChatValidation(ProxyTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             for path, key, expected in (("/v1/chat/completions", "sk-nope", 401), ("/v1/nowhere", KEY, 404)):
-                conn.request("POST", path, json.dumps({"model": "m", "messages": []}),
-                             {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
+                response = http_request(self.port, "POST", path, {"model": "m", "messages": []},
+                                        {"Authorization": "Bearer " + key}, conn=conn)
                 self.assertEqual(response.status, expected)
-                conn.request("GET", "/health")
-                health = conn.getresponse()
+                health = http_request(self.port, "GET", "/health", conn=conn)
                 self.assertEqual(health.status, 200)
-                self.assertEqual(json.loads(health.read())["status"], "ok")
+                self.assertEqual(health.json()["status"], "ok")
         finally:
             conn.close()
+
     def test_n_greater_than_one_is_400(self):
         self.assertOpenAIError(self.chat(n=2), 400)
         self.assertNoUpstreamCall()
@@ -1684,7 +1841,7 @@ class TestUpstreamErrors(ProxyTestCase):
     def test_retry_that_returns_nothing_after_a_failed_partial_attempt_is_502_empty_response(self):
         # The first attempt's "partial" was never sent (non-streaming), so it cannot count as
         # the answer's output: the retry's empty finish is the same 502 two empty attempts give.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 self.upstream.script(res_partial_then(error_event("upstream exploded", 500)),
@@ -1855,7 +2012,7 @@ class TestIdleTimeoutAndKeepAlive(ProxyTestCase):
         self.assertTrue(any("error" in c for c in chunks), chunks)
         self.assertFalse(r.done())
         rec = self.upstream.generates()[0]
-        self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 3),
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 3),
                         "the stalled upstream connection should be closed")
 
     def test_stall_before_output_non_streaming_is_error_status(self):
@@ -1899,91 +2056,68 @@ class TestStreamAndNonStreamIdleTimeoutsAreSeparate(ProxyTestCase):
 class TestClientDisconnect(ProxyTestCase):
     proxy_overrides = {"keepAliveIntervalMs": 100}
 
-    def open_stream(self, path, body, headers=""):
-        data = json.dumps(body).encode()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
-        s.sendall(("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   "Authorization: Bearer %s\r\n%sContent-Length: %d\r\n\r\n"
-                   % (path, KEY, headers, len(data))).encode() + data)
-        return s
-
-    def read_until(self, s, marker):
-        buf = b""
-        deadline = time.monotonic() + TIMEOUT
-        while marker not in buf and time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
-
-    def check_disconnect(self, path, body, headers=""):
+    def check_disconnect(self, front, body):
         self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
                                    + finish_parts()))
-        s = self.open_stream(path, body, headers)
-        buf = self.read_until(s, b"partial")
+        s = send_request(self.port, front, body)
+        buf = read_until(s, b"partial")
         self.assertIn(b"partial", buf)
         closed_at = time.monotonic()
         s.close()
         rec = self.upstream.generates()[0]
-        gone = self.upstream.wait_for(lambda: rec["disconnected_at"], 5)
+        gone = wait_for(lambda: rec["disconnected_at"], 5)
         self.assertTrue(gone, "upstream never saw the connection close")
         self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
 
     def test_chat_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/chat/completions",
-                              {"model": "claude-sonnet-5", "stream": True,
-                               "messages": [{"role": "user", "content": "hi"}]})
+        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+                                       "messages": [{"role": "user", "content": "hi"}]})
 
     def test_anthropic_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/messages", {"model": "claude-sonnet-5", "stream": True,
-                                               "max_tokens": 100,
-                                               "messages": [{"role": "user", "content": "hi"}]},
-                              "anthropic-version: 2023-06-01\r\n")
+        self.check_disconnect("messages", {"model": "claude-sonnet-5", "stream": True,
+                                           "max_tokens": 100,
+                                           "messages": [{"role": "user", "content": "hi"}]})
 
     def test_responses_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/responses", {"model": "claude-sonnet-5", "stream": True,
-                                                "input": "hi"})
+        self.check_disconnect("responses", {"model": "claude-sonnet-5", "stream": True,
+                                            "input": "hi"})
 
     def test_non_streaming_client_disconnect_closes_upstream_connection_promptly(self):
         self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
                                    + finish_parts()))
-        s = self.open_stream("/v1/chat/completions",
-                             {"model": "claude-sonnet-5",
-                              "messages": [{"role": "user", "content": "hi"}]})
-        self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+        s = send_request(self.port, "chat", {"model": "claude-sonnet-5",
+                                             "messages": [{"role": "user", "content": "hi"}]})
+        self.assertTrue(wait_for(self.upstream.generates, 5))
         rec = self.upstream.generates()[0]
         time.sleep(0.2)  # the upstream is now silent and the proxy is waiting on it
         closed_at = time.monotonic()
         s.close()
-        gone = self.upstream.wait_for(lambda: rec["disconnected_at"], 5)
+        gone = wait_for(lambda: rec["disconnected_at"], 5)
         self.assertTrue(gone, "upstream never saw the connection close")
         self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
 
     def test_hang_up_is_noticed_within_half_a_second_while_the_upstream_keeps_talking(self):
         # A delta every 50 ms: the backend never goes silent, so only a check on every batch
         # (not one during upstream silence) notices the client has gone.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for streaming in (False, True):
                 with self.subTest(front=front, stream=streaming):
                     self.upstream.reset()
                     self.upstream.script(dripped(200, 0.05))
-                    extra = "anthropic-version: 2023-06-01\r\n" if front == "messages" else ""
-                    s = self.open_stream(RES_PATHS[front], res_minimal_body(front, streaming), extra)
-                    self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+                    s = send_request(self.port, front, res_minimal_body(front, streaming))
+                    self.assertTrue(wait_for(self.upstream.generates, 5))
                     rec = self.upstream.generates()[0]
                     time.sleep(0.3)   # the upstream is talking and the proxy relaying or folding
                     closed_at = time.monotonic()
                     s.close()
-                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+                    self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5),
                                     "upstream never saw the connection close")
                     self.assertLess(rec["disconnected_at"] - closed_at, 0.8)
                     self.assertFalse(rec["completed"])
 
     def test_next_request_works_after_a_client_disconnect(self):
-        self.check_disconnect("/v1/chat/completions",
-                              {"model": "claude-sonnet-5", "stream": True,
-                               "messages": [{"role": "user", "content": "hi"}]})
+        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+                                       "messages": [{"role": "user", "content": "hi"}]})
         self.upstream.reset()
         r = self.chat(stream=True)
         self.assertEqual(r.status, 200, r)
@@ -2020,7 +2154,7 @@ class TestLimits(ProxyTestCase):
         t = threading.Thread(target=lambda: results.setdefault("first", self.chat()))
         t.start()
         try:
-            self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+            self.assertTrue(wait_for(self.upstream.generates, 5))
             second = self.chat()
             self.assertEqual(second.status, 503, second)
             self.assertTrue(second.header("Retry-After"))
@@ -2028,12 +2162,10 @@ class TestLimits(ProxyTestCase):
             t.join(TIMEOUT)
         self.assertEqual(results["first"].status, 200, results["first"])
         # The slot is freed right after the first answer's last byte; allow that moment.
-        deadline = time.monotonic() + 1.0
-        third = self.chat()
-        while third.status == 503 and time.monotonic() < deadline:
-            time.sleep(0.02)
-            third = self.chat()
-        self.assertEqual(third.status, 200, "slot must be released after completion: %r" % third)
+        tries = []
+        wait_for(lambda: tries.append(self.chat()) or tries[-1].status != 503, 1.0, step=0.02)
+        self.assertEqual(tries[-1].status, 200, "slot must be released after completion: %r"
+                         % tries[-1])
 
     def test_health_is_not_limited_by_in_flight(self):
         self.assertEqual(self.request("GET", "/health", key=None).status, 200)
@@ -2130,15 +2262,14 @@ class TestProviderModels(ProxyTestCase):
         pass  # keep the upstream's history: the list may have been fetched at start-up
 
     def test_models_list_built_from_provider_models(self):
-        deadline = time.monotonic() + 5
         ids = []
-        while time.monotonic() < deadline:
+
+        def listed():
             r = self.request("GET", "/v1/models")
             self.assertEqual(r.status, 200, r)
-            ids = [m["id"] for m in r.json()["data"]]
-            if "fake/provider-model-x" in ids:
-                break
-            time.sleep(0.1)
+            ids[:] = [m["id"] for m in r.json()["data"]]
+            return "fake/provider-model-x" in ids
+        wait_for(listed, 5, step=0.1)
         self.assertIn("fake/provider-model-x", ids)
         paths = [rec["path"] for rec in self.upstream.requests]
         self.assertIn("/provider/v1/models", [p.split("?")[0] for p in paths])
@@ -3167,14 +3298,14 @@ def ops_spawn_proxy(test, args, env, cwd, port, options=()):
             child.kill()
             child.wait(5)
     test.addCleanup(stop_child)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and child.poll() is None:
+
+    def healthy():
         try:
-            if ops_request(port, "GET", "/health", timeout=2).status == 200:
-                return child, out_path
+            return child.poll() is None and http_request(port, "GET", "/health", timeout=2).status == 200
         except OSError:
-            pass
-        time.sleep(0.05)
+            return child.poll() is not None   # stop waiting for a child that has died
+    if wait_for(healthy, 10, step=0.05) and child.poll() is None:
+        return child, out_path
     with open(out_path, encoding="utf-8", errors="replace") as f:
         test.fail("proxy.py %s did not come up: %s" % (" ".join(args), f.read()))
 
@@ -3193,62 +3324,6 @@ def ops_file_bytes(path):
             return f.read()
     except FileNotFoundError:
         return None
-
-
-class OpsResponse:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    def header(self, name):
-        return self.headers.get(name)
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return "<%d %r>" % (self.status, self.body[:300])
-
-
-def ops_request(port, method, path, body=None, headers=None, timeout=OPS_TIMEOUT):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        h = {"Content-Type": "application/json"} if data is not None else {}
-        h.update(headers or {})
-        conn.request(method, path, data, h)
-        resp = conn.getresponse()
-        return OpsResponse(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
-
-
-def ops_raw_request(port, raw, timeout=OPS_TIMEOUT):
-    """Send raw bytes, return (status line, header lines, body bytes) of a Content-Length answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(raw)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = 0
-        for line in lines[1:]:
-            if line.lower().startswith("content-length:"):
-                length = int(line.split(":", 1)[1])
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return lines[0], lines[1:], body
-
-
-def ops_header_values(lines, name):
-    prefix = name.lower() + ":"
-    return [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith(prefix)]
 
 
 def ops_chat_body(prompt="hi", stream=True, model="x"):
@@ -3273,15 +3348,13 @@ class OpsLogCapture(logging.Handler):
         with self.lock_:
             return "\n".join(self.lines)
 
+    def matching(self, needle):
+        with self.lock_:
+            return [line for line in self.lines if needle in line]
+
     def wait_for(self, needle, timeout=5.0):
         """Lines containing `needle`, waiting for the first (access lines follow the response)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock_:
-                found = [line for line in self.lines if needle in line]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
+        return wait_for(lambda: self.matching(needle), timeout)
 
 
 @contextlib.contextmanager
@@ -4111,17 +4184,17 @@ class TestAccessLog(unittest.TestCase):
             rids = {}
             for stream in (True, False):
                 rid = "ops-access-%s-%s" % (stream, uuid.uuid4().hex[:8])
-                r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, stream),
+                r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, stream),
                                 {"Authorization": "Bearer " + key, "X-Request-Id": rid})
                 self.assertEqual(r.status, 200, r)
                 rids[rid] = stream
             bad_rid = "ops-access-upstream-400"
             self.upstream.script(http_error(400, {"error": {"message": "UPSTREAM_BODY_zq9 the upstream's private words"}}))
-            r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False),
+            r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False),
                             {"Authorization": "Bearer " + key, "X-Request-Id": bad_rid})
             self.assertGreaterEqual(r.status, 400)
             health_rid = "ops-access-health"
-            self.assertEqual(ops_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid}).status,
+            self.assertEqual(http_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid}).status,
                              200)
             for rid in list(rids) + [bad_rid, health_rid]:
                 captured.wait_for(rid)
@@ -4164,33 +4237,33 @@ class TestRequestId(unittest.TestCase):
         self.server, self.port = ops_start_server(self)
 
     def rid_of(self, raw_id):
-        status, lines, _ = ops_raw_request(
-            self.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + raw_id + b"\r\nConnection: close\r\n\r\n")
-        self.assertIn(" 200 ", status + " ")
-        values = ops_header_values(lines, "x-request-id")
-        self.assertEqual(len(values), 1, lines)
-        return values[0], lines
+        r = raw_request(self.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + raw_id
+                        + b"\r\nConnection: close\r\n\r\n")
+        self.assertIn(" 200 ", r.status_line + " ")
+        values = r.header_values("x-request-id")
+        self.assertEqual(len(values), 1, r.head_lines)
+        return values[0], r.head_lines
 
     def test_valid_client_id_is_echoed(self):
         for rid in ("abc-123", "req_01HXYZ.part:2", "a" * 128):
-            r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
+            r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
             self.assertEqual(r.header("X-Request-Id"), rid)
 
     def test_generated_when_missing_and_unique(self):
         seen = set()
         for _ in range(3):
-            rid = ops_request(self.port, "GET", "/health").header("X-Request-Id")
+            rid = http_request(self.port, "GET", "/health").header("X-Request-Id")
             self.assertTrue(rid and re.fullmatch(r"[A-Za-z0-9._:\-]{8,128}", rid), rid)
             seen.add(rid)
         self.assertEqual(len(seen), 3)
 
     def test_too_long_id_is_replaced(self):
         rid = "b" * 129
-        r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
+        r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
         self.assertNotEqual(r.header("X-Request-Id"), rid)
         self.assertTrue(r.header("X-Request-Id"))
         huge = "c" * 5000
-        r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": huge})
+        r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": huge})
         self.assertLessEqual(len(r.header("X-Request-Id")), 128)
 
     def test_id_with_cr_lf_is_replaced_and_nothing_is_injected(self):
@@ -4207,24 +4280,25 @@ class TestRequestId(unittest.TestCase):
             self.assertTrue(re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", value), value)
 
     def test_present_on_errors_preflight_and_metrics(self):
-        r = ops_request(self.port, "GET", "/no/such/route", headers={"X-Request-Id": "rid-404"})
+        r = http_request(self.port, "GET", "/no/such/route", headers={"X-Request-Id": "rid-404"})
         self.assertEqual(r.status, 404)
         self.assertEqual(r.header("X-Request-Id"), "rid-404")
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                         headers={"X-Request-Id": "rid-401"})
         self.assertEqual(r.status, 401)
         self.assertEqual(r.header("X-Request-Id"), "rid-401")
-        r = ops_request(self.port, "OPTIONS", "/v1/chat/completions", headers={"X-Request-Id": "rid-options"})
+        r = http_request(self.port, "OPTIONS", "/v1/chat/completions", headers={"X-Request-Id": "rid-options"})
         self.assertEqual(r.header("X-Request-Id"), "rid-options")
-        self.assertTrue(ops_request(self.port, "GET", "/metrics").header("X-Request-Id"))
+        self.assertTrue(http_request(self.port, "GET", "/metrics").header("X-Request-Id"))
 
     def test_malformed_request_line_gets_a_real_error_status_with_an_id(self):
         errors = []
         self.server.handle_error = lambda request, address: errors.append(sys.exc_info()[1])
         for raw, code in ((b"GARBAGE\r\n\r\n", 400), (b"GET / HTTP/9.9\r\n\r\n", 505)):
-            status, lines, body = ops_raw_request(self.port, raw)
-            self.assertRegex(status, r"^HTTP/1\.[01] %d " % code, "a status line, not a bare body: %r" % status)
-            self.assertTrue(ops_header_values(lines, "x-request-id"), "even a malformed request gets an id")
+            r = raw_request(self.port, raw)
+            self.assertRegex(r.status_line, r"^HTTP/1\.[01] %d " % code,
+                             "a status line, not a bare body: %r" % r.status_line)
+            self.assertTrue(r.header_values("x-request-id"), "even a malformed request gets an id")
         time.sleep(0.1)
         self.assertEqual(errors, [], "the handler raised while logging the malformed request")
 
@@ -4236,7 +4310,7 @@ class CorsCase(unittest.TestCase):
         self.server, self.port = ops_start_server(self, corsOrigin=self.cors)
 
     def preflight(self, path="/v1/chat/completions"):
-        return ops_request(self.port, "OPTIONS", path, headers={
+        return http_request(self.port, "OPTIONS", path, headers={
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type, x-request-id"})
 
@@ -4245,12 +4319,12 @@ class TestCorsWildcard(CorsCase):
     cors = "*"
 
     def test_simple_request_carries_allow_origin_and_exposes_request_id(self):
-        r = ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
+        r = http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "*")
         self.assertIn("x-request-id", r.header("Access-Control-Expose-Headers").lower())
 
     def test_error_responses_carry_cors_too(self):
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                         headers={"Origin": "https://app.example"})
         self.assertEqual(r.status, 401)
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "*")
@@ -4266,14 +4340,14 @@ class TestCorsWildcard(CorsCase):
             allowed = (r.header("Access-Control-Allow-Headers") or "").lower()
             self.assertTrue(allowed == "*" or ("authorization" in allowed and "content-type" in allowed), allowed)
             self.assertTrue(r.header("Access-Control-Max-Age"))
-            self.assertEqual(r.body, b"")
+            self.assertEqual(r.data, b"")
 
 
 class TestCorsSpecificOrigin(CorsCase):
     cors = "https://app.example"
 
     def test_allow_origin_is_the_configured_origin_with_vary(self):
-        r = ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
+        r = http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "https://app.example")
         self.assertIn("origin", (r.header("Vary") or "").lower())
         r = self.preflight()
@@ -4286,8 +4360,8 @@ class TestCorsDisabled(CorsCase):
     cors = ""
 
     def test_no_cors_headers_anywhere(self):
-        for r in (ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"}),
-                  ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        for r in (http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"}),
+                  http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                               headers={"Origin": "https://app.example"}),
                   self.preflight()):
             cors = [name for name in r.headers.keys() if name.lower().startswith("access-control-")]
@@ -4310,22 +4384,26 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.server, self.port = ops_start_server(self, apiBase=self.upstream.url, upstreamRetries=0)
 
     def metrics(self):
-        r = ops_request(self.port, "GET", "/metrics")
+        r = http_request(self.port, "GET", "/metrics")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("Content-Type").startswith("text/plain"), r.header("Content-Type"))
-        return parse_prometheus(r.body.decode("utf-8"))
+        return parse_prometheus(r.data.decode("utf-8"))
 
     def wait_metric(self, name, at_least, timeout=5.0, **labels):
-        deadline = time.monotonic() + timeout
-        while True:
+        seen = []
+
+        def reached():
             samples, types = self.metrics()
-            value = prom_value(samples, name, **labels)
-            if value >= at_least or time.monotonic() > deadline:
-                return value, samples, types
-            time.sleep(0.05)
+            seen[:] = [prom_value(samples, name, **labels), samples, types]
+            return seen[0] >= at_least
+        wait_for(reached, timeout, step=0.05)
+        return tuple(seen)
+
+    def in_flight(self):
+        return http_request(self.port, "GET", "/health").json()["in_flight"]
 
     def test_health_fields(self):
-        r = ops_request(self.port, "GET", "/health")
+        r = http_request(self.port, "GET", "/health")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("Content-Type").startswith("application/json"))
         body = r.json()
@@ -4341,23 +4419,20 @@ class TestHealthAndMetrics(unittest.TestCase):
         result = {}
 
         def slow():
-            result["r"] = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+            result["r"] = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                                       {"Authorization": "Bearer user_TEST"})
         t = threading.Thread(target=slow)
         t.start()
-        seen = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and t.is_alive():
-            seen = max(seen, ops_request(self.port, "GET", "/health").json()["in_flight"])
-            if seen:
-                break
-            time.sleep(0.03)
+        seen = []
+        wait_for(lambda: not t.is_alive() or seen.append(self.in_flight()) or any(seen), 3,
+                 step=0.03)
+        seen = max(seen or [0])
         t.join(OPS_TIMEOUT)
         self.assertEqual(result["r"].status, 200)
         self.assertEqual(seen, 1)
         # the client has its whole answer a moment before the handler thread counts the request done
-        self.assertTrue(wait_for(lambda: ops_request(self.port, "GET", "/health").json()["in_flight"] == 0, 2))
-        self.assertTrue(ops_request(self.port, "GET", "/health").json().get("lastUpstreamOk"),
+        self.assertTrue(wait_for(lambda: self.in_flight() == 0, 2))
+        self.assertTrue(http_request(self.port, "GET", "/health").json().get("lastUpstreamOk"),
                         "health should say when the upstream was last reachable")
 
     def test_metrics_parse_and_count_a_real_request(self):
@@ -4366,10 +4441,10 @@ class TestHealthAndMetrics(unittest.TestCase):
         before_401 = prom_value(samples, "ccproxy_requests_total", route="chat", status="401")
         key = "user_METRICSKEY" + uuid.uuid4().hex[:8]
         prompt = "METRICS-PROMPT-" + uuid.uuid4().hex[:8]
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt),
                         {"Authorization": "Bearer " + key})
         self.assertEqual(r.status, 200)
-        self.assertIn(b"data: [DONE]", r.body)
+        self.assertIn(b"data: [DONE]", r.data)
         after, samples, types = self.wait_metric("ccproxy_requests_total", before + 1, route="chat", status="200")
         self.assertEqual(after, before + 1)
         self.assertEqual(types.get("ccproxy_requests_total"), "counter")
@@ -4378,7 +4453,7 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertEqual(prom_value(samples, "ccproxy_requests_total", route="chat", backend="commandcode",
                                     status="200"), after)
         # a refused request is counted under its own status
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body())
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body())
         self.assertEqual(r.status, 401)
         after_401, samples, types = self.wait_metric("ccproxy_requests_total", before_401 + 1, route="chat",
                                                      status="401")
@@ -4393,12 +4468,12 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertGreaterEqual(prom_value(samples, "ccproxy_tokens_total", model="x", kind="output"), 1)
         self.assertIn("ccproxy_in_flight", types)
         self.assertEqual(prom_value(samples, "ccproxy_in_flight"), 0)
-        text = ops_request(self.port, "GET", "/metrics").body.decode()
+        text = http_request(self.port, "GET", "/metrics").data.decode()
         self.assertNotIn("METRICSKEY", text, "no label carries a key")
         self.assertNotIn(prompt, text, "no label carries a prompt")
 
     def test_histogram_buckets_are_cumulative(self):
-        ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(), {"Authorization": "Bearer user_TEST"})
+        http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(), {"Authorization": "Bearer user_TEST"})
         _, samples, _ = self.wait_metric("ccproxy_request_seconds_count", 1, route="chat")
         buckets = sorted(((float(dict(l)["le"]), v) for (n, l), v in samples.items()
                           if n == "ccproxy_request_seconds_bucket" and dict(l).get("route") == "chat"),
@@ -4413,7 +4488,7 @@ class TestForwardedFor(unittest.TestCase):
     def access_client(self, port, xff):
         rid = "ops-xff-" + uuid.uuid4().hex[:10]
         with ops_capture_log(logging.INFO) as captured:
-            r = ops_request(port, "GET", "/health", headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
+            r = http_request(port, "GET", "/health", headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
             self.assertEqual(r.status, 200)
             lines = captured.wait_for(rid)
         self.assertEqual(len(lines), 1, lines)
@@ -4479,23 +4554,17 @@ class TestGracefulShutdown(unittest.TestCase):
             return False
 
     def stream_in_thread(self, first_line):
-        result = {"lines": [], "error": None, "done_at": None}
+        """A streaming chat on a thread; first_line is set once its first data line arrived."""
+        result = {"response": None, "error": None, "done_at": None}
 
         def run():
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=OPS_TIMEOUT)
-                conn.request("POST", "/v1/chat/completions", json.dumps(ops_chat_body()),
-                             {"Authorization": "Bearer user_TEST", "Content-Type": "application/json"})
-                resp = conn.getresponse()
-                result["status"] = resp.status
-                while True:
-                    line = resp.readline()
-                    if not line:
-                        break
-                    result["lines"].append(line.decode("utf-8", "replace").rstrip("\r\n"))
-                    if line.startswith(b"data:"):
+                with send_request(self.port, "chat", ops_chat_body(), key="user_TEST",
+                                  timeout=OPS_TIMEOUT) as sock:
+                    got = read_until(sock, b"data:", OPS_TIMEOUT)
+                    if b"data:" in got:
                         first_line.set()
-                conn.close()
+                    result["response"] = read_response(sock, time.monotonic() + OPS_TIMEOUT, got)
             except Exception as e:  # noqa: BLE001 - reported by the test
                 result["error"] = e
             finally:
@@ -4511,24 +4580,16 @@ class TestGracefulShutdown(unittest.TestCase):
         self.assertTrue(first.wait(10), "the stream never started")
         self.assertIsNone(result["error"])
         self.child.send_signal(signal.SIGTERM)
-        sent_at = time.monotonic()
-        refused_at = None
-        while time.monotonic() - sent_at < 1.2:
-            if self.refused():
-                refused_at = time.monotonic()
-                break
-            time.sleep(0.05)
+        refused_at = time.monotonic() if wait_for(self.refused, 1.2, step=0.05) else None
         self.assertIsNotNone(refused_at, "new connections should be refused soon after SIGTERM")
         self.assertTrue(thread.is_alive(), "the request was still in flight when new connections were refused")
         thread.join(OPS_TIMEOUT)
         self.assertFalse(thread.is_alive())
         self.assertIsNone(result["error"], "the in-flight stream was cut: %r\n%s" % (result["error"], self.output()))
-        self.assertEqual(result.get("status"), 200)
-        data = [line for line in result["lines"] if line.startswith("data:")]
-        self.assertEqual(data[-1], "data: [DONE]", result["lines"][-5:])
-        content = "".join(json.loads(line[5:])["choices"][0]["delta"].get("content") or ""
-                          for line in data[:-1] if json.loads(line[5:]).get("choices"))
-        self.assertEqual(content, "x" * 8, "every delta arrived")
+        resp = result["response"]
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(resp.sse()[-1][1], "[DONE]", resp.sse()[-5:])
+        self.assertEqual(chunk_content(resp.chunks()), "x" * 8, "every delta arrived")
         self.assertEqual(self.child.wait(10), 0, self.output())
         self.assertGreater(result["done_at"], refused_at)
 
@@ -4541,9 +4602,9 @@ class TestGracefulShutdown(unittest.TestCase):
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
             self.addCleanup(sock.close)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
-            self.assertEqual(status, 200)
-            self.assertNotIn("connection: close", [l.lower() for l in lines])
+            r = read_response(sock, time.monotonic() + 5)
+            self.assertEqual(r.status, 200)
+            self.assertNotIn("connection: close", [l.lower() for l in r.head_lines])
             idle.append(sock)
         slow = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
         self.addCleanup(slow.close)
@@ -4561,10 +4622,10 @@ class TestGracefulShutdown(unittest.TestCase):
         self.assertTrue(wait_for(lambda: all(closed_by_server(s) for s in idle), 1.0),
                         "idle keep-alive connections must be closed when the drain begins")
         slow.sendall(b"Host: x\r\n\r\n")
-        status, lines, body = res_read_response(slow, time.monotonic() + 5)
-        self.assertEqual(status, 503, body)
-        self.assertIn("connection: close", [l.lower() for l in lines])
-        self.assertEqual(json.loads(body)["error"]["code"], "shutting_down")
+        r = read_response(slow, time.monotonic() + 5)
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("connection: close", [l.lower() for l in r.head_lines])
+        self.assertEqual(r.json()["error"]["code"], "shutting_down")
         # around the end of the drain every idle connection tries one more request: it either
         # sees the close before sending, or gets a whole answer -- never silence after sending
         time.sleep(max(0.0, signalled + 1.2 - time.monotonic()))
@@ -4572,8 +4633,7 @@ class TestGracefulShutdown(unittest.TestCase):
             if closed_by_server(sock):
                 continue
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
-            self.assertIn(status, (200, 503))
+            self.assertIn(read_response(sock, time.monotonic() + 5).status, (200, 503))
         thread.join(OPS_TIMEOUT)
         self.assertIsNone(result["error"], self.output())
         self.assertEqual(self.child.wait(10), 0, self.output())
@@ -4582,16 +4642,12 @@ class TestGracefulShutdown(unittest.TestCase):
         done = {}
 
         def call():
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=OPS_TIMEOUT)
-            conn.request("POST", "/v1/chat/completions", json.dumps(ops_chat_body(stream=False)),
-                         {"Authorization": "Bearer user_TEST", "Content-Type": "application/json"})
-            resp = conn.getresponse()
-            done.update(status=resp.status, connection=resp.getheader("Connection"),
-                        body=json.loads(resp.read()))
-            conn.close()
+            r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(stream=False),
+                             {"Authorization": "Bearer user_TEST"}, timeout=OPS_TIMEOUT)
+            done.update(status=r.status, connection=r.header("Connection"), body=r.json())
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
-        self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+        self.assertTrue(wait_for(self.upstream.generates, 5))
         self.child.send_signal(signal.SIGTERM)
         thread.join(OPS_TIMEOUT)
         self.assertEqual(done.get("status"), 200, self.output())
@@ -4643,15 +4699,6 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for(predicate, timeout=5.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 class Case(unittest.TestCase):
@@ -5307,13 +5354,9 @@ class LimitsTest(Case):
         env = ops_clean_env(HOME=self.tmp, CLAUDE_FAKE_RECORD=self.record_path, CLAUDE_FAKE_STATE=self.state,
                             CLAUDE_FAKE_STAY_ORPHANED="1")
         server, _ = ops_spawn_proxy(self, ["start", "--config", cfg], env, self.tmp, port)
-        body = json.dumps({"model": "sonnet", "stream": True,
-                           "messages": [{"role": "user", "content": "scenario:hang"}]}).encode()
-        client = socket.create_connection(("127.0.0.1", port), timeout=OPS_TIMEOUT)
+        client = send_request(port, "chat", {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "scenario:hang"}]}, key=CLAUDE_KEY, timeout=OPS_TIMEOUT)
         self.addCleanup(client.close)
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                       % (CLAUDE_KEY.encode(), len(body), body))
         self.assertTrue(wait_for(lambda: self.records("hanging"), 10), "the CLI did not start its run")
         cli = self.records("hanging")[0]["pid"]
         self.addCleanup(lambda: alive(cli) and os.kill(cli, signal.SIGKILL))
@@ -5355,17 +5398,10 @@ class LimitsTest(Case):
 
     def test_client_disconnect_kills_the_child_and_its_group(self):
         for scenario in ("stall", "grandchild"):
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            body = json.dumps({"model": "sonnet", "stream": True,
-                               "messages": [{"role": "user", "content": "scenario:" + scenario}]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CLAUDE_KEY.encode() +
-                         b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            received = b""
+            sock = send_request(self.port, "chat", {"model": "sonnet", "stream": True, "messages": [
+                {"role": "user", "content": "scenario:" + scenario}]}, key=CLAUDE_KEY, timeout=10)
             if scenario == "stall":
-                while b"Hello!" not in received:
-                    chunk = sock.recv(65536)
-                    self.assertTrue(chunk)
-                    received += chunk
+                self.assertIn(b"Hello!", read_until(sock, b"Hello!", 10))
             else:
                 self.assertTrue(wait_for(lambda: self.records("grandchild")))
             sock.close()
@@ -5461,9 +5497,7 @@ class AuthAndModelsTest(Case):
 # Resilience: upstream faults x front ends, hostile clients, backpressure, leaks, concurrency
 # =====================================================================================
 
-RES_FRONTS = ("chat", "messages", "responses")
-RES_COMBOS = [(front, streaming) for front in RES_FRONTS for streaming in (False, True)]
-RES_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+RES_COMBOS = [(front, streaming) for front in FRONTS for streaming in (False, True)]
 RES_HANG_LIMIT = 8.0  # no single fault case may take longer than this (a hang is a failure)
 RES_GATEWAY = (502, 503, 504)
 
@@ -5486,95 +5520,6 @@ def res_headers(front, key=KEY):
     if front == "messages":
         h["anthropic-version"] = "2023-06-01"
     return h
-
-
-def res_raw_head(front, length, key=KEY, extra=""):
-    """Request head bytes for a POST to a front end (the body is the caller's business)."""
-    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            "Authorization: Bearer %s\r\n" % (RES_PATHS[front], key))
-    if front == "messages":
-        head += "anthropic-version: 2023-06-01\r\n"
-    if length is not None:
-        head += "Content-Length: %d\r\n" % length
-    return (head + extra + "\r\n").encode("latin-1")
-
-
-def res_read_response(sock, deadline):
-    """(status, header lines, body) of one HTTP response read from a raw socket; chunked or
-    Content-Length or read-to-close; raises AssertionError past the deadline."""
-    buf = b""
-    status = 100
-    while 100 <= status < 200:   # interim responses (100 Continue) come before the real one
-        while b"\r\n\r\n" not in buf:
-            if time.monotonic() > deadline:
-                raise AssertionError("no response head before the deadline: %r" % buf[:300])
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            piece = sock.recv(65536)
-            if not piece:
-                raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
-            buf += piece
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-    body = buf
-    headers = lines[1:]
-    length = next((int(v) for v in ops_header_values(headers, "content-length")), None)
-    chunked = any("chunked" in v.lower() for v in ops_header_values(headers, "transfer-encoding"))
-
-    def more():
-        if time.monotonic() > deadline:
-            raise AssertionError("response body not complete before the deadline")
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        return sock.recv(65536)
-
-    if length is not None:
-        while len(body) < length:
-            piece = more()
-            if not piece:
-                break
-            body += piece
-        return status, headers, body[:length]
-    if chunked:
-        while not body.endswith(b"0\r\n\r\n"):
-            piece = more()
-            if not piece:
-                break
-            body += piece
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0] or b"0", 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        return status, headers, out
-    while True:
-        piece = more()
-        if not piece:
-            return status, headers, body
-        body += piece
-
-
-def res_sse_text(front, resp):
-    """The answer text a client sees in a stream, per protocol."""
-    if front == "chat":
-        return chunk_content(resp.chunks())
-    out = ""
-    for name, data in resp.typed_events():
-        if front == "messages":
-            if data.get("type") == "content_block_delta" and data["delta"].get("type") == "text_delta":
-                out += data["delta"]["text"]
-        elif name == "response.output_text.delta":
-            out += data["delta"]
-    return out
-
-
-def res_body_text(front, body):
-    if front == "chat":
-        return body["choices"][0]["message"]["content"] or ""
-    if front == "messages":
-        return "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
-    return body["output_text"]
 
 
 def res_strict_json(raw):
@@ -5659,7 +5604,7 @@ class ResilienceCase(ProxyTestCase):
     def post_raw(self, front, raw, headers=None, key=KEY):
         h = res_headers(front, key)
         h.update(headers or {})
-        return http_request(self.port, "POST", RES_PATHS[front], raw, h)
+        return http_request(self.port, "POST", PATHS[front], raw, h)
 
     # -- protocol-level assertions --------------------------------------------------------
     def assertProtocolError(self, resp, front, statuses):
@@ -5689,7 +5634,7 @@ class ResilienceCase(ProxyTestCase):
         self.assertEqual(resp.status, 200, resp)
         if not streaming:
             body = resp.json()
-            self.assertEqual(res_body_text(front, body), text)
+            self.assertEqual(resp.body_text(front), text)
             if front == "chat":
                 self.assertEqual(body["choices"][0]["finish_reason"], "stop")
             elif front == "messages":
@@ -5698,7 +5643,7 @@ class ResilienceCase(ProxyTestCase):
                 self.assertEqual(body["status"], "completed")
             return
         self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
-        self.assertEqual(res_sse_text(front, resp), text)
+        self.assertEqual(resp.stream_text(front), text)
         if front == "chat":
             chunks = resp.chunks()
             self.assertTrue(resp.done(), resp)
@@ -5714,7 +5659,7 @@ class ResilienceCase(ProxyTestCase):
         """An in-stream error as the last event, what was streamed before it, and no normal ending."""
         self.assertEqual(resp.status, 200, resp)
         self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
-        self.assertEqual(res_sse_text(front, resp), prefix)
+        self.assertEqual(resp.stream_text(front), prefix)
         if front == "chat":
             chunks = resp.chunks()
             self.assertFalse(resp.done(), "a failed stream must not end with [DONE]")
@@ -5814,7 +5759,7 @@ class TestResilienceUpstreamFaults(ResilienceCase):
                     parallel=True)
         gens = self.upstream.generates()
         self.assertEqual(len(gens), len(RES_COMBOS))
-        self.assertTrue(self.upstream.wait_for(lambda: all(g["disconnected_at"] for g in gens), 3),
+        self.assertTrue(wait_for(lambda: all(g["disconnected_at"] for g in gens), 3),
                         "the stalled upstream connections were not closed")
 
     def test_stall_after_output_is_idle_timeout(self):
@@ -6133,7 +6078,7 @@ class TestResilienceHostileClients(ResilienceCase):
         bodies = [b'{"model": "x", "messages": [', b"", b"   ", b"null", b"[]", b'"text"', b"42",
                   b'{"a": 1}{"b": 2}', b"{'single': 'quotes'}", b'{"a": 1,}', b"{\"a\": \x01}",
                   b'{"model": "x"', b"\xef\xbb\xbf{}"]
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for raw in bodies:
                 with self.subTest(front=front, body=raw[:30]):
                     self.upstream.reset()
@@ -6155,7 +6100,7 @@ class TestResilienceHostileClients(ResilienceCase):
         """Every value of a rich valid body replaced by each wrong-typed value: 2xx or 4xx, never
         5xx, never a traceback, and what went upstream is strict JSON."""
         replacements = [None, 7, 2.5, "x", [7], {"x": 7}]
-        cases = [(front, path, new) for front in RES_FRONTS for path in res_paths(res_rich_body(front))
+        cases = [(front, path, new) for front in FRONTS for path in res_paths(res_rich_body(front))
                  for new in replacements]
 
         def one(case):
@@ -6175,7 +6120,7 @@ class TestResilienceHostileClients(ResilienceCase):
 
     def test_non_finite_numbers_never_reach_upstream_as_invalid_json(self):
         # Python's json accepts NaN/Infinity and 1e999; a strict upstream (JSON.parse) does not.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):
                 with self.subTest(front=front, value=literal):
                     self.upstream.reset()
@@ -6188,7 +6133,7 @@ class TestResilienceHostileClients(ResilienceCase):
                         self.assertRejected(r, front)
 
     def test_deep_nesting_is_400_not_a_crash(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
                 with self.subTest(front=front, nesting=opener):
                     self.upstream.reset()
@@ -6205,7 +6150,7 @@ class TestResilienceHostileClients(ResilienceCase):
             leaf = '{"type": "string", "description": "%s"}' % ("bad \\ud800" if surrogate else "ok")
             return '{"type": "object", "properties": {"p": ' * levels + leaf + "}}" * levels
 
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for levels in (150, 440):  # ~300 and ~880 JSON nesting levels (json.loads allows ~1000)
                 for where, surrogate in (("extra", True), ("schema", False), ("schema", True)):
                     with self.subTest(front=front, levels=levels, where=where, surrogate=surrogate):
@@ -6230,7 +6175,7 @@ class TestResilienceHostileClients(ResilienceCase):
                         self.assertNoTraceback(r)
 
     def test_invalid_utf8_is_400(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for bad in (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"):
                 with self.subTest(front=front, bytes=bad):
                     self.upstream.reset()
@@ -6239,7 +6184,7 @@ class TestResilienceHostileClients(ResilienceCase):
                     self.assertEqual(self.upstream.generates(), [])
 
     def test_lone_surrogates_never_reach_upstream(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 body = res_rich_body(front)
@@ -6258,22 +6203,21 @@ class TestResilienceHostileClients(ResilienceCase):
                 self.assertNoTraceback(r)
 
     def test_oversized_content_length_is_413_without_reading_the_body(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                     t0 = time.monotonic()
-                    s.sendall(res_raw_head(front, 10 ** 12) + b'{"model": "x", "messages": [' + b" " * 4000)
-                    status, lines, body = res_read_response(s, t0 + 3)
-                    self.assertEqual(status, 413)
+                    s.sendall(raw_head(front, 10 ** 12) + b'{"model": "x", "messages": [' + b" " * 4000)
+                    resp = read_response(s, t0 + 3)
+                    self.assertEqual(resp.status, 413)
                     self.assertLess(time.monotonic() - t0, 2)
-                    resp = Response(status, {}, body, 0)
                     if front == "messages":
                         self.assertEqual(resp.json()["type"], "error")
                     else:
                         self.assertIn("error", resp.json())
                     # the connection is closed, not left to swallow the 1 TB body
-                    self.assertIn("close", ",".join(ops_header_values(lines, "connection")).lower())
+                    self.assertIn("close", ",".join(resp.header_values("connection")).lower())
                     s.settimeout(2)
                     try:
                         rest = s.recv(65536)
@@ -6286,63 +6230,43 @@ class TestResilienceHostileClients(ResilienceCase):
     def test_oversized_chunked_body_is_413_early(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             t0 = time.monotonic()
-            s.sendall(res_raw_head("chat", None, extra="Transfer-Encoding: chunked\r\n")
+            s.sendall(raw_head("chat", None, extra="Transfer-Encoding: chunked\r\n")
                       + b"ffffffffff\r\n" + b"{" * 1000)
-            status, _, _ = res_read_response(s, t0 + 3)
-            self.assertEqual(status, 413)
+            self.assertEqual(read_response(s, t0 + 3).status, 413)
             self.assertLess(time.monotonic() - t0, 2)
         self.assertNoTraceback()
 
     def test_invalid_content_length_is_400(self):
         for value in ("abc", "-5", "1e3", "12, 12"):
             with self.subTest(value=value), socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall(res_raw_head("chat", None, extra="Content-Length: %s\r\n" % value) + b"{}")
-                status, _, _ = res_read_response(s, time.monotonic() + 3)
+                s.sendall(raw_head("chat", None, extra="Content-Length: %s\r\n" % value) + b"{}")
+                status = read_response(s, time.monotonic() + 3).status
                 self.assertIn(status, (400, 411, 413), value)
         self.assertNoTraceback()
 
     def test_bad_methods_on_model_routes(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for method in ("PUT", "DELETE", "PATCH", "GET"):
                 with self.subTest(front=front, method=method):
-                    r = self.request(method, RES_PATHS[front], res_minimal_body(front),
+                    r = self.request(method, PATHS[front], res_minimal_body(front),
                                      headers={"anthropic-version": "2023-06-01"} if front == "messages" else {})
                     self.assertProtocolError(r, front, (405,))
                     self.assertEqual(r.header("Allow"), "POST")
             with self.subTest(front=front, method="HEAD"):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("HEAD", RES_PATHS[front])
-                r = conn.getresponse()
-                r.read()
-                self.assertEqual(r.status, 405)
-                conn.close()
+                self.assertEqual(http_request(self.port, "HEAD", PATHS[front], timeout=5).status, 405)
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
-    def raw_exchange(self, raw, wait_for_close=False):
-        """Send raw bytes, read one response: (status, header lines, body, closed afterwards);
-        `closed` is only looked at (for up to 2 s) with wait_for_close."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(raw)
-            status, lines, body = res_read_response(s, time.monotonic() + 4)
-            closed = None
-            if wait_for_close:
-                s.settimeout(2)
-                try:
-                    closed = s.recv(1) == b""
-                except ConnectionResetError:
-                    closed = True
-                except socket.timeout:
-                    closed = False
-        return status, lines, body, closed
+    def raw(self, raw, wait_for_close=False):
+        return raw_request(self.port, raw, wait_for_close=wait_for_close)
 
-    def assertShape(self, front, status, lines, body, expected):
-        self.assertEqual(status, expected, body[:300])
-        parsed = json.loads(body)
+    def assertShape(self, front, resp, expected):
+        self.assertEqual(resp.status, expected, resp)
+        parsed = resp.json()
         if front == "messages":
             self.assertEqual(parsed["type"], "error", parsed)
             self.assertTrue(parsed["error"]["message"])
-            self.assertEqual(ops_header_values(lines, "request-id"), ops_header_values(lines, "x-request-id"))
+            self.assertEqual(resp.header_values("request-id"), resp.header_values("x-request-id"))
         else:
             self.assertIn("code", parsed["error"], parsed)
             self.assertNotIn("type", parsed, parsed)
@@ -6362,16 +6286,16 @@ class TestResilienceHostileClients(ResilienceCase):
             "negative Content-Length": b"Content-Length: -1\r\n\r\n{}",
             "Content-Length with sign": b"Content-Length: +2\r\n\r\n{}",
         }
-        for front in RES_FRONTS + ("count_tokens",):
+        for front in FRONTS + ("count_tokens",):
             shape = "messages" if front == "count_tokens" else front
             for name, rest in framings.items():
                 with self.subTest(front=front, framing=name):
-                    head = res_raw_head(shape, None)[:-2]
+                    head = raw_head(shape, None)[:-2]
                     if front == "count_tokens":
                         head = head.replace(b"/v1/messages", b"/v1/messages/count_tokens")
-                    status, lines, data, closed = self.raw_exchange(head + rest, wait_for_close=True)
-                    self.assertShape(shape, status, lines, data, 400)
-                    self.assertTrue(closed, "a request with broken framing must close the connection")
+                    resp = self.raw(head + rest, wait_for_close=True)
+                    self.assertShape(shape, resp, 400)
+                    self.assertTrue(resp.closed, "a request with broken framing must close the connection")
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
@@ -6383,33 +6307,32 @@ class TestResilienceHostileClients(ResilienceCase):
                      b"%X\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)):
             with self.subTest(rest=rest[:20]):
                 self.upstream.script(ok(text_parts("chunked ok")))
-                head = res_raw_head("chat", None, key=unique_key(), extra="Transfer-Encoding: chunked\r\n")
-                status, _, data, _ = self.raw_exchange(head + rest)
-                self.assertEqual(status, 200, data)
-                self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "chunked ok")
+                head = raw_head("chat", None, key=unique_key(), extra="Transfer-Encoding: chunked\r\n")
+                resp = self.raw(head + rest)
+                self.assertEqual(resp.status, 200, resp)
+                self.assertEqual(resp.body_text("chat"), "chunked ok")
 
     def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(self):
         self.upstream.script(ok(text_parts("continued")))
         body = json.dumps(res_minimal_body("chat")).encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(res_raw_head("chat", len(body), key=unique_key(), extra="Expect: 100-continue\r\n"))
+            s.sendall(raw_head("chat", len(body), key=unique_key(), extra="Expect: 100-continue\r\n"))
             s.settimeout(2)
             self.assertTrue(s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n"))
             s.sendall(body)
-            status, _, data = res_read_response(s, time.monotonic() + 4)
-        self.assertEqual(status, 200, data)
-        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "continued")
+            resp = read_response(s, time.monotonic() + 4)
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(resp.body_text("chat"), "continued")
 
     def test_unknown_methods_on_anthropic_routes_answer_in_the_anthropic_shape(self):
         for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages?beta=true"):
             for method in ("TRACE", "FOO"):
                 with self.subTest(path=path, method=method):
                     raw = ("%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method, path)).encode()
-                    status, lines, body, _ = self.raw_exchange(raw)
-                    self.assertShape("messages", status, lines, body, 501)
+                    self.assertShape("messages", self.raw(raw), 501)
         raw = b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n\r\n"
-        self.assertShape("messages", *self.raw_exchange(raw)[:3], 501)
-        self.assertShape("chat", *self.raw_exchange(b"FOO /v1/chat/completions HTTP/1.1\r\n\r\n")[:3], 501)
+        self.assertShape("messages", self.raw(raw), 501)
+        self.assertShape("chat", self.raw(b"FOO /v1/chat/completions HTTP/1.1\r\n\r\n"), 501)
         self.assertNoTraceback()
 
     def test_a_known_route_with_the_wrong_method_is_405_with_allow(self):
@@ -6422,9 +6345,9 @@ class TestResilienceHostileClients(ResilienceCase):
         for method, path, shape, allow in cases:
             with self.subTest(method=method, path=path):
                 raw = ("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % (method, path)).encode()
-                status, lines, body, _ = self.raw_exchange(raw)
-                self.assertShape(shape, status, lines, body, 405)
-                self.assertEqual(ops_header_values(lines, "allow"), [allow])
+                resp = self.raw(raw)
+                self.assertShape(shape, resp, 405)
+                self.assertEqual(resp.header_values("allow"), [allow])
         self.assertNoTraceback()
 
     def test_malformed_heads_and_bodies_never_get_a_5xx(self):
@@ -6437,8 +6360,8 @@ class TestResilienceHostileClients(ResilienceCase):
                  b"GET /v1/models/%ff HTTP/1.1\r\n" + key.encode() + b"\r\n",
                  b"GET /v1/responses/%00 HTTP/1.1\r\n" + key.encode() + b"\r\n",
                  b"GET /health HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]
-        for front in RES_FRONTS:
-            post = res_raw_head(front, None)[:-2]
+        for front in FRONTS:
+            post = raw_head(front, None)[:-2]
             heads += [post + b"Content-Length: 1e3\r\n\r\n", post + b"Content-Length: \r\n\r\n",
                       post + b"Content-Length: 99999999999999999999999\r\n\r\n",
                       post + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 2000 + b"\r\n",
@@ -6450,9 +6373,9 @@ class TestResilienceHostileClients(ResilienceCase):
                       post + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n[]"]
         for raw in heads:
             with self.subTest(raw=raw[:70]):
-                status, _, body, _ = self.raw_exchange(raw)
-                self.assertTrue(400 <= status < 500, (status, body[:200]))
-        self.assertEqual(self.raw_exchange(b"GET / HTTP/2.0\r\n\r\n")[0], 505)  # the one 5xx that is right
+                resp = self.raw(raw)
+                self.assertTrue(400 <= resp.status < 500, resp)
+        self.assertEqual(self.raw(b"GET / HTTP/2.0\r\n\r\n").status, 505)  # the one 5xx that is right
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
@@ -6472,36 +6395,33 @@ class TestResilienceHostileClients(ResilienceCase):
                 b"Transfer-Encoding: chunked\r\nAuthorization: Bearer user_x\r\n\r\n0\r\n\r\n"]
         for raw in raws:
             with self.subTest(request=raw[:60]):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(raw)
-                    status, lines, body = res_read_response(s, time.monotonic() + 4)
-                self.assertGreaterEqual(status, 400, (raw[:60], status, body[:200]))
-                self.assertEqual([l for l in lines if l.lower().startswith("x-evil")], [])
-                if body:
-                    json.loads(body)
+                resp = self.raw(raw)
+                self.assertGreaterEqual(resp.status, 400, (raw[:60], resp))
+                self.assertEqual([l for l in resp.head_lines if l.lower().startswith("x-evil")], [])
+                if resp.data:
+                    resp.json()
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
     def test_header_injection_in_request_id_on_model_routes(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for streaming in (False, True):
                 for rid in (b"abc\r\n X-Evil: 1", b"abc\r\n\tSet-Cookie: a=b", b"id\xc3\xa9\xff", b"a" * 300):
                     with self.subTest(front=front, stream=streaming, rid=rid[:20]):
                         self.upstream.reset()
                         data = json.dumps(res_minimal_body(front, streaming)).encode()
-                        head = res_raw_head(front, len(data), extra="X-Request-Id: ")
+                        head = raw_head(front, len(data), extra="X-Request-Id: ")
                         head = head[:-2] + rid + b"\r\nConnection: close\r\n\r\n"
-                        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                            s.sendall(head + data)
-                            status, lines, body = res_read_response(s, time.monotonic() + 5)
-                        self.assertEqual(status, 200, body[:300])
+                        resp = self.raw(head + data)
+                        lines = resp.head_lines
+                        self.assertEqual(resp.status, 200, resp)
                         for bad in ("x-evil", "set-cookie"):
                             self.assertEqual([l for l in lines if l.lower().startswith(bad)], [], lines)
-                        ids = ops_header_values(lines, "x-request-id")
+                        ids = resp.header_values("x-request-id")
                         self.assertEqual(len(ids), 1, lines)
                         self.assertRegex(ids[0], r"^[A-Za-z0-9._:\-]{1,128}$")
                         self.assertNotIn("\r", "".join(lines))
-                        for other in ops_header_values(lines, "request-id"):
+                        for other in resp.header_values("request-id"):
                             self.assertEqual(other, ids[0])
         self.assertNoTraceback()
 
@@ -6516,12 +6436,11 @@ class TestResilienceHostileClients(ResilienceCase):
                 body = res_minimal_body(front)
                 body.update(extra)
                 data = json.dumps(body).encode()
-                head = res_raw_head(front, len(data), extra="X-Session-Id: s\r\n X-Evil-Up: 1\r\n"
+                head = raw_head(front, len(data), extra="X-Session-Id: s\r\n X-Evil-Up: 1\r\n"
                                     "Connection: close\r\n")
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(head + data)
-                    status, lines, resp_body = res_read_response(s, time.monotonic() + 5)
-                self.assertEqual(status, 200, resp_body[:300])
+                resp = self.raw(head + data)
+                lines = resp.head_lines
+                self.assertEqual(resp.status, 200, resp)
                 self.assertEqual([l for l in lines if "evil" in l.lower() and
                                   not l.lower().startswith("x-cc-proxy-dropped-tools")], [], lines)
                 for l in lines:
@@ -6543,7 +6462,7 @@ class TestResilienceHostileClients(ResilienceCase):
                 for i in range(6):
                     s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
                     if i % 2:
-                        s.sendall(res_raw_head("chat", 1000) + b'{"model": "claude-sonnet-5", "mess')
+                        s.sendall(raw_head("chat", 1000) + b'{"model": "claude-sonnet-5", "mess')
                     else:
                         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
                     socks.append(s)
@@ -6568,9 +6487,7 @@ class TestResilienceHostileClients(ResilienceCase):
             finally:
                 for s in socks:
                     s.close()
-            deadline = time.monotonic() + 3
-            while threading.active_count() > base_threads + 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: threading.active_count() <= base_threads + 1, 3, step=0.05)
             self.assertLessEqual(threading.active_count(), base_threads + 1, "handler threads not freed")
             # and the server still answers
             self.assertEqual(self.chat(key=unique_key()).status, 200)
@@ -6602,12 +6519,11 @@ class TestResilienceBackpressure(ResilienceCase):
     LIMIT = 30 * 1024 * 1024
 
     def open_stalled_client(self, front="chat"):
-        data = json.dumps(res_minimal_body(front, True)).encode()
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         s.settimeout(10)
         s.connect(("127.0.0.1", self.port))
-        s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
+        send_request(self.port, front, res_minimal_body(front, True), key=unique_key(), sock=s)
         got = b""
         while len(got) < 200000:
             piece = s.recv(65536)
@@ -6642,13 +6558,13 @@ class TestResilienceBackpressure(ResilienceCase):
         finally:
             s.close()
         closed = time.monotonic()
-        self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5),
                         "the upstream connection was not closed after the client went away")
         self.assertLess(rec["disconnected_at"] - closed, 5)
         self.assertNoTraceback()
 
     def test_client_that_stops_reading_is_let_go_after_the_socket_timeout(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front), mock.patch.object(proxy.ProxyHandler, "timeout", 0.3):
                 self.upstream.reset()
                 self.upstream.script(res_big_stream(50))
@@ -6656,7 +6572,7 @@ class TestResilienceBackpressure(ResilienceCase):
                 try:
                     rec = self.last_generate()
                     # the socket is still open, but nothing is read: the proxy gives up on its own
-                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 6),
+                    self.assertTrue(wait_for(lambda: rec["disconnected_at"], 6),
                                     "the proxy kept relaying to a client that stopped reading")
                     self.assertFalse(rec["completed"])
                 finally:
@@ -6685,20 +6601,13 @@ class TestResilienceLeaks(ResilienceCase):
         self.upstream.script(*[res_partial_then(Stall(8), *finish_parts()) for _ in range(3 * n)])
 
         def disconnect(i):
-            front = RES_FRONTS[i % 3]
-            data = json.dumps(res_minimal_body(front, True)).encode()
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-                s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
-                got = b""
-                while b"partial" not in got:
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    got += piece
-                return b"partial" in got
+            front = FRONTS[i % 3]
+            with send_request(self.port, front, res_minimal_body(front, True), key=unique_key(),
+                              timeout=10) as s:
+                return b"partial" in read_until(s, b"partial", 10)
 
         def timeout(i):
-            front = RES_FRONTS[i % 3]
+            front = FRONTS[i % 3]
             r = self.call(front, bool(i % 2))
             normal_end = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
             if r.status >= 400 or (r.status == 200 and b"error" in r.data
@@ -6711,13 +6620,14 @@ class TestResilienceLeaks(ResilienceCase):
             futures += [pool.submit(timeout, i) for i in range(2 * n)]
             results = [f.result(timeout=20) for f in futures]
         self.assertEqual([r for r in results if r is False or isinstance(r, tuple)], [])
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        counts = []
+
+        def back_to_baseline():
             gc.collect()
-            threads, fds = threading.active_count(), res_fd_count()
-            if threads <= base_threads + 2 and fds <= base_fds + 4:
-                break
-            time.sleep(0.1)
+            counts[:] = [threading.active_count(), res_fd_count()]
+            return counts[0] <= base_threads + 2 and counts[1] <= base_fds + 4
+        wait_for(back_to_baseline, 5, step=0.1)
+        threads, fds = counts
         self.assertLessEqual(threads, base_threads + 2,
                              "threads: %d before, %d after: %s" % (base_threads, threads,
                                                                    sorted(t.name for t in threading.enumerate())))

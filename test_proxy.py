@@ -4758,16 +4758,9 @@ class Case(unittest.TestCase):
 
     # ---- HTTP -----------------------------------------------------------------------------
     def request(self, method, path, body=None, headers=None, key=CLAUDE_KEY):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        sent = {"content-type": "application/json"}
-        if key:
-            sent["authorization"] = "Bearer " + key
+        sent = {"authorization": "Bearer " + key} if key else {}
         sent.update(headers or {})
-        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=sent)
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        return http_request(self.port, method, path, body, sent, timeout=30)
 
     def chat(self, messages, stream=False, headers=None, key=CLAUDE_KEY, **fields):
         if isinstance(messages, str):
@@ -4785,32 +4778,9 @@ class Case(unittest.TestCase):
                             key)
 
     def chat_text(self, messages, **kw):
-        status, headers, data = self.chat(messages, **kw)
-        self.assertEqual(status, 200, data)
-        return json.loads(data)["choices"][0]["message"]["content"]
-
-    @staticmethod
-    def chat_chunks(data):
-        chunks, done = [], False
-        for block in data.decode().split("\n\n"):
-            if block.startswith("data: "):
-                payload = block[6:]
-                if payload == "[DONE]":
-                    done = True
-                else:
-                    chunks.append(json.loads(payload))
-        return chunks, done
-
-    @staticmethod
-    def sse_events(data):
-        events = []
-        for block in data.decode().split("\n\n"):
-            lines = block.split("\n")
-            name = next((l[7:] for l in lines if l.startswith("event: ")), None)
-            payload = next((l[6:] for l in lines if l.startswith("data: ")), None)
-            if name:
-                events.append((name, json.loads(payload)))
-        return events
+        r = self.chat(messages, **kw)
+        self.assertEqual(r.status, 200, r)
+        return r.json()["choices"][0]["message"]["content"]
 
     # ---- the fake's record ----------------------------------------------------------------
     def records(self, event="start"):
@@ -4850,9 +4820,9 @@ class Case(unittest.TestCase):
 # =====================================================================================
 class AnswersTest(Case):
     def test_chat_non_streaming_and_the_command_line(self):
-        status, headers, data = self.chat("hello there")
-        self.assertEqual(status, 200, data)
-        body = json.loads(data)
+        r = self.chat("hello there")
+        self.assertEqual(r.status, 200, r)
+        body = r.json()
         self.assertEqual(body["choices"][0]["message"]["content"], "ECHO: hello there")
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
         self.assertEqual(body["model"], "claude-sonnet-5")   # what the CLI really used
@@ -4879,11 +4849,11 @@ class AnswersTest(Case):
         self.assertFalse(alive(run["pid"]))
 
     def test_chat_streaming(self):
-        status, headers, data = self.chat("stream me", stream=True, stream_options={"include_usage": True})
-        self.assertEqual(status, 200)
-        self.assertTrue(headers["content-type"].startswith("text/event-stream"))
-        chunks, done = self.chat_chunks(data)
-        self.assertTrue(done)
+        r = self.chat("stream me", stream=True, stream_options={"include_usage": True})
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.header("content-type").startswith("text/event-stream"))
+        chunks = r.chunks()
+        self.assertTrue(r.done())
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         self.assertEqual(text, "ECHO: stream me")
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
@@ -4892,13 +4862,13 @@ class AnswersTest(Case):
         self.assertFalse(any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"]))
 
     def test_cost_header(self):
-        status, headers, data = self.chat("cost?")
-        self.assertEqual(headers.get("x-claude-cost-usd"), "0.007387")
+        r = self.chat("cost?")
+        self.assertEqual(r.header("x-claude-cost-usd"), "0.007387")
 
     def test_messages_non_streaming(self):
-        status, headers, data = self.messages("hi")
-        self.assertEqual(status, 200, data)
-        body = json.loads(data)
+        r = self.messages("hi")
+        self.assertEqual(r.status, 200, r)
+        body = r.json()
         self.assertEqual(body["content"], [{"type": "text", "text": "ECHO: hi"}])
         self.assertEqual(body["stop_reason"], "end_turn")
         self.assertEqual(body["usage"]["input_tokens"], 12)
@@ -4906,9 +4876,9 @@ class AnswersTest(Case):
         self.assertEqual(body["usage"]["output_tokens"], 15)
 
     def test_messages_streaming(self):
-        status, headers, data = self.messages("hi", stream=True)
-        self.assertEqual(status, 200)
-        events = self.sse_events(data)
+        r = self.messages("hi", stream=True)
+        self.assertEqual(r.status, 200)
+        events = r.typed_events()
         names = [e[0] for e in events if e[0] != "ping"]
         self.assertEqual(names[0], "message_start")
         self.assertEqual(names[-2:], ["message_delta", "message_stop"])
@@ -4920,8 +4890,8 @@ class AnswersTest(Case):
         self.assertEqual(delta["usage"]["cache_read_input_tokens"], 13904)
 
     def test_thinking_passes_through_with_the_real_signature(self):
-        status, _, data = self.messages("scenario:thinking", stream=True)
-        events = self.sse_events(data)
+        r = self.messages("scenario:thinking", stream=True)
+        events = r.typed_events()
         starts = [e[1]["content_block"]["type"] for e in events if e[0] == "content_block_start"]
         self.assertEqual(starts, ["thinking", "text"])
         thinking = "".join(e[1]["delta"].get("thinking", "") for e in events if e[0] == "content_block_delta")
@@ -4929,68 +4899,68 @@ class AnswersTest(Case):
         signatures = [e[1]["delta"]["signature"] for e in events if e[0] == "content_block_delta"
                       and e[1]["delta"]["type"] == "signature_delta"]
         self.assertEqual(signatures, ["EqQBCkYIBxgCKkDfakeSignatureI3VcX3YhVtAdJQ4StmTaxq6bzdmQHpQBg3VkeN26"])
-        status, _, data = self.chat("scenario:thinking")
-        message = json.loads(data)["choices"][0]["message"]
+        r = self.chat("scenario:thinking")
+        message = r.json()["choices"][0]["message"]
         self.assertEqual(message["reasoning_content"], "The user asks 2+2. That is 4.")
         self.assertEqual(message["content"], "2 + 2 = 4.")
-        status, _, data = self.messages("scenario:thinking")
-        content = json.loads(data)["content"]
+        r = self.messages("scenario:thinking")
+        content = r.json()["content"]
         self.assertEqual(content[0]["signature"], signatures[0])
 
     def test_cli_tool_activity_is_notes_never_tool_calls(self):
-        status, _, data = self.chat("scenario:tool")
-        message = json.loads(data)["choices"][0]["message"]
+        r = self.chat("scenario:tool")
+        message = r.json()["choices"][0]["message"]
         self.assertNotIn("tool_calls", message)
         self.assertEqual(message["content"], "I'll run that for you.\n\nTool result was: hi")
         self.assertIn("\u23fa Bash(echo hi)", message["reasoning_content"])
         self.assertIn("\u23bf  hi", message["reasoning_content"])
-        self.assertEqual(json.loads(data)["choices"][0]["finish_reason"], "stop")
-        status, _, data = self.chat("scenario:tool", stream=True)
-        chunks, _ = self.chat_chunks(data)
+        self.assertEqual(r.json()["choices"][0]["finish_reason"], "stop")
+        r = self.chat("scenario:tool", stream=True)
+        chunks = r.chunks()
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
         self.assertFalse(any("tool_calls" in d for d in deltas))
         self.assertEqual("".join(d.get("content") or "" for d in deltas), "I'll run that for you.\n\nTool result was: hi")
-        status, _, data = self.messages("scenario:tool", stream=True)
-        starts = [e[1]["content_block"]["type"] for e in self.sse_events(data) if e[0] == "content_block_start"]
+        r = self.messages("scenario:tool", stream=True)
+        starts = [e[1]["content_block"]["type"] for e in r.typed_events() if e[0] == "content_block_start"]
         self.assertNotIn("tool_use", starts)
-        self.assertEqual(json.loads(self.messages("scenario:tool")[2])["stop_reason"], "end_turn")
+        self.assertEqual(self.messages("scenario:tool").json()["stop_reason"], "end_turn")
 
     def test_tool_notes_can_be_turned_off(self):
         self.stop_server()
         self.start_server(claudeToolNotes=False)
-        message = json.loads(self.chat("scenario:tool")[2])["choices"][0]["message"]
+        message = self.chat("scenario:tool").json()["choices"][0]["message"]
         self.assertNotIn("reasoning_content", message)
         self.assertEqual(message["content"], "I'll run that for you.\n\nTool result was: hi")
 
     def test_replaced_stream_is_reconciled(self):
         # j_stream_cut_midway: deltas said one thing, the CLI's non-streaming fallback another
         self.assertEqual(self.chat_text("scenario:cut"), "Hello! How can I help you today?")
-        chunks, _ = self.chat_chunks(self.chat("scenario:cut", stream=True)[2])
+        chunks = self.chat("scenario:cut", stream=True).chunks()
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         self.assertEqual(text, "Partial answer that gets cut\n\nHello! How can I help you today?")
         self.assertEqual(self.chat_text("scenario:sse_overloaded"), "Hello! How can I help you today?")
 
     def test_max_turns_and_max_tokens_end_with_length(self):
-        status, _, data = self.chat("scenario:max_turns")
-        self.assertEqual(status, 200, data)
-        choice = json.loads(data)["choices"][0]
+        r = self.chat("scenario:max_turns")
+        self.assertEqual(r.status, 200, r)
+        choice = r.json()["choices"][0]
         self.assertEqual(choice["finish_reason"], "length")
         self.assertIn("I'll run that for you.", choice["message"]["content"])
         self.assertIn("claudeMaxTurns", choice["message"]["content"])
-        status, _, data = self.messages("scenario:max_tokens")
-        body = json.loads(data)
+        r = self.messages("scenario:max_tokens")
+        body = r.json()
         self.assertEqual(body["stop_reason"], "max_tokens")
         self.assertIn("output token limit", body["content"][-1]["text"])
 
     def test_system_prompt_model_effort_and_images(self):
         png = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP4z8CAFWEXHbQSACj/P8Fu7N9hAAAAAElFTkSuQmCC"
-        status, _, data = self.chat([{"role": "system", "content": "Be brief."},
+        r = self.chat([{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": [
                                          {"type": "text", "text": "What colour?"},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}]}],
                                     model="opus", reasoning_effort="low")
-        self.assertEqual(status, 200, data)
-        self.assertEqual(json.loads(data)["model"], "claude-opus-4-8")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["model"], "claude-opus-4-8")
         run = self.last_run()
         self.assertEqual(self.option(run["argv"], "--append-system-prompt"), "Be brief.")
         self.assertEqual(self.option(run["argv"], "--model"), "opus")
@@ -5002,29 +4972,29 @@ class AnswersTest(Case):
         self.start_server(claudeSystemPromptMode="replace", modelMap={"gpt-*": "haiku"},
                           claudePermissionMode="acceptEdits", claudeMaxTurns=3)
         self.assertEqual(self.chat([{"role": "system", "content": "Pirate."}, {"role": "user", "content": "x"}],
-                                   model="gpt-4o")[0], 200)
+                                   model="gpt-4o").status, 200)
         argv = self.last_run()["argv"]
         self.assertEqual(self.option(argv, "--system-prompt"), "Pirate.")
         self.assertNotIn("--append-system-prompt", argv)
         self.assertEqual(self.option(argv, "--model"), "haiku")
         self.assertEqual(self.option(argv, "--permission-mode"), "acceptEdits")
         self.assertEqual(self.option(argv, "--max-turns"), "3")
-        status, _, data = self.chat("x", model="--dangerously-skip-permissions")
-        self.assertEqual(status, 400, data)
+        r = self.chat("x", model="--dangerously-skip-permissions")
+        self.assertEqual(r.status, 400, r)
 
     def test_client_tools_are_dropped_or_refused(self):
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-        status, headers, data = self.chat("weather?", tools=[tool])
-        self.assertEqual(status, 200, data)
-        self.assertEqual(headers.get("x-cc-proxy-dropped-tools"), "get_weather")
-        status, _, data = self.chat("weather?", tools=[tool], tool_choice={"type": "function",
+        r = self.chat("weather?", tools=[tool])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("x-cc-proxy-dropped-tools"), "get_weather")
+        r = self.chat("weather?", tools=[tool], tool_choice={"type": "function",
                                                                           "function": {"name": "get_weather"}})
-        self.assertEqual(status, 400)
-        self.assertIn("tool_choice", json.loads(data)["error"]["message"])
-        status, _, data = self.messages("w?", tools=[{"name": "w", "input_schema": {"type": "object"}}],
+        self.assertEqual(r.status, 400)
+        self.assertIn("tool_choice", r.json()["error"]["message"])
+        r = self.messages("w?", tools=[{"name": "w", "input_schema": {"type": "object"}}],
                                         tool_choice={"type": "any"})
-        self.assertEqual(status, 400)
-        self.assertEqual(json.loads(data)["type"], "error")
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.json()["type"], "error")
 
     def test_environment_is_built_explicitly(self):
         saved = {k: os.environ.get(k) for k in ("UNRELATED_SECRET", "ANTHROPIC_BASE_URL", "AWS_REGION", "CLAUDECODE",
@@ -5081,8 +5051,8 @@ class SessionTest(Case):
                          [{"type": "text", "text": "What is my name?"}])
         # third turn through the Anthropic front end continues the same session
         history += [{"role": "assistant", "content": "ECHO: What is my name?"}, {"role": "user", "content": "Thanks"}]
-        status, _, data = self.messages(history)
-        self.assertEqual(status, 200, data)
+        r = self.messages(history)
+        self.assertEqual(r.status, 200, r)
         self.assertEqual(self.option(self.last_run()["argv"], "--resume"), session)
 
     def test_regenerating_an_old_turn_does_not_resume_a_moved_on_session(self):
@@ -5108,7 +5078,7 @@ class SessionTest(Case):
         self.assertIn("Assistant: something from another server", content[0]["text"])
         self.assertEqual(content[1], {"type": "text", "text": "next question"})
         # and that conversation now has a session: the next turn resumes it
-        history += [{"role": "assistant", "content": json.loads(self.chat(history)[2])["choices"][0]["message"]
+        history += [{"role": "assistant", "content": self.chat(history).json()["choices"][0]["message"]
                      ["content"]}, {"role": "user", "content": "more"}]
         self.chat_text(history)
         self.assertIn("--resume", self.last_run()["argv"])
@@ -5143,8 +5113,8 @@ class SessionTest(Case):
         os.unlink(os.path.join(self.state, "sessions.json"))   # the CLI's HOME was wiped
         history = [{"role": "user", "content": "remember me"}, {"role": "assistant", "content": "ECHO: remember me"},
                    {"role": "user", "content": "still there?"}]
-        status, _, data = self.chat(history, headers={"x-session-id": "lost-1"})
-        self.assertEqual(status, 200, data)
+        r = self.chat(history, headers={"x-session-id": "lost-1"})
+        self.assertEqual(r.status, 200, r)
         runs = self.runs()
         self.assertEqual(self.option(runs[-2]["argv"], "--resume"), session)
         self.assertIn("--session-id", runs[-1]["argv"])
@@ -5160,7 +5130,7 @@ class SessionTest(Case):
         results = []
 
         def turn(text):
-            results.append(self.chat(text + " scenario:slow", headers=headers)[0])
+            results.append(self.chat(text + " scenario:slow", headers=headers).status)
         threads = [threading.Thread(target=turn, args=("t%d" % i,)) for i in range(2)]
         for t in threads:
             t.start()
@@ -5198,7 +5168,7 @@ class SessionTest(Case):
             self.start_server(sessionFile=path)
         self.assertTrue(any("corrupt" in line for line in logs.output))
         self.assertEqual(self.chat_text("works"), "ECHO: works")
-        self.assertEqual(self.request("GET", "/health", key=None)[0], 200)
+        self.assertEqual(self.request("GET", "/health", key=None).status, 200)
 
     def test_sessions_expire(self):
         self.stop_server()
@@ -5254,8 +5224,8 @@ class WorkingDirTest(Case):
         os.mkdir(target)
         self.assertEqual(self.chat_text("hi", headers={"x-working-dir": target}), "ECHO: hi")
         self.assertEqual(self.last_run()["cwd"], os.path.realpath(target))
-        status, _, data = self.chat("hi", headers={"x-working-dir": "/proc"})
-        self.assertEqual(status, 400, data)
+        r = self.chat("hi", headers={"x-working-dir": "/proc"})
+        self.assertEqual(r.status, 400, r)
         self.chat_text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "real answer"},
                         {"role": "user", "content": "b"}])
         self.assertEqual(self.last_run()["cwd"], os.path.realpath(self.work))
@@ -5271,20 +5241,20 @@ class WorkingDirTest(Case):
         self.assertIn("outside the allowed directories", reply)
         reply = self.chat_text(history + [{"role": "user", "content": os.path.join(allowed, "inside")}])
         self.assertTrue(reply.startswith("\u2705"), reply)
-        self.assertEqual(self.chat("y", headers={"x-working-dir": self.work})[0], 400)
+        self.assertEqual(self.chat("y", headers={"x-working-dir": self.work}).status, 400)
 
 
 # =====================================================================================
 class ErrorsTest(Case):
     def assertChatError(self, scenario, status, kind=None, retry_after=None, contains=None):
-        code, headers, data = self.chat("scenario:" + scenario)
-        self.assertEqual(code, status, data)
-        body = json.loads(data)
+        r = self.chat("scenario:" + scenario)
+        self.assertEqual(r.status, status, r)
+        body = r.json()
         self.assertIn("error", body)
         if kind:
             self.assertEqual(body["error"]["type"], kind)
         if retry_after is not None:
-            self.assertEqual(headers.get("retry-after"), retry_after)
+            self.assertEqual(r.header("retry-after"), retry_after)
         if contains:
             self.assertIn(contains, body["error"]["message"])
         return body
@@ -5303,15 +5273,15 @@ class ErrorsTest(Case):
         self.assertEqual(body["error"]["code"], "cli_not_logged_in")
 
     def test_anthropic_shape_and_streaming_status(self):
-        status, headers, data = self.messages("scenario:429")
-        self.assertEqual(status, 429)
-        self.assertEqual(json.loads(data)["error"]["type"], "rate_limit_error")
-        self.assertEqual(headers.get("retry-after"), "1")
-        status, headers, data = self.messages("scenario:529", stream=True)
-        self.assertEqual(status, 529, data)   # Anthropic's own overloaded status (the OpenAI side gets 503)
-        self.assertEqual(json.loads(data)["error"]["type"], "overloaded_error")
-        status, headers, data = self.chat("scenario:429", stream=True)
-        self.assertEqual(status, 429)
+        r = self.messages("scenario:429")
+        self.assertEqual(r.status, 429)
+        self.assertEqual(r.json()["error"]["type"], "rate_limit_error")
+        self.assertEqual(r.header("retry-after"), "1")
+        r = self.messages("scenario:529", stream=True)
+        self.assertEqual(r.status, 529, r)   # Anthropic's own overloaded status (the OpenAI side gets 503)
+        self.assertEqual(r.json()["error"]["type"], "overloaded_error")
+        r = self.chat("scenario:429", stream=True)
+        self.assertEqual(r.status, 429)
 
     def test_crashes_carry_stderr_without_secrets(self):
         body = self.assertChatError("crash", 502, contains="panic: the fake CLI crashed")
@@ -5333,7 +5303,7 @@ class ErrorsTest(Case):
         self.stop_server()
         with self.assertLogs("cc-proxy", "ERROR"):
             self.start_server(claudePath=os.path.join(self.tmp, "nope", "claude"))
-        health = json.loads(self.request("GET", "/health", key=None)[2])
+        health = self.request("GET", "/health", key=None).json()
         self.assertIsNone(health["claude"])
         self.assertIn("does not exist", health["claudeError"])
         self.assertChatError("x", 502, contains="does not exist")
@@ -5370,8 +5340,8 @@ class LimitsTest(Case):
         self.stop_server()
         self.start_server(claudeTimeoutMs=700)
         started = time.monotonic()
-        status, _, data = self.chat("scenario:hang")
-        self.assertEqual(status, 504, data)
+        r = self.chat("scenario:hang")
+        self.assertEqual(r.status, 504, r)
         self.assertLess(time.monotonic() - started, 4)
         pid = self.last_run()["pid"]
         self.assertFalse(alive(pid))
@@ -5380,20 +5350,20 @@ class LimitsTest(Case):
     def test_stubborn_child_gets_sigterm_then_sigkill(self):
         self.stop_server()
         self.start_server(claudeTimeoutMs=500)
-        status, _, data = self.chat("scenario:stubborn", stream=True)
-        self.assertIn(status, (200, 504))
+        r = self.chat("scenario:stubborn", stream=True)
+        self.assertIn(r.status, (200, 504))
         pid = self.last_run()["pid"]
         self.assertFalse(alive(pid))
         self.assertEqual(self.signals(pid), ["SIGINT", "SIGTERM"])
-        if status == 200:
-            self.assertIn(b"cli_timeout", data)   # committed by a keep-alive: the error is in the stream
+        if r.status == 200:
+            self.assertIn(b"cli_timeout", r.data)   # committed by a keep-alive: the error is in the stream
 
     def test_idle_limit(self):
         self.stop_server()
         self.start_server(nonStreamIdleTimeoutMs=600)
-        status, _, data = self.chat("scenario:stall")
-        self.assertEqual(status, 504, data)
-        self.assertIn("printed nothing", json.loads(data)["error"]["message"])
+        r = self.chat("scenario:stall")
+        self.assertEqual(r.status, 504, r)
+        self.assertIn("printed nothing", r.json()["error"]["message"])
         self.assertFalse(alive(self.last_run()["pid"]))
 
     def test_client_disconnect_kills_the_child_and_its_group(self):
@@ -5416,19 +5386,19 @@ class LimitsTest(Case):
         self.stop_server()
         self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=300)
         first = []
-        thread = threading.Thread(target=lambda: first.append(self.chat("a scenario:slow")[0]))
+        thread = threading.Thread(target=lambda: first.append(self.chat("a scenario:slow").status))
         thread.start()
         self.assertTrue(wait_for(lambda: self.runs()))
-        status, headers, data = self.chat("b")
-        self.assertEqual(status, 429, data)
-        self.assertIn("retry-after", headers)
-        self.assertEqual(json.loads(data)["error"]["code"], "cli_busy")
+        r = self.chat("b")
+        self.assertEqual(r.status, 429, r)
+        self.assertIsNotNone(r.header("retry-after"))
+        self.assertEqual(r.json()["error"]["code"], "cli_busy")
         thread.join(10)
         self.assertEqual(first, [200])
         self.stop_server()
         self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=5000)
         results = []
-        threads = [threading.Thread(target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i)[0]))
+        threads = [threading.Thread(target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i).status))
                    for i in range(2)]
         for t in threads:
             t.start()
@@ -5448,30 +5418,30 @@ class LimitsTest(Case):
         self.assertTrue(self.signals(pid), "the CLI was not signalled by the backend's stop")
         thread.join(10)
         self.assertTrue(done)
-        self.assertEqual(done[0][0], 502)   # killed under the request: an error, never an empty 200
+        self.assertEqual(done[0].status, 502, done[0])   # killed under the request: an error, never an empty 200
 
 
 # =====================================================================================
 class AuthAndModelsTest(Case):
     def test_auth(self):
         for key, extra in ((None, {}), ("wrong", {}), (None, {"x-api-key": "wrong"})):
-            status, _, data = self.chat("hi", key=key, headers=extra)
-            self.assertEqual(status, 401, data)
-            self.assertEqual(json.loads(data)["error"]["type"], "authentication_error")
-        status, _, data = self.messages("hi", key="wrong")
-        self.assertEqual(status, 401)
-        self.assertEqual(json.loads(data)["error"]["type"], "authentication_error")
-        self.assertEqual(self.request("GET", "/v1/models", key=None)[0], 401)
+            r = self.chat("hi", key=key, headers=extra)
+            self.assertEqual(r.status, 401, r)
+            self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        r = self.messages("hi", key="wrong")
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        self.assertEqual(self.request("GET", "/v1/models", key=None).status, 401)
         self.assertEqual(self.runs(), [])
-        self.assertEqual(self.chat("hi", key=None, headers={"x-api-key": CLAUDE_KEY})[0], 200)
-        self.assertEqual(self.chat("hi", key=CLAUDE_KEY, headers={"x-api-key": "wrong"})[0], 200)
+        self.assertEqual(self.chat("hi", key=None, headers={"x-api-key": CLAUDE_KEY}).status, 200)
+        self.assertEqual(self.chat("hi", key=CLAUDE_KEY, headers={"x-api-key": "wrong"}).status, 200)
 
     def test_models_and_health(self):
-        status, _, data = self.request("GET", "/v1/models")
-        ids = [m["id"] for m in json.loads(data)["data"]]
+        r = self.request("GET", "/v1/models")
+        ids = [m["id"] for m in r.json()["data"]]
         for model in ("sonnet", "opus", "haiku", "claude-opus-4-8", "claude-sonnet-5"):
             self.assertIn(model, ids)
-        health = json.loads(self.request("GET", "/health", key=None)[2])
+        health = self.request("GET", "/health", key=None).json()
         self.assertEqual(health["claude"], FAKE_CLAUDE)
         self.assertEqual(health["claudeVersion"], "2.1.197")
 

@@ -176,7 +176,13 @@ Stall = Sleep  # a long Sleep; named for readability in idle-timeout tests
 
 
 class Reset:
-    """Abort the connection with a TCP RST at this point."""
+    """Abort the connection with a TCP RST at this point. As a whole reply (in place of a Reply):
+    read the request, then reset before a single response byte."""
+
+
+class HangUp:
+    """As a whole reply: read the request, then close the connection (FIN) before a single
+    response byte."""
 
 
 class Raw:
@@ -274,6 +280,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": "not found", "type": "not_found"}})
             return
         reply = self.server.fake._next_reply()
+        if isinstance(reply, (Reset, HangUp)):
+            self._abort(rst=isinstance(reply, Reset))
+            return
         if reply.body is not None:
             body = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
             self._send_json(reply.status, body, reply.headers)
@@ -330,6 +339,14 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                     raise _PeerGone()
                 time.sleep(min(remaining, 0.02))
 
+    def _abort(self, rst):
+        """Drop the connection: with a TCP RST (rst=True) or a plain close."""
+        if rst:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()
+        self.connection.close()
+        self.close_connection = True
+
     def _stream(self, reply, rec):
         chunked = reply.framing == "chunked"
         self.send_response(reply.status)
@@ -348,11 +365,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                 self._wait(item.seconds, rec)
             elif isinstance(item, Reset):
                 self.wfile.flush()
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-                self.rfile.close()
-                self.connection.close()
-                self.close_connection = True
+                self._abort(rst=True)
                 raise _PeerGone()
             elif isinstance(item, Raw):
                 self._write(item.data, chunked)
@@ -569,6 +582,15 @@ def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT, c
             conn.close()
 
 
+def free_port():
+    """A loopback port nothing listens on (connections to it are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def raw_head(front, length=None, key=KEY, extra=""):
     """Request head bytes for a POST to a front end (the body is the caller's business)."""
     head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -688,6 +710,33 @@ def raw_request(port, raw, timeout=5, wait_for_close=False):
     return resp
 
 
+# ---------------------------------------------------------------------------------------
+# The proxy under test, in process
+# ---------------------------------------------------------------------------------------
+
+NO_CONFIG_FILE = "/nonexistent/cc-proxy-test-config.json"
+
+
+def proxy_config(**overrides):
+    """Settings from the defaults and `overrides` only: no config file, no environment."""
+    return proxy.load_config(NO_CONFIG_FILE, {}, overrides)
+
+
+def start_proxy(config):
+    """The one way to run the proxy in process: proxy.make_server(config) served on a thread
+    -> (server, stop); the caller registers stop() as its cleanup."""
+    server = proxy.make_server(config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    return server, stop
+
+
 BASE_OVERRIDES = {
     "port": 0, "host": "127.0.0.1", "ccVersion": "1.64.0", "useProviderModels": False,
     "logLevel": "error", "projectSlug": "my-app", "upstreamRetries": 2,
@@ -709,19 +758,13 @@ class ProxyTestCase(unittest.TestCase):
         overrides = dict(BASE_OVERRIDES)
         overrides["apiBase"] = cls.api_base or cls.upstream.url
         overrides.update(cls.proxy_overrides)
-        missing = os.path.join(tempfile.gettempdir(),
-                               "cc-proxy-test-missing-%s.json" % uuid.uuid4().hex)
-        cls.config = proxy.load_config(path=missing, environ={}, overrides=overrides)
-        cls.server = proxy.make_server(cls.config)
+        cls.config = proxy_config(**overrides)
+        cls.server, cls.stop_proxy = start_proxy(cls.config)
         cls.port = cls.server.server_address[1]
-        cls.server_thread = threading.Thread(target=cls.server.serve_forever,
-                                             kwargs={"poll_interval": 0.01}, daemon=True)
-        cls.server_thread.start()
 
     @classmethod
     def tearDownClass(cls):
-        cls.server.shutdown()
-        cls.server.server_close()
+        cls.stop_proxy()
         cls.upstream.stop()
 
     def setUp(self):
@@ -1910,10 +1953,7 @@ class TestUpstreamPoolAfterAbnormalEnds(ProxyTestCase):
 class TestConnectionRefused(ProxyTestCase):
     @classmethod
     def setUpClass(cls):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        cls.api_base = "http://127.0.0.1:%d" % s.getsockname()[1]
-        s.close()
+        cls.api_base = "http://127.0.0.1:%d" % free_port()
         super().setUpClass()
 
     def test_connection_refused_is_retried_then_gateway_error(self):
@@ -3171,7 +3211,7 @@ class TestCommandLineStart(unittest.TestCase):
         self.fake = FakeCommandCode()
         self.fake.start()
         self.addCleanup(self.fake.stop)
-        port = ops_free_port()
+        port = free_port()
         tmp = ops_tempdir(self)
         cfg = os.path.join(tmp, "config.json")
         with open(cfg, "w") as f:
@@ -3310,14 +3350,6 @@ def ops_spawn_proxy(test, args, env, cwd, port, options=()):
         test.fail("proxy.py %s did not come up: %s" % (" ".join(args), f.read()))
 
 
-def ops_free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def ops_file_bytes(path):
     try:
         with open(path, "rb") as f:
@@ -3380,15 +3412,7 @@ OPS_BASE_OVERRIDES = {"port": 0, "apiBase": "http://127.0.0.1:9", "ccVersion": "
 
 def ops_start_server(test, **overrides):
     """A proxy.make_server on a free port, served on a thread until the test ends -> (server, port)."""
-    config = proxy.load_config("/nonexistent", {}, dict(OPS_BASE_OVERRIDES, **overrides))
-    server = proxy.make_server(config)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    server, stop = start_proxy(proxy_config(**dict(OPS_BASE_OVERRIDES, **overrides)))
     test.addCleanup(stop)
     return server, server.server_address[1]
 
@@ -4125,7 +4149,7 @@ class TestLogRotation(unittest.TestCase):
         self.addCleanup(restore)
 
     def setup_logging(self, **overrides):
-        config = proxy.load_config("/nonexistent", {}, overrides)
+        config = proxy_config(**overrides)
         console = io.StringIO()
         with contextlib.redirect_stderr(console):
             proxy.setup_logging(config)
@@ -4533,7 +4557,7 @@ class TestGracefulShutdown(unittest.TestCase):
         self.upstream.start()
         self.addCleanup(self.upstream.stop)
         self.tmp = ops_tempdir(self)
-        self.port = ops_free_port()
+        self.port = free_port()
         env = ops_clean_env(CC_API_BASE=self.upstream.url, CC_VERSION="1.64.0", CC_USE_PROVIDER_MODELS="false",
                             LOG_LEVEL="info", HOME=self.tmp)
         self.child, self.out_path = ops_spawn_proxy(
@@ -4738,22 +4762,15 @@ class Case(unittest.TestCase):
                      "claudeKillGraceMs": 300, "claudeExitWaitMs": 2000}   # quicker stops of the fake
         overrides.update(self.overrides)
         overrides.update(extra)
-        config = proxy.load_config("/nonexistent/config.json", {}, {k: v for k, v in overrides.items()
-                                                                   if k in proxy.SETTINGS_BY_KEY})
-        config.update({k: v for k, v in overrides.items() if k not in proxy.SETTINGS_BY_KEY})  # keys not yet in SETTINGS
-        return config
+        return proxy_config(**overrides)
 
     def start_server(self, **extra):
-        self.server = proxy.make_server(self.config(**extra))
+        self.server, self._stop_proxy = start_proxy(self.config(**extra))
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self.thread.start()
 
     def stop_server(self):
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread.join(10)
+            self._stop_proxy()
             self.server = None
 
     # ---- HTTP -----------------------------------------------------------------------------
@@ -5316,7 +5333,7 @@ class LimitsTest(Case):
     @unittest.skipUnless(proxy.parent_death_prefix(), "needs Linux and util-linux setpriv with --pdeathsig")
     def test_cli_child_is_stopped_when_the_proxy_itself_is_killed(self):
         cfg = os.path.join(self.tmp, "config.json")
-        port = ops_free_port()
+        port = free_port()
         with open(cfg, "w") as f:
             json.dump({"port": port, "backend": "claude-code", "apiKey": CLAUDE_KEY, "claudePath": FAKE_CLAUDE,
                        "claudeWorkingDir": self.work, "claudeAskWorkingDir": False,
@@ -5827,84 +5844,23 @@ class TestResilienceUpstreamFaults(ResilienceCase):
                     self.answer("Typed wrong"))
 
 
-class _RstUpstream:
-    """A loopback 'upstream' that reads each request and then resets or closes the connection
-    without sending a single response byte (reset/close before headers)."""
-
-    def __init__(self, mode="rst"):
-        self.mode = mode
-        self.count = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-
-    def _serve(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                conn.settimeout(2)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    data += piece
-                m = re.search(rb"(?i)content-length:\s*(\d+)", data)
-                need = int(m.group(1)) if m else 0
-                body = data.partition(b"\r\n\r\n")[2]
-                while len(body) < need:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    body += piece
-                self.count += 1
-                if self.mode == "rst":
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 class TestResilienceResetBeforeHeaders(ResilienceCase):
+    """The upstream reads the request, then resets the connection without a response byte."""
+
     proxy_overrides = {"upstreamRetries": 0}
-    mode = "rst"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.rst = _RstUpstream(cls.mode)
-        cls.api_base = cls.rst.url
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.rst.stop()
+    hang_up = Reset
 
     def test_no_response_head_is_a_gateway_error(self):
-        before = self.rst.count
-        self.matrix(lambda: None, lambda front, streaming, r: self.assertProtocolError(r, front, RES_GATEWAY))
-        self.assertEqual(self.rst.count - before, len(RES_COMBOS), "one upstream attempt per request")
+        def check(front, streaming, r):
+            self.assertProtocolError(r, front, RES_GATEWAY)
+            self.assertEqual(len(self.upstream.generates()), 1, "one upstream attempt per request")
+        self.matrix(self.hang_up, check)
 
 
 class TestResilienceCloseBeforeHeaders(TestResilienceResetBeforeHeaders):
-    mode = "close"
+    """The same with a plain close (FIN) instead of a reset."""
+
+    hang_up = HangUp
 
 
 class TestResilienceConnectionRefused(ResilienceCase):
@@ -5912,10 +5868,7 @@ class TestResilienceConnectionRefused(ResilienceCase):
 
     @classmethod
     def setUpClass(cls):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        cls.api_base = "http://127.0.0.1:%d" % s.getsockname()[1]
-        s.close()
+        cls.api_base = "http://127.0.0.1:%d" % free_port()
         super().setUpClass()
 
     def test_connection_refused_every_front_end_and_mode(self):

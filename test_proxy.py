@@ -962,7 +962,7 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
         self.assertTrue(wait_for(lambda: rec["disconnected_at"], 2))
         self.assertLess(rec["disconnected_at"] - t0, 1.0)
 
-    def test_provider_models_endpoint(self):
+    def test_serves_a_provider_models_list(self):
         r = http_request(self.port, "GET", "/provider/v1/models", timeout=5)
         self.assertEqual(r.json()["object"], "list")
 
@@ -1377,7 +1377,7 @@ class TestUpstreamParams(ProxyTestCase):
         self.assertEqual(params["temperature"], 0.3)
         self.assertEqual(params["top_p"], 0.9)
 
-    def test_stop_forwarded(self):
+    def test_stop_sequences_are_forwarded_upstream(self):
         self.chat(stop=["END", "STOP"])
         self.assertEqual(self.upstream_params()["stop"], ["END", "STOP"])
 
@@ -2273,7 +2273,7 @@ class TestModelsAndHealth(ProxyTestCase):
         self.assertEqual(body["id"], "claude-sonnet-5")
         self.assertIn("display_name", body)
 
-    def test_cors_preflight(self):
+    def test_cors_preflight_is_answered_with_allow_headers(self):
         r = self.request("OPTIONS", "/v1/chat/completions", key=None,
                          headers={"Origin": "http://localhost:5173",
                                   "Access-Control-Request-Method": "POST"})
@@ -2359,7 +2359,7 @@ class TestAnthropicStreaming(ProxyTestCase):
         self.assertEqual("".join(d["text"] for d in blocks[0][1] if d["type"] == "text_delta"),
                          "Hello world")
 
-    def test_message_start_shape(self):
+    def test_message_start_carries_an_empty_assistant_message(self):
         evs = self.events(ok(text_parts("Hi")))
         msg = evs[0][1]["message"]
         self.assertTrue(msg["id"].startswith("msg_"))
@@ -3181,7 +3181,7 @@ class TestResponsesStore(ProxyTestCase):
         self.assertIn("error", r.json())
         self.assertNoUpstreamCall()
 
-    def test_get_stored_response(self):
+    def test_a_stored_response_can_be_fetched_by_id(self):
         rid = self.responses().json()["id"]
         r = self.request("GET", "/v1/responses/" + rid)
         self.assertEqual(r.status, 200, r)
@@ -3798,12 +3798,12 @@ class TestConfigCommandBad(ConfigCliCase):
     def test_bad_value_leaves_a_missing_file_missing(self):
         self.assertRejected("set", "port", "abc", original=None)
 
-    def test_unknown_key(self):
+    def test_an_unknown_key_is_rejected_by_set_get_and_reset(self):
         self.assertRejected("set", "noSuchKey", "1", mention="noSuchKey")
         self.assertRejected("get", "noSuchKey", mention="noSuchKey")
         self.assertRejected("reset", "noSuchKey", mention="noSuchKey")
 
-    def test_missing_arguments(self):
+    def test_missing_arguments_are_rejected(self):
         self.assertRejected("set", "port")
         self.assertRejected("get")
         self.assertRejected("reset")
@@ -4426,7 +4426,7 @@ class TestHealthAndMetrics(unittest.TestCase):
     def in_flight(self):
         return http_request(self.port, "GET", "/health").json()["in_flight"]
 
-    def test_health_fields(self):
+    def test_health_reports_status_version_backend_uptime_and_in_flight(self):
         r = http_request(self.port, "GET", "/health")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("Content-Type").startswith("application/json"))
@@ -4725,7 +4725,7 @@ def alive(pid):
         return False
 
 
-class Case(unittest.TestCase):
+class ClaudeCodeCase(unittest.TestCase):
     overrides = {}
 
     def setUp(self):
@@ -4835,8 +4835,8 @@ class Case(unittest.TestCase):
 
 
 # =====================================================================================
-class AnswersTest(Case):
-    def test_chat_non_streaming_and_the_command_line(self):
+class TestClaudeCodeAnswers(ClaudeCodeCase):
+    def test_non_streaming_chat_runs_the_cli_with_the_prompt_on_stdin_only(self):
         r = self.chat("hello there")
         self.assertEqual(r.status, 200, r)
         body = r.json()
@@ -4865,7 +4865,7 @@ class AnswersTest(Case):
             "role": "user", "content": [{"type": "text", "text": "hello there"}]}})
         self.assertFalse(alive(run["pid"]))
 
-    def test_chat_streaming(self):
+    def test_streaming_chat_relays_text_finish_and_usage_without_tool_calls(self):
         r = self.chat("stream me", stream=True, stream_options={"include_usage": True})
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("content-type").startswith("text/event-stream"))
@@ -4878,11 +4878,11 @@ class AnswersTest(Case):
         self.assertEqual([c for c in chunks if not c["choices"]][0]["usage"]["prompt_tokens"], 13916)
         self.assertFalse(any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"]))
 
-    def test_cost_header(self):
+    def test_claude_cost_is_reported_in_x_claude_cost_usd(self):
         r = self.chat("cost?")
         self.assertEqual(r.header("x-claude-cost-usd"), "0.007387")
 
-    def test_messages_non_streaming(self):
+    def test_messages_answer_carries_text_stop_reason_and_usage(self):
         r = self.messages("hi")
         self.assertEqual(r.status, 200, r)
         body = r.json()
@@ -4892,7 +4892,7 @@ class AnswersTest(Case):
         self.assertEqual(body["usage"]["cache_read_input_tokens"], 13904)
         self.assertEqual(body["usage"]["output_tokens"], 15)
 
-    def test_messages_streaming(self):
+    def test_messages_stream_has_anthropic_events_text_and_usage(self):
         r = self.messages("hi", stream=True)
         self.assertEqual(r.status, 200)
         events = r.typed_events()
@@ -4949,7 +4949,7 @@ class AnswersTest(Case):
         self.assertNotIn("reasoning_content", message)
         self.assertEqual(message["content"], "I'll run that for you.\n\nTool result was: hi")
 
-    def test_replaced_stream_is_reconciled(self):
+    def test_a_stream_the_cli_replaced_is_reconciled_with_its_final_answer(self):
         # j_stream_cut_midway: deltas said one thing, the CLI's non-streaming fallback another
         self.assertEqual(self.chat_text("scenario:cut"), "Hello! How can I help you today?")
         chunks = self.chat("scenario:cut", stream=True).chunks()
@@ -4969,7 +4969,7 @@ class AnswersTest(Case):
         self.assertEqual(body["stop_reason"], "max_tokens")
         self.assertIn("output token limit", body["content"][-1]["text"])
 
-    def test_system_prompt_model_effort_and_images(self):
+    def test_system_prompt_model_effort_and_images_reach_the_cli(self):
         png = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP4z8CAFWEXHbQSACj/P8Fu7N9hAAAAAElFTkSuQmCC"
         r = self.chat([{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": [
@@ -5013,7 +5013,7 @@ class AnswersTest(Case):
         self.assertEqual(r.status, 400)
         self.assertEqual(r.json()["type"], "error")
 
-    def test_environment_is_built_explicitly(self):
+    def test_cli_environment_is_built_explicitly_without_unrelated_variables(self):
         saved = {k: os.environ.get(k) for k in ("UNRELATED_SECRET", "ANTHROPIC_BASE_URL", "AWS_REGION", "CLAUDECODE",
                                                 "CLAUDE_PATH", "DISABLE_TELEMETRY")}
         os.environ.update({"UNRELATED_SECRET": "x", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
@@ -5051,7 +5051,7 @@ class AnswersTest(Case):
 
 
 # =====================================================================================
-class SessionTest(Case):
+class TestClaudeCodeSessions(ClaudeCodeCase):
     def test_second_turn_resumes_and_sends_only_the_new_turn(self):
         self.assertEqual(self.chat_text("My name is Ada."), "ECHO: My name is Ada.")
         first = self.last_run()
@@ -5187,7 +5187,7 @@ class SessionTest(Case):
         self.assertEqual(self.chat_text("works"), "ECHO: works")
         self.assertEqual(self.request("GET", "/health", key=None).status, 200)
 
-    def test_sessions_expire(self):
+    def test_sessions_expire_after_session_ttl_ms(self):
         self.stop_server()
         self.start_server(sessionTtlMs=1000)
         self.chat_text("short lived")
@@ -5198,10 +5198,10 @@ class SessionTest(Case):
 
 
 # =====================================================================================
-class WorkingDirTest(Case):
+class TestClaudeCodeWorkingDirectory(ClaudeCodeCase):
     overrides = {"claudeAskWorkingDir": True}
 
-    def test_dialogue(self):
+    def test_working_directory_is_asked_for_checked_and_kept_for_the_conversation(self):
         target = os.path.join(self.tmp, "project")
         os.mkdir(target)
         link = os.path.join(self.tmp, "link-to-project")
@@ -5247,7 +5247,7 @@ class WorkingDirTest(Case):
                         {"role": "user", "content": "b"}])
         self.assertEqual(self.last_run()["cwd"], os.path.realpath(self.work))
 
-    def test_allow_list(self):
+    def test_directories_outside_claude_allowed_dirs_are_refused(self):
         self.stop_server()
         allowed = os.path.join(self.tmp, "allowed")
         os.makedirs(os.path.join(allowed, "inside"))
@@ -5262,7 +5262,7 @@ class WorkingDirTest(Case):
 
 
 # =====================================================================================
-class ErrorsTest(Case):
+class TestClaudeCodeErrors(ClaudeCodeCase):
     def assertChatError(self, scenario, status, kind=None, retry_after=None, contains=None):
         r = self.chat("scenario:" + scenario)
         self.assertEqual(r.status, status, r)
@@ -5276,7 +5276,7 @@ class ErrorsTest(Case):
             self.assertIn(contains, body["error"]["message"])
         return body
 
-    def test_error_statuses(self):
+    def test_cli_errors_map_to_http_statuses_and_error_types(self):
         self.assertChatError("429", 429, "rate_limit_error", retry_after="1")
         self.assertChatError("401", 401, "authentication_error")
         self.assertChatError("403", 403, "permission_error")
@@ -5289,7 +5289,7 @@ class ErrorsTest(Case):
         body = self.assertChatError("nocreds", 502, contains="not logged in")
         self.assertEqual(body["error"]["code"], "cli_not_logged_in")
 
-    def test_anthropic_shape_and_streaming_status(self):
+    def test_errors_on_the_messages_route_have_the_anthropic_shape_and_status(self):
         r = self.messages("scenario:429")
         self.assertEqual(r.status, 429)
         self.assertEqual(r.json()["error"]["type"], "rate_limit_error")
@@ -5316,7 +5316,7 @@ class ErrorsTest(Case):
         self.assertChatError("429", 429)
         self.assertEqual(len(self.runs()), 3)   # a 429 is not retried by the proxy
 
-    def test_missing_cli(self):
+    def test_a_missing_cli_is_reported_in_health_and_answers_502(self):
         self.stop_server()
         with self.assertLogs("cc-proxy", "ERROR"):
             self.start_server(claudePath=os.path.join(self.tmp, "nope", "claude"))
@@ -5327,7 +5327,7 @@ class ErrorsTest(Case):
 
 
 # =====================================================================================
-class LimitsTest(Case):
+class TestClaudeCodeProcessLimits(ClaudeCodeCase):
     overrides = {"keepAliveIntervalMs": 200}
 
     @unittest.skipUnless(proxy.parent_death_prefix(), "needs Linux and util-linux setpriv with --pdeathsig")
@@ -5353,7 +5353,7 @@ class LimitsTest(Case):
         server.wait(5)
         self.assertTrue(wait_for(lambda: not alive(cli), 5), "the CLI outlived the killed proxy")
 
-    def test_timeout_kills_the_child(self):
+    def test_claude_timeout_interrupts_the_cli_and_answers_504(self):
         self.stop_server()
         self.start_server(claudeTimeoutMs=700)
         started = time.monotonic()
@@ -5375,7 +5375,7 @@ class LimitsTest(Case):
         if r.status == 200:
             self.assertIn(b"cli_timeout", r.data)   # committed by a keep-alive: the error is in the stream
 
-    def test_idle_limit(self):
+    def test_a_silent_cli_is_stopped_at_the_idle_limit_with_504(self):
         self.stop_server()
         self.start_server(nonStreamIdleTimeoutMs=600)
         r = self.chat("scenario:stall")
@@ -5423,7 +5423,7 @@ class LimitsTest(Case):
             t.join(15)
         self.assertEqual(results, [200, 200])
 
-    def test_stop_kills_running_children(self):
+    def test_backend_stop_kills_running_cli_children(self):
         done = []
         thread = threading.Thread(target=lambda: done.append(self.chat("scenario:hang")))
         thread.start()
@@ -5439,8 +5439,8 @@ class LimitsTest(Case):
 
 
 # =====================================================================================
-class AuthAndModelsTest(Case):
-    def test_auth(self):
+class TestClaudeCodeAuthAndModels(ClaudeCodeCase):
+    def test_requests_without_the_api_key_are_401_and_never_run_the_cli(self):
         for key, extra in ((None, {}), ("wrong", {}), (None, {"x-api-key": "wrong"})):
             r = self.chat("hi", key=key, headers=extra)
             self.assertEqual(r.status, 401, r)
@@ -5453,7 +5453,7 @@ class AuthAndModelsTest(Case):
         self.assertEqual(self.chat("hi", key=None, headers={"x-api-key": CLAUDE_KEY}).status, 200)
         self.assertEqual(self.chat("hi", key=CLAUDE_KEY, headers={"x-api-key": "wrong"}).status, 200)
 
-    def test_models_and_health(self):
+    def test_models_list_claude_aliases_and_health_shows_the_cli(self):
         r = self.request("GET", "/v1/models")
         ids = [m["id"] for m in r.json()["data"]]
         for model in ("sonnet", "opus", "haiku", "claude-opus-4-8", "claude-sonnet-5"):
@@ -5462,7 +5462,7 @@ class AuthAndModelsTest(Case):
         self.assertEqual(health["claude"], FAKE_CLAUDE)
         self.assertEqual(health["claudeVersion"], "2.1.197")
 
-    def test_ensure_api_key(self):
+    def test_ensure_api_key_generates_saves_and_then_reuses_a_key(self):
         path = os.path.join(self.tmp, "config.json")
         with open(path, "w") as f:
             json.dump({"port": 4321, "unknownKey": 1}, f)
@@ -5732,10 +5732,10 @@ class TestResilienceUpstreamFaults(ResilienceCase):
     def answer(self, text):
         return lambda front, streaming, r: self.assertCleanAnswer(r, front, streaming, text)
 
-    def test_reset_mid_stream(self):
+    def test_reset_mid_stream_is_an_error_after_output(self):
         self.matrix(lambda: res_partial_then(Sleep(0.05), Reset()), self.error_after_output())
 
-    def test_reset_after_headers_before_output(self):
+    def test_reset_after_headers_before_output_is_a_gateway_error(self):
         self.matrix(lambda: Reply(200, START + [Reset()]), self.error_before_output())
 
     def test_stall_before_output_is_idle_timeout(self):

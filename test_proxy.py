@@ -445,6 +445,17 @@ class FakeCommandCode:
             return [r for r in self.requests if r["path"].split("?")[0] == "/alpha/generate"]
 
 
+def fake_upstream(cleanup, **attrs):
+    """A started FakeCommandCode (attrs such as default_reply set first), stopped through
+    `cleanup` (a test's addCleanup or a class's addClassCleanup)."""
+    fake = FakeCommandCode()
+    for name, value in attrs.items():
+        setattr(fake, name, value)
+    fake.start()
+    cleanup(fake.stop)
+    return fake
+
+
 def header_map(rec):
     return {k.lower(): v for k, v in rec["headers"]}
 
@@ -753,8 +764,7 @@ class ProxyTestCase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
         overrides = dict(BASE_OVERRIDES)
         overrides["apiBase"] = cls.api_base or cls.upstream.url
         overrides.update(cls.proxy_overrides)
@@ -764,8 +774,7 @@ class ProxyTestCase(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.stop_proxy()
-        cls.upstream.stop()
+        cls.stop_proxy()  # the upstream is stopped by its class cleanup, after this
 
     def setUp(self):
         self.upstream.reset()
@@ -906,13 +915,8 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.fake = FakeCommandCode()
-        cls.fake.start()
+        cls.fake = fake_upstream(cls.addClassCleanup)
         cls.port = cls.fake.server.server_address[1]
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.fake.stop()
 
     def setUp(self):
         self.fake.reset()
@@ -1088,9 +1092,7 @@ class TestCommandCodeVersionFromNpm(ProxyTestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.registry = FakeCommandCode()
-        cls.registry.start()
-        cls.addClassCleanup(cls.registry.stop)
+        cls.registry = fake_upstream(cls.addClassCleanup)
         registry_url = mock.patch.object(proxy.VersionWatcher, "REGISTRY_URL",
                                          cls.registry.url + "/command-code/latest")
         registry_url.start()
@@ -3208,9 +3210,7 @@ class TestResponsesStore(ProxyTestCase):
 class TestCommandLineStart(unittest.TestCase):
     def spawn_proxy(self, interpreter_options=(), overrides=None):
         """`python3 [options] proxy.py start --config F` against a fake upstream; returns (child, port, tmp)."""
-        self.fake = FakeCommandCode()
-        self.fake.start()
-        self.addCleanup(self.fake.stop)
+        self.fake = fake_upstream(self.addCleanup)
         port = free_port()
         tmp = ops_tempdir(self)
         cfg = os.path.join(tmp, "config.json")
@@ -4191,12 +4191,7 @@ class TestLogRotation(unittest.TestCase):
 class TestAccessLog(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.upstream.stop()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
 
     def setUp(self):
         self.server, self.port = ops_start_server(self, apiBase=self.upstream.url, upstreamRetries=0)
@@ -4396,12 +4391,7 @@ class TestCorsDisabled(CorsCase):
 class TestHealthAndMetrics(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.upstream.stop()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
 
     def setUp(self):
         self.upstream.reset()
@@ -4552,10 +4542,8 @@ class TestForwardedFor(unittest.TestCase):
 
 class TestGracefulShutdown(unittest.TestCase):
     def setUp(self):
-        self.upstream = FakeCommandCode()
-        self.upstream.default_reply = lambda: dripped(8, 0.2)  # ~1.8 s per answer
-        self.upstream.start()
-        self.addCleanup(self.upstream.stop)
+        self.upstream = fake_upstream(self.addCleanup,
+                                      default_reply=lambda: dripped(8, 0.2))  # ~1.8 s per answer
         self.tmp = ops_tempdir(self)
         self.port = free_port()
         env = ops_clean_env(CC_API_BASE=self.upstream.url, CC_VERSION="1.64.0", CC_USE_PROVIDER_MODELS="false",

@@ -526,13 +526,14 @@ class Response:
         return any(d.strip() == "[DONE]" for _, d in self.sse())
 
     def stream_text(self, front):
-        """The answer text a client sees in a stream of `front` ("chat", "messages", "responses")."""
+        """The answer text a client sees in a stream of `front` (chat, messages, responses)."""
         if front == "chat":
             return chunk_content(self.chunks())
         out = ""
         for name, data in self.typed_events():
             if front == "messages":
-                if data.get("type") == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                if (data.get("type") == "content_block_delta"
+                        and data["delta"].get("type") == "text_delta"):
                     out += data["delta"]["text"]
             elif name == "response.output_text.delta":
                 out += data["delta"]
@@ -648,7 +649,8 @@ def read_response(sock, deadline, pending=b""):
             sock.settimeout(max(0.05, deadline - time.monotonic()))
             piece = sock.recv(65536)
             if not piece:
-                raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
+                raise AssertionError("connection closed without a response (dropped): %r"
+                                     % buf[:300])
             buf += piece
         head, _, buf = buf.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -3341,7 +3343,8 @@ def ops_spawn_proxy(test, args, env, cwd, port, options=()):
 
     def healthy():
         try:
-            return child.poll() is None and http_request(port, "GET", "/health", timeout=2).status == 200
+            return (child.poll() is None
+                    and http_request(port, "GET", "/health", timeout=2).status == 200)
         except OSError:
             return child.poll() is not None   # stop waiting for a child that has died
     if wait_for(healthy, 10, step=0.05) and child.poll() is None:
@@ -4213,8 +4216,8 @@ class TestAccessLog(unittest.TestCase):
                             {"Authorization": "Bearer " + key, "X-Request-Id": bad_rid})
             self.assertGreaterEqual(r.status, 400)
             health_rid = "ops-access-health"
-            self.assertEqual(http_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid}).status,
-                             200)
+            health = http_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid})
+            self.assertEqual(health.status, 200)
             for rid in list(rids) + [bad_rid, health_rid]:
                 captured.wait_for(rid)
             time.sleep(0.1)
@@ -4306,7 +4309,8 @@ class TestRequestId(unittest.TestCase):
                         headers={"X-Request-Id": "rid-401"})
         self.assertEqual(r.status, 401)
         self.assertEqual(r.header("X-Request-Id"), "rid-401")
-        r = http_request(self.port, "OPTIONS", "/v1/chat/completions", headers={"X-Request-Id": "rid-options"})
+        r = http_request(self.port, "OPTIONS", "/v1/chat/completions",
+                         headers={"X-Request-Id": "rid-options"})
         self.assertEqual(r.header("X-Request-Id"), "rid-options")
         self.assertTrue(http_request(self.port, "GET", "/metrics").header("X-Request-Id"))
 
@@ -4487,7 +4491,8 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertNotIn(prompt, text, "no label carries a prompt")
 
     def test_histogram_buckets_are_cumulative(self):
-        http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(), {"Authorization": "Bearer user_TEST"})
+        http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+                     {"Authorization": "Bearer user_TEST"})
         _, samples, _ = self.wait_metric("ccproxy_request_seconds_count", 1, route="chat")
         buckets = sorted(((float(dict(l)["le"]), v) for (n, l), v in samples.items()
                           if n == "ccproxy_request_seconds_bucket" and dict(l).get("route") == "chat"),
@@ -4502,7 +4507,8 @@ class TestForwardedFor(unittest.TestCase):
     def access_client(self, port, xff):
         rid = "ops-xff-" + uuid.uuid4().hex[:10]
         with ops_capture_log(logging.INFO) as captured:
-            r = http_request(port, "GET", "/health", headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
+            r = http_request(port, "GET", "/health",
+                             headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
             self.assertEqual(r.status, 200)
             lines = captured.wait_for(rid)
         self.assertEqual(len(lines), 1, lines)
@@ -4926,7 +4932,8 @@ class TestClaudeCodeAnswers(ClaudeCodeCase):
         self.assertFalse(any("tool_calls" in d for d in deltas))
         self.assertEqual("".join(d.get("content") or "" for d in deltas), "I'll run that for you.\n\nTool result was: hi")
         r = self.messages("scenario:tool", stream=True)
-        starts = [e[1]["content_block"]["type"] for e in r.typed_events() if e[0] == "content_block_start"]
+        starts = [e[1]["content_block"]["type"] for e in r.typed_events()
+                  if e[0] == "content_block_start"]
         self.assertNotIn("tool_use", starts)
         self.assertEqual(self.messages("scenario:tool").json()["stop_reason"], "end_turn")
 
@@ -5403,8 +5410,9 @@ class TestClaudeCodeProcessLimits(ClaudeCodeCase):
         self.stop_server()
         self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=5000)
         results = []
-        threads = [threading.Thread(target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i).status))
-                   for i in range(2)]
+        threads = [threading.Thread(
+            target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i).status))
+            for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
@@ -5423,7 +5431,8 @@ class TestClaudeCodeProcessLimits(ClaudeCodeCase):
         self.assertTrue(self.signals(pid), "the CLI was not signalled by the backend's stop")
         thread.join(10)
         self.assertTrue(done)
-        self.assertEqual(done[0].status, 502, done[0])   # killed under the request: an error, never an empty 200
+        # killed under the request: an error, never an empty 200
+        self.assertEqual(done[0].status, 502, done[0])
 
 
 # =====================================================================================
@@ -6206,7 +6215,8 @@ class TestResilienceHostileClients(ResilienceCase):
                         head = head.replace(b"/v1/messages", b"/v1/messages/count_tokens")
                     resp = self.raw(head + rest, wait_for_close=True)
                     self.assertShape(shape, resp, 400)
-                    self.assertTrue(resp.closed, "a request with broken framing must close the connection")
+                    self.assertTrue(resp.closed,
+                                    "a request with broken framing must close the connection")
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 

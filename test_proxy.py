@@ -5,6 +5,11 @@ Every test drives the proxy through real sockets on 127.0.0.1: the proxy is star
 below) that speaks the NDJSON stream of `POST /alpha/generate`, replays per-test scripts and
 records every request it receives. Nothing here touches the internet.
 
+One harness serves every TestCase: `fake_upstream` (the fake Command Code, whose Reset/HangUp
+replies are its fault modes), `fake_claude_launcher` (the fake `claude`), `start_proxy`
+(the in-process proxy), `http_request` / `raw_request` (the HTTP client, both answering a
+`Response` with its SSE views built on `parse_sse`) and `wait_for` (the one wait helper).
+
 Run: python3 -m unittest -v
 """
 

@@ -5,6 +5,11 @@ Every test drives the proxy through real sockets on 127.0.0.1: the proxy is star
 below) that speaks the NDJSON stream of `POST /alpha/generate`, replays per-test scripts and
 records every request it receives. Nothing here touches the internet.
 
+One harness serves every TestCase: `fake_upstream` (the fake Command Code, whose Reset/HangUp
+replies are its fault modes), `fake_claude_launcher` (the fake `claude`), `start_proxy`
+(the in-process proxy), `http_request` / `raw_request` (the HTTP client, both answering a
+`Response` with its SSE views built on `parse_sse`) and `wait_for` (the one wait helper).
+
 Run: python3 -m unittest -v
 """
 
@@ -82,6 +87,17 @@ TOTAL_TIMEOUT = 30  # and every response body as a whole
 
 def unique_key():
     return "user_test_" + uuid.uuid4().hex[:12]
+
+
+def wait_for(predicate, timeout=5.0, step=0.01):
+    """Poll predicate() until it is truthy or `timeout` s pass -> its last value (the one wait
+    helper: every other wait in this file is built on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,7 +182,13 @@ Stall = Sleep  # a long Sleep; named for readability in idle-timeout tests
 
 
 class Reset:
-    """Abort the connection with a TCP RST at this point."""
+    """Abort the connection with a TCP RST at this point. As a whole reply (in place of a Reply):
+    read the request, then reset before a single response byte."""
+
+
+class HangUp:
+    """As a whole reply: read the request, then close the connection (FIN) before a single
+    response byte."""
 
 
 class Raw:
@@ -264,6 +286,9 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": "not found", "type": "not_found"}})
             return
         reply = self.server.fake._next_reply()
+        if isinstance(reply, (Reset, HangUp)):
+            self._abort(rst=isinstance(reply, Reset))
+            return
         if reply.body is not None:
             body = reply.body if isinstance(reply.body, (bytes, str)) else json.dumps(reply.body)
             self._send_json(reply.status, body, reply.headers)
@@ -320,6 +345,14 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                     raise _PeerGone()
                 time.sleep(min(remaining, 0.02))
 
+    def _abort(self, rst):
+        """Drop the connection: with a TCP RST (rst=True) or a plain close."""
+        if rst:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()
+        self.connection.close()
+        self.close_connection = True
+
     def _stream(self, reply, rec):
         chunked = reply.framing == "chunked"
         self.send_response(reply.status)
@@ -338,11 +371,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                 self._wait(item.seconds, rec)
             elif isinstance(item, Reset):
                 self.wfile.flush()
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-                self.rfile.close()
-                self.connection.close()
-                self.close_connection = True
+                self._abort(rst=True)
                 raise _PeerGone()
             elif isinstance(item, Raw):
                 self._write(item.data, chunked)
@@ -421,14 +450,16 @@ class FakeCommandCode:
         with self.lock:
             return [r for r in self.requests if r["path"].split("?")[0] == "/alpha/generate"]
 
-    def wait_for(self, predicate, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.01)
-        return predicate()
+
+def fake_upstream(cleanup, **attrs):
+    """A started FakeCommandCode (attrs such as default_reply set first), stopped through
+    `cleanup` (a test's addCleanup or a class's addClassCleanup)."""
+    fake = FakeCommandCode()
+    for name, value in attrs.items():
+        setattr(fake, name, value)
+    fake.start()
+    cleanup(fake.stop)
+    return fake
 
 
 def header_map(rec):
@@ -460,12 +491,21 @@ def parse_sse(data):
     return events, comments
 
 
+FRONTS = ("chat", "messages", "responses")
+PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+
+
 class Response:
-    def __init__(self, status, headers, data, elapsed):
+    """One HTTP answer as the client saw it, with thin views for each protocol on top."""
+
+    def __init__(self, status, headers, data, elapsed, head_lines=(), status_line=None):
         self.status = status
-        self.headers = headers
+        self.headers = headers  # an http.client.HTTPMessage: .get() is case-insensitive
         self.data = data
         self.elapsed = elapsed
+        self.head_lines = list(head_lines)  # raw header lines, for raw_request's answers
+        self.status_line = status_line
+        self.closed = None  # raw_request(..., wait_for_close=True): the server closed afterwards
 
     def json(self):
         return json.loads(self.data.decode("utf-8"))
@@ -491,15 +531,45 @@ class Response:
     def done(self):
         return any(d.strip() == "[DONE]" for _, d in self.sse())
 
+    def stream_text(self, front):
+        """The answer text a client sees in a stream of `front` (chat, messages, responses)."""
+        if front == "chat":
+            return chunk_content(self.chunks())
+        out = ""
+        for name, data in self.typed_events():
+            if front == "messages":
+                if (data.get("type") == "content_block_delta"
+                        and data["delta"].get("type") == "text_delta"):
+                    out += data["delta"]["text"]
+            elif name == "response.output_text.delta":
+                out += data["delta"]
+        return out
+
+    def body_text(self, front):
+        """The answer text of a non-streaming body of `front`."""
+        body = self.json()
+        if front == "chat":
+            return body["choices"][0]["message"]["content"] or ""
+        if front == "messages":
+            return "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
+        return body["output_text"]
+
     def header(self, name):
         return self.headers.get(name)
+
+    def header_values(self, name):
+        return self.headers.get_all(name) or []
 
     def __repr__(self):
         return "<Response %s %r>" % (self.status, self.data[:600])
 
 
-def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT, conn=None):
+    """The one HTTP client: a dict/list body is sent as JSON, str/bytes as they are; `conn`
+    (an http.client.HTTPConnection) reuses a keep-alive connection and leaves it open."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.monotonic()
     try:
         h = {}
@@ -523,9 +593,167 @@ def http_request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
             if not piece:
                 break
             parts.append(piece)
+        parts.append(resp.read())  # b"", but marks the answer complete for a reused `conn`
         return Response(resp.status, resp.headers, b"".join(parts), time.monotonic() - t0)
     finally:
-        conn.close()
+        if own:
+            conn.close()
+
+
+def free_port():
+    """A loopback port nothing listens on (connections to it are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def raw_head(front, length=None, key=KEY, extra=""):
+    """Request head bytes for a POST to a front end (the body is the caller's business)."""
+    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer %s\r\n" % (PATHS[front], key))
+    if front == "messages":
+        head += "anthropic-version: 2023-06-01\r\n"
+    if length is not None:
+        head += "Content-Length: %d\r\n" % length
+    return (head + extra + "\r\n").encode("latin-1")
+
+
+def send_request(port, front, body, key=KEY, extra="", timeout=TIMEOUT, sock=None):
+    """POST a JSON body to a front end on a raw socket and return the socket unread (for tests
+    that hang up, or stop reading, part way)."""
+    data = json.dumps(body).encode()
+    if sock is None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(raw_head(front, len(data), key, extra) + data)
+    return sock
+
+
+def read_until(sock, marker, timeout=TIMEOUT):
+    """Raw bytes from sock until `marker` has arrived (or the peer closed, or timeout)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def read_response(sock, deadline, pending=b""):
+    """One HTTP response read from a raw socket (after the bytes already read, `pending`):
+    chunked, Content-Length or read-to-close -> Response; AssertionError past the deadline."""
+    t0 = time.monotonic()
+    buf = pending
+    status = 100
+    while 100 <= status < 200:   # interim responses (100 Continue) come before the real one
+        while b"\r\n\r\n" not in buf:
+            if time.monotonic() > deadline:
+                raise AssertionError("no response head before the deadline: %r" % buf[:300])
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            piece = sock.recv(65536)
+            if not piece:
+                raise AssertionError("connection closed without a response (dropped): %r"
+                                     % buf[:300])
+            buf += piece
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        m = re.match(r"^HTTP/\d\.\d (\d{3})( |$)", lines[0])
+        if not m:
+            raise AssertionError("not an HTTP status line: %r" % lines[0])
+        status = int(m.group(1))
+    headers = http.client.HTTPMessage()
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name] = value.strip()
+
+    def answer(data):
+        return Response(status, headers, data, time.monotonic() - t0, lines[1:], lines[0])
+
+    body = buf
+    length = next((int(v) for v in headers.get_all("content-length") or []), None)
+    chunked = any("chunked" in v.lower() for v in headers.get_all("transfer-encoding") or [])
+
+    def more():
+        if time.monotonic() > deadline:
+            raise AssertionError("response body not complete before the deadline")
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        return sock.recv(65536)
+
+    if length is not None:
+        while len(body) < length:
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        return answer(body[:length])
+    if chunked:
+        while not body.endswith(b"0\r\n\r\n"):
+            piece = more()
+            if not piece:
+                break
+            body += piece
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        return answer(out)
+    while True:
+        piece = more()
+        if not piece:
+            return answer(body)
+        body += piece
+
+
+def raw_request(port, raw, timeout=5, wait_for_close=False):
+    """Send raw bytes (a malformed request, say) on a new connection and read one answer with
+    read_response. wait_for_close: also look (for up to 2 s) whether the server then closed the
+    connection -> Response.closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        resp = read_response(s, time.monotonic() + timeout)
+        if wait_for_close:
+            s.settimeout(2)
+            try:
+                resp.closed = s.recv(1) == b""
+            except ConnectionResetError:
+                resp.closed = True
+            except socket.timeout:
+                resp.closed = False
+    return resp
+
+
+# ---------------------------------------------------------------------------------------
+# The proxy under test, in process
+# ---------------------------------------------------------------------------------------
+
+NO_CONFIG_FILE = "/nonexistent/cc-proxy-test-config.json"
+
+
+def proxy_config(**overrides):
+    """Settings from the defaults and `overrides` only: no config file, no environment."""
+    return proxy.load_config(NO_CONFIG_FILE, {}, overrides)
+
+
+def start_proxy(config):
+    """The one way to run the proxy in process: proxy.make_server(config) served on a thread
+    -> (server, stop); the caller registers stop() as its cleanup."""
+    server = proxy.make_server(config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    return server, stop
 
 
 BASE_OVERRIDES = {
@@ -545,25 +773,17 @@ class ProxyTestCase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
         overrides = dict(BASE_OVERRIDES)
         overrides["apiBase"] = cls.api_base or cls.upstream.url
         overrides.update(cls.proxy_overrides)
-        missing = os.path.join(tempfile.gettempdir(),
-                               "cc-proxy-test-missing-%s.json" % uuid.uuid4().hex)
-        cls.config = proxy.load_config(path=missing, environ={}, overrides=overrides)
-        cls.server = proxy.make_server(cls.config)
+        cls.config = proxy_config(**overrides)
+        cls.server, cls.stop_proxy = start_proxy(cls.config)
         cls.port = cls.server.server_address[1]
-        cls.server_thread = threading.Thread(target=cls.server.serve_forever,
-                                             kwargs={"poll_interval": 0.01}, daemon=True)
-        cls.server_thread.start()
 
     @classmethod
     def tearDownClass(cls):
-        cls.server.shutdown()
-        cls.server.server_close()
-        cls.upstream.stop()
+        cls.stop_proxy()  # the upstream is stopped by its class cleanup, after this
 
     def setUp(self):
         self.upstream.reset()
@@ -611,7 +831,7 @@ class ProxyTestCase(unittest.TestCase):
     # -- upstream inspection --------------------------------------------------------------
 
     def last_generate(self):
-        gens = self.upstream.wait_for(self.upstream.generates, 2.0)
+        gens = wait_for(self.upstream.generates, 2.0)
         self.assertTrue(gens, "the proxy made no POST /alpha/generate")
         return gens[-1]
 
@@ -704,13 +924,8 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.fake = FakeCommandCode()
-        cls.fake.start()
+        cls.fake = fake_upstream(cls.addClassCleanup)
         cls.port = cls.fake.server.server_address[1]
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.fake.stop()
 
     def setUp(self):
         self.fake.reset()
@@ -730,7 +945,7 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
         self.assertEqual(rec["body"], {"k": [1, 2]})
         names = [k for k, _ in rec["headers"]]
         self.assertLess(names.index("X-Order-A"), names.index("x-order-b"))
-        self.assertTrue(self.fake.wait_for(lambda: rec["completed"], 2))
+        self.assertTrue(wait_for(lambda: rec["completed"], 2))
 
     def test_default_reply_when_script_is_empty(self):
         r = self.post()
@@ -753,16 +968,14 @@ class TestFakeUpstreamSelfCheck(unittest.TestCase):
         self.fake.script(Reply(200, START + [Stall(5)]))
         s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         s.sendall(b"POST /alpha/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-        buf = b""
-        while b"start-step" not in buf:
-            buf += s.recv(4096)
+        self.assertIn(b"start-step", read_until(s, b"start-step", 5))
         t0 = time.monotonic()
         s.close()
         rec = self.fake.generates()[0]
-        self.assertTrue(self.fake.wait_for(lambda: rec["disconnected_at"], 2))
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 2))
         self.assertLess(rec["disconnected_at"] - t0, 1.0)
 
-    def test_provider_models_endpoint(self):
+    def test_serves_a_provider_models_list(self):
         r = http_request(self.port, "GET", "/provider/v1/models", timeout=5)
         self.assertEqual(r.json()["object"], "list")
 
@@ -888,15 +1101,13 @@ class TestCommandCodeVersionFromNpm(ProxyTestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.registry = FakeCommandCode()
-        cls.registry.start()
-        cls.addClassCleanup(cls.registry.stop)
+        cls.registry = fake_upstream(cls.addClassCleanup)
         registry_url = mock.patch.object(proxy.VersionWatcher, "REGISTRY_URL",
                                          cls.registry.url + "/command-code/latest")
         registry_url.start()
         cls.addClassCleanup(registry_url.stop)
         super().setUpClass()
-        cls.fetched = cls.upstream.wait_for(lambda: cls.server.backend.version.latest, 5.0)
+        cls.fetched = wait_for(lambda: cls.server.backend.version.latest, 5.0)
 
     def setUp(self):
         super().setUp()
@@ -921,7 +1132,7 @@ class TestCommandCodeVersionFromNpm(ProxyTestCase):
             watcher.stop_event.clear()
             check = threading.Thread(target=watcher._run, daemon=True)  # one pass, then waits on stop_event
             check.start()
-            self.assertTrue(self.registry.wait_for(lambda: self.registry.requests, 5.0))
+            self.assertTrue(wait_for(lambda: self.registry.requests, 5.0))
             watcher.stop_event.set()
             check.join(5)
             self.assertFalse(check.is_alive())
@@ -1177,7 +1388,7 @@ class TestUpstreamParams(ProxyTestCase):
         self.assertEqual(params["temperature"], 0.3)
         self.assertEqual(params["top_p"], 0.9)
 
-    def test_stop_forwarded(self):
+    def test_stop_sequences_are_forwarded_upstream(self):
         self.chat(stop=["END", "STOP"])
         self.assertEqual(self.upstream_params()["stop"], ["END", "STOP"])
 
@@ -1506,17 +1717,15 @@ class TestChatValidation(ProxyTestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             for path, key, expected in (("/v1/chat/completions", "sk-nope", 401), ("/v1/nowhere", KEY, 404)):
-                conn.request("POST", path, json.dumps({"model": "m", "messages": []}),
-                             {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
+                response = http_request(self.port, "POST", path, {"model": "m", "messages": []},
+                                        {"Authorization": "Bearer " + key}, conn=conn)
                 self.assertEqual(response.status, expected)
-                conn.request("GET", "/health")
-                health = conn.getresponse()
+                health = http_request(self.port, "GET", "/health", conn=conn)
                 self.assertEqual(health.status, 200)
-                self.assertEqual(json.loads(health.read())["status"], "ok")
+                self.assertEqual(health.json()["status"], "ok")
         finally:
             conn.close()
+
     def test_n_greater_than_one_is_400(self):
         self.assertOpenAIError(self.chat(n=2), 400)
         self.assertNoUpstreamCall()
@@ -1686,7 +1895,7 @@ class TestUpstreamErrors(ProxyTestCase):
     def test_retry_that_returns_nothing_after_a_failed_partial_attempt_is_502_empty_response(self):
         # The first attempt's "partial" was never sent (non-streaming), so it cannot count as
         # the answer's output: the retry's empty finish is the same 502 two empty attempts give.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 self.upstream.script(res_partial_then(error_event("upstream exploded", 500)),
@@ -1755,10 +1964,7 @@ class TestUpstreamPoolAfterAbnormalEnds(ProxyTestCase):
 class TestConnectionRefused(ProxyTestCase):
     @classmethod
     def setUpClass(cls):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        cls.api_base = "http://127.0.0.1:%d" % s.getsockname()[1]
-        s.close()
+        cls.api_base = "http://127.0.0.1:%d" % free_port()
         super().setUpClass()
 
     def test_connection_refused_is_retried_then_gateway_error(self):
@@ -1857,7 +2063,7 @@ class TestIdleTimeoutAndKeepAlive(ProxyTestCase):
         self.assertTrue(any("error" in c for c in chunks), chunks)
         self.assertFalse(r.done())
         rec = self.upstream.generates()[0]
-        self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 3),
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 3),
                         "the stalled upstream connection should be closed")
 
     def test_stall_before_output_non_streaming_is_error_status(self):
@@ -1901,91 +2107,68 @@ class TestStreamAndNonStreamIdleTimeoutsAreSeparate(ProxyTestCase):
 class TestClientDisconnect(ProxyTestCase):
     proxy_overrides = {"keepAliveIntervalMs": 100}
 
-    def open_stream(self, path, body, headers=""):
-        data = json.dumps(body).encode()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
-        s.sendall(("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   "Authorization: Bearer %s\r\n%sContent-Length: %d\r\n\r\n"
-                   % (path, KEY, headers, len(data))).encode() + data)
-        return s
-
-    def read_until(self, s, marker):
-        buf = b""
-        deadline = time.monotonic() + TIMEOUT
-        while marker not in buf and time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
-
-    def check_disconnect(self, path, body, headers=""):
+    def check_disconnect(self, front, body):
         self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
                                    + finish_parts()))
-        s = self.open_stream(path, body, headers)
-        buf = self.read_until(s, b"partial")
+        s = send_request(self.port, front, body)
+        buf = read_until(s, b"partial")
         self.assertIn(b"partial", buf)
         closed_at = time.monotonic()
         s.close()
         rec = self.upstream.generates()[0]
-        gone = self.upstream.wait_for(lambda: rec["disconnected_at"], 5)
+        gone = wait_for(lambda: rec["disconnected_at"], 5)
         self.assertTrue(gone, "upstream never saw the connection close")
         self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
 
     def test_chat_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/chat/completions",
-                              {"model": "claude-sonnet-5", "stream": True,
-                               "messages": [{"role": "user", "content": "hi"}]})
+        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+                                       "messages": [{"role": "user", "content": "hi"}]})
 
     def test_anthropic_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/messages", {"model": "claude-sonnet-5", "stream": True,
-                                               "max_tokens": 100,
-                                               "messages": [{"role": "user", "content": "hi"}]},
-                              "anthropic-version: 2023-06-01\r\n")
+        self.check_disconnect("messages", {"model": "claude-sonnet-5", "stream": True,
+                                           "max_tokens": 100,
+                                           "messages": [{"role": "user", "content": "hi"}]})
 
     def test_responses_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("/v1/responses", {"model": "claude-sonnet-5", "stream": True,
-                                                "input": "hi"})
+        self.check_disconnect("responses", {"model": "claude-sonnet-5", "stream": True,
+                                            "input": "hi"})
 
     def test_non_streaming_client_disconnect_closes_upstream_connection_promptly(self):
         self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
                                    + finish_parts()))
-        s = self.open_stream("/v1/chat/completions",
-                             {"model": "claude-sonnet-5",
-                              "messages": [{"role": "user", "content": "hi"}]})
-        self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+        s = send_request(self.port, "chat", {"model": "claude-sonnet-5",
+                                             "messages": [{"role": "user", "content": "hi"}]})
+        self.assertTrue(wait_for(self.upstream.generates, 5))
         rec = self.upstream.generates()[0]
         time.sleep(0.2)  # the upstream is now silent and the proxy is waiting on it
         closed_at = time.monotonic()
         s.close()
-        gone = self.upstream.wait_for(lambda: rec["disconnected_at"], 5)
+        gone = wait_for(lambda: rec["disconnected_at"], 5)
         self.assertTrue(gone, "upstream never saw the connection close")
         self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
 
     def test_hang_up_is_noticed_within_half_a_second_while_the_upstream_keeps_talking(self):
         # A delta every 50 ms: the backend never goes silent, so only a check on every batch
         # (not one during upstream silence) notices the client has gone.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for streaming in (False, True):
                 with self.subTest(front=front, stream=streaming):
                     self.upstream.reset()
                     self.upstream.script(dripped(200, 0.05))
-                    extra = "anthropic-version: 2023-06-01\r\n" if front == "messages" else ""
-                    s = self.open_stream(RES_PATHS[front], res_minimal_body(front, streaming), extra)
-                    self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+                    s = send_request(self.port, front, res_minimal_body(front, streaming))
+                    self.assertTrue(wait_for(self.upstream.generates, 5))
                     rec = self.upstream.generates()[0]
                     time.sleep(0.3)   # the upstream is talking and the proxy relaying or folding
                     closed_at = time.monotonic()
                     s.close()
-                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+                    self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5),
                                     "upstream never saw the connection close")
                     self.assertLess(rec["disconnected_at"] - closed_at, 0.8)
                     self.assertFalse(rec["completed"])
 
     def test_next_request_works_after_a_client_disconnect(self):
-        self.check_disconnect("/v1/chat/completions",
-                              {"model": "claude-sonnet-5", "stream": True,
-                               "messages": [{"role": "user", "content": "hi"}]})
+        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+                                       "messages": [{"role": "user", "content": "hi"}]})
         self.upstream.reset()
         r = self.chat(stream=True)
         self.assertEqual(r.status, 200, r)
@@ -2022,7 +2205,7 @@ class TestLimits(ProxyTestCase):
         t = threading.Thread(target=lambda: results.setdefault("first", self.chat()))
         t.start()
         try:
-            self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+            self.assertTrue(wait_for(self.upstream.generates, 5))
             second = self.chat()
             self.assertEqual(second.status, 503, second)
             self.assertTrue(second.header("Retry-After"))
@@ -2030,12 +2213,10 @@ class TestLimits(ProxyTestCase):
             t.join(TIMEOUT)
         self.assertEqual(results["first"].status, 200, results["first"])
         # The slot is freed right after the first answer's last byte; allow that moment.
-        deadline = time.monotonic() + 1.0
-        third = self.chat()
-        while third.status == 503 and time.monotonic() < deadline:
-            time.sleep(0.02)
-            third = self.chat()
-        self.assertEqual(third.status, 200, "slot must be released after completion: %r" % third)
+        tries = []
+        wait_for(lambda: tries.append(self.chat()) or tries[-1].status != 503, 1.0, step=0.02)
+        self.assertEqual(tries[-1].status, 200, "slot must be released after completion: %r"
+                         % tries[-1])
 
     def test_health_is_not_limited_by_in_flight(self):
         self.assertEqual(self.request("GET", "/health", key=None).status, 200)
@@ -2103,7 +2284,7 @@ class TestModelsAndHealth(ProxyTestCase):
         self.assertEqual(body["id"], "claude-sonnet-5")
         self.assertIn("display_name", body)
 
-    def test_cors_preflight(self):
+    def test_cors_preflight_is_answered_with_allow_headers(self):
         r = self.request("OPTIONS", "/v1/chat/completions", key=None,
                          headers={"Origin": "http://localhost:5173",
                                   "Access-Control-Request-Method": "POST"})
@@ -2132,15 +2313,14 @@ class TestProviderModels(ProxyTestCase):
         pass  # keep the upstream's history: the list may have been fetched at start-up
 
     def test_models_list_built_from_provider_models(self):
-        deadline = time.monotonic() + 5
         ids = []
-        while time.monotonic() < deadline:
+
+        def listed():
             r = self.request("GET", "/v1/models")
             self.assertEqual(r.status, 200, r)
-            ids = [m["id"] for m in r.json()["data"]]
-            if "fake/provider-model-x" in ids:
-                break
-            time.sleep(0.1)
+            ids[:] = [m["id"] for m in r.json()["data"]]
+            return "fake/provider-model-x" in ids
+        wait_for(listed, 5, step=0.1)
         self.assertIn("fake/provider-model-x", ids)
         paths = [rec["path"] for rec in self.upstream.requests]
         self.assertIn("/provider/v1/models", [p.split("?")[0] for p in paths])
@@ -2190,7 +2370,7 @@ class TestAnthropicStreaming(ProxyTestCase):
         self.assertEqual("".join(d["text"] for d in blocks[0][1] if d["type"] == "text_delta"),
                          "Hello world")
 
-    def test_message_start_shape(self):
+    def test_message_start_carries_an_empty_assistant_message(self):
         evs = self.events(ok(text_parts("Hi")))
         msg = evs[0][1]["message"]
         self.assertTrue(msg["id"].startswith("msg_"))
@@ -3012,7 +3192,7 @@ class TestResponsesStore(ProxyTestCase):
         self.assertIn("error", r.json())
         self.assertNoUpstreamCall()
 
-    def test_get_stored_response(self):
+    def test_a_stored_response_can_be_fetched_by_id(self):
         rid = self.responses().json()["id"]
         r = self.request("GET", "/v1/responses/" + rid)
         self.assertEqual(r.status, 200, r)
@@ -3039,10 +3219,8 @@ class TestResponsesStore(ProxyTestCase):
 class TestCommandLineStart(unittest.TestCase):
     def spawn_proxy(self, interpreter_options=(), overrides=None):
         """`python3 [options] proxy.py start --config F` against a fake upstream; returns (child, port, tmp)."""
-        self.fake = FakeCommandCode()
-        self.fake.start()
-        self.addCleanup(self.fake.stop)
-        port = ops_free_port()
+        self.fake = fake_upstream(self.addCleanup)
+        port = free_port()
         tmp = ops_tempdir(self)
         cfg = os.path.join(tmp, "config.json")
         with open(cfg, "w") as f:
@@ -3194,24 +3372,17 @@ def ops_spawn_proxy(test, args, env, cwd, port, options=()):
             child.kill()
             child.wait(5)
     test.addCleanup(stop_child)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and child.poll() is None:
+
+    def healthy():
         try:
-            if ops_request(port, "GET", "/health", timeout=2).status == 200:
-                return child, out_path
+            return (child.poll() is None
+                    and http_request(port, "GET", "/health", timeout=2).status == 200)
         except OSError:
-            pass
-        time.sleep(0.05)
+            return child.poll() is not None   # stop waiting for a child that has died
+    if wait_for(healthy, 10, step=0.05) and child.poll() is None:
+        return child, out_path
     with open(out_path, encoding="utf-8", errors="replace") as f:
         test.fail("proxy.py %s did not come up: %s" % (" ".join(args), f.read()))
-
-
-def ops_free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def ops_file_bytes(path):
@@ -3220,62 +3391,6 @@ def ops_file_bytes(path):
             return f.read()
     except FileNotFoundError:
         return None
-
-
-class OpsResponse:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    def header(self, name):
-        return self.headers.get(name)
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return "<%d %r>" % (self.status, self.body[:300])
-
-
-def ops_request(port, method, path, body=None, headers=None, timeout=OPS_TIMEOUT):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        h = {"Content-Type": "application/json"} if data is not None else {}
-        h.update(headers or {})
-        conn.request(method, path, data, h)
-        resp = conn.getresponse()
-        return OpsResponse(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
-
-
-def ops_raw_request(port, raw, timeout=OPS_TIMEOUT):
-    """Send raw bytes, return (status line, header lines, body bytes) of a Content-Length answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(raw)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = 0
-        for line in lines[1:]:
-            if line.lower().startswith("content-length:"):
-                length = int(line.split(":", 1)[1])
-        while len(body) < length:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return lines[0], lines[1:], body
-
-
-def ops_header_values(lines, name):
-    prefix = name.lower() + ":"
-    return [line.split(":", 1)[1].strip() for line in lines if line.lower().startswith(prefix)]
 
 
 def ops_chat_body(prompt="hi", stream=True, model="x"):
@@ -3300,15 +3415,13 @@ class OpsLogCapture(logging.Handler):
         with self.lock_:
             return "\n".join(self.lines)
 
+    def matching(self, needle):
+        with self.lock_:
+            return [line for line in self.lines if needle in line]
+
     def wait_for(self, needle, timeout=5.0):
         """Lines containing `needle`, waiting for the first (access lines follow the response)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock_:
-                found = [line for line in self.lines if needle in line]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
+        return wait_for(lambda: self.matching(needle), timeout)
 
 
 @contextlib.contextmanager
@@ -3334,15 +3447,7 @@ OPS_BASE_OVERRIDES = {"port": 0, "apiBase": "http://127.0.0.1:9", "ccVersion": "
 
 def ops_start_server(test, **overrides):
     """A proxy.make_server on a free port, served on a thread until the test ends -> (server, port)."""
-    config = proxy.load_config("/nonexistent", {}, dict(OPS_BASE_OVERRIDES, **overrides))
-    server = proxy.make_server(config)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-
-    def stop():
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    server, stop = start_proxy(proxy_config(**dict(OPS_BASE_OVERRIDES, **overrides)))
     test.addCleanup(stop)
     return server, server.server_address[1]
 
@@ -3728,12 +3833,12 @@ class TestConfigCommandBad(ConfigCliCase):
     def test_bad_value_leaves_a_missing_file_missing(self):
         self.assertRejected("set", "port", "abc", original=None)
 
-    def test_unknown_key(self):
+    def test_an_unknown_key_is_rejected_by_set_get_and_reset(self):
         self.assertRejected("set", "noSuchKey", "1", mention="noSuchKey")
         self.assertRejected("get", "noSuchKey", mention="noSuchKey")
         self.assertRejected("reset", "noSuchKey", mention="noSuchKey")
 
-    def test_missing_arguments(self):
+    def test_missing_arguments_are_rejected(self):
         self.assertRejected("set", "port")
         self.assertRejected("get")
         self.assertRejected("reset")
@@ -4079,7 +4184,7 @@ class TestLogRotation(unittest.TestCase):
         self.addCleanup(restore)
 
     def setup_logging(self, **overrides):
-        config = proxy.load_config("/nonexistent", {}, overrides)
+        config = proxy_config(**overrides)
         console = io.StringIO()
         with contextlib.redirect_stderr(console):
             proxy.setup_logging(config)
@@ -4121,12 +4226,7 @@ class TestLogRotation(unittest.TestCase):
 class TestAccessLog(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.upstream.stop()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
 
     def setUp(self):
         self.server, self.port = ops_start_server(self, apiBase=self.upstream.url, upstreamRetries=0)
@@ -4138,18 +4238,18 @@ class TestAccessLog(unittest.TestCase):
             rids = {}
             for stream in (True, False):
                 rid = "ops-access-%s-%s" % (stream, uuid.uuid4().hex[:8])
-                r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, stream),
+                r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, stream),
                                 {"Authorization": "Bearer " + key, "X-Request-Id": rid})
                 self.assertEqual(r.status, 200, r)
                 rids[rid] = stream
             bad_rid = "ops-access-upstream-400"
             self.upstream.script(http_error(400, {"error": {"message": "UPSTREAM_BODY_zq9 the upstream's private words"}}))
-            r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False),
+            r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt, False),
                             {"Authorization": "Bearer " + key, "X-Request-Id": bad_rid})
             self.assertGreaterEqual(r.status, 400)
             health_rid = "ops-access-health"
-            self.assertEqual(ops_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid}).status,
-                             200)
+            health = http_request(self.port, "GET", "/health", headers={"X-Request-Id": health_rid})
+            self.assertEqual(health.status, 200)
             for rid in list(rids) + [bad_rid, health_rid]:
                 captured.wait_for(rid)
             time.sleep(0.1)
@@ -4191,33 +4291,33 @@ class TestRequestId(unittest.TestCase):
         self.server, self.port = ops_start_server(self)
 
     def rid_of(self, raw_id):
-        status, lines, _ = ops_raw_request(
-            self.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + raw_id + b"\r\nConnection: close\r\n\r\n")
-        self.assertIn(" 200 ", status + " ")
-        values = ops_header_values(lines, "x-request-id")
-        self.assertEqual(len(values), 1, lines)
-        return values[0], lines
+        r = raw_request(self.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + raw_id
+                        + b"\r\nConnection: close\r\n\r\n")
+        self.assertIn(" 200 ", r.status_line + " ")
+        values = r.header_values("x-request-id")
+        self.assertEqual(len(values), 1, r.head_lines)
+        return values[0], r.head_lines
 
     def test_valid_client_id_is_echoed(self):
         for rid in ("abc-123", "req_01HXYZ.part:2", "a" * 128):
-            r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
+            r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
             self.assertEqual(r.header("X-Request-Id"), rid)
 
     def test_generated_when_missing_and_unique(self):
         seen = set()
         for _ in range(3):
-            rid = ops_request(self.port, "GET", "/health").header("X-Request-Id")
+            rid = http_request(self.port, "GET", "/health").header("X-Request-Id")
             self.assertTrue(rid and re.fullmatch(r"[A-Za-z0-9._:\-]{8,128}", rid), rid)
             seen.add(rid)
         self.assertEqual(len(seen), 3)
 
     def test_too_long_id_is_replaced(self):
         rid = "b" * 129
-        r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
+        r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": rid})
         self.assertNotEqual(r.header("X-Request-Id"), rid)
         self.assertTrue(r.header("X-Request-Id"))
         huge = "c" * 5000
-        r = ops_request(self.port, "GET", "/health", headers={"X-Request-Id": huge})
+        r = http_request(self.port, "GET", "/health", headers={"X-Request-Id": huge})
         self.assertLessEqual(len(r.header("X-Request-Id")), 128)
 
     def test_id_with_cr_lf_is_replaced_and_nothing_is_injected(self):
@@ -4234,24 +4334,26 @@ class TestRequestId(unittest.TestCase):
             self.assertTrue(re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", value), value)
 
     def test_present_on_errors_preflight_and_metrics(self):
-        r = ops_request(self.port, "GET", "/no/such/route", headers={"X-Request-Id": "rid-404"})
+        r = http_request(self.port, "GET", "/no/such/route", headers={"X-Request-Id": "rid-404"})
         self.assertEqual(r.status, 404)
         self.assertEqual(r.header("X-Request-Id"), "rid-404")
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                         headers={"X-Request-Id": "rid-401"})
         self.assertEqual(r.status, 401)
         self.assertEqual(r.header("X-Request-Id"), "rid-401")
-        r = ops_request(self.port, "OPTIONS", "/v1/chat/completions", headers={"X-Request-Id": "rid-options"})
+        r = http_request(self.port, "OPTIONS", "/v1/chat/completions",
+                         headers={"X-Request-Id": "rid-options"})
         self.assertEqual(r.header("X-Request-Id"), "rid-options")
-        self.assertTrue(ops_request(self.port, "GET", "/metrics").header("X-Request-Id"))
+        self.assertTrue(http_request(self.port, "GET", "/metrics").header("X-Request-Id"))
 
     def test_malformed_request_line_gets_a_real_error_status_with_an_id(self):
         errors = []
         self.server.handle_error = lambda request, address: errors.append(sys.exc_info()[1])
         for raw, code in ((b"GARBAGE\r\n\r\n", 400), (b"GET / HTTP/9.9\r\n\r\n", 505)):
-            status, lines, body = ops_raw_request(self.port, raw)
-            self.assertRegex(status, r"^HTTP/1\.[01] %d " % code, "a status line, not a bare body: %r" % status)
-            self.assertTrue(ops_header_values(lines, "x-request-id"), "even a malformed request gets an id")
+            r = raw_request(self.port, raw)
+            self.assertRegex(r.status_line, r"^HTTP/1\.[01] %d " % code,
+                             "a status line, not a bare body: %r" % r.status_line)
+            self.assertTrue(r.header_values("x-request-id"), "even a malformed request gets an id")
         time.sleep(0.1)
         self.assertEqual(errors, [], "the handler raised while logging the malformed request")
 
@@ -4263,7 +4365,7 @@ class CorsCase(unittest.TestCase):
         self.server, self.port = ops_start_server(self, corsOrigin=self.cors)
 
     def preflight(self, path="/v1/chat/completions"):
-        return ops_request(self.port, "OPTIONS", path, headers={
+        return http_request(self.port, "OPTIONS", path, headers={
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type, x-request-id"})
 
@@ -4272,12 +4374,12 @@ class TestCorsWildcard(CorsCase):
     cors = "*"
 
     def test_simple_request_carries_allow_origin_and_exposes_request_id(self):
-        r = ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
+        r = http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "*")
         self.assertIn("x-request-id", r.header("Access-Control-Expose-Headers").lower())
 
     def test_error_responses_carry_cors_too(self):
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                         headers={"Origin": "https://app.example"})
         self.assertEqual(r.status, 401)
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "*")
@@ -4293,14 +4395,14 @@ class TestCorsWildcard(CorsCase):
             allowed = (r.header("Access-Control-Allow-Headers") or "").lower()
             self.assertTrue(allowed == "*" or ("authorization" in allowed and "content-type" in allowed), allowed)
             self.assertTrue(r.header("Access-Control-Max-Age"))
-            self.assertEqual(r.body, b"")
+            self.assertEqual(r.data, b"")
 
 
 class TestCorsSpecificOrigin(CorsCase):
     cors = "https://app.example"
 
     def test_allow_origin_is_the_configured_origin_with_vary(self):
-        r = ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
+        r = http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"})
         self.assertEqual(r.header("Access-Control-Allow-Origin"), "https://app.example")
         self.assertIn("origin", (r.header("Vary") or "").lower())
         r = self.preflight()
@@ -4313,8 +4415,8 @@ class TestCorsDisabled(CorsCase):
     cors = ""
 
     def test_no_cors_headers_anywhere(self):
-        for r in (ops_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"}),
-                  ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+        for r in (http_request(self.port, "GET", "/health", headers={"Origin": "https://app.example"}),
+                  http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                               headers={"Origin": "https://app.example"}),
                   self.preflight()):
             cors = [name for name in r.headers.keys() if name.lower().startswith("access-control-")]
@@ -4325,34 +4427,33 @@ class TestCorsDisabled(CorsCase):
 class TestHealthAndMetrics(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.upstream = FakeCommandCode()
-        cls.upstream.start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.upstream.stop()
+        cls.upstream = fake_upstream(cls.addClassCleanup)
 
     def setUp(self):
         self.upstream.reset()
         self.server, self.port = ops_start_server(self, apiBase=self.upstream.url, upstreamRetries=0)
 
     def metrics(self):
-        r = ops_request(self.port, "GET", "/metrics")
+        r = http_request(self.port, "GET", "/metrics")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("Content-Type").startswith("text/plain"), r.header("Content-Type"))
-        return parse_prometheus(r.body.decode("utf-8"))
+        return parse_prometheus(r.data.decode("utf-8"))
 
     def wait_metric(self, name, at_least, timeout=5.0, **labels):
-        deadline = time.monotonic() + timeout
-        while True:
-            samples, types = self.metrics()
-            value = prom_value(samples, name, **labels)
-            if value >= at_least or time.monotonic() > deadline:
-                return value, samples, types
-            time.sleep(0.05)
+        seen = []
 
-    def test_health_fields(self):
-        r = ops_request(self.port, "GET", "/health")
+        def reached():
+            samples, types = self.metrics()
+            seen[:] = [prom_value(samples, name, **labels), samples, types]
+            return seen[0] >= at_least
+        wait_for(reached, timeout, step=0.05)
+        return tuple(seen)
+
+    def in_flight(self):
+        return http_request(self.port, "GET", "/health").json()["in_flight"]
+
+    def test_health_reports_status_version_backend_uptime_and_in_flight(self):
+        r = http_request(self.port, "GET", "/health")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.header("Content-Type").startswith("application/json"))
         body = r.json()
@@ -4368,23 +4469,20 @@ class TestHealthAndMetrics(unittest.TestCase):
         result = {}
 
         def slow():
-            result["r"] = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+            result["r"] = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
                                       {"Authorization": "Bearer user_TEST"})
         t = threading.Thread(target=slow)
         t.start()
-        seen = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and t.is_alive():
-            seen = max(seen, ops_request(self.port, "GET", "/health").json()["in_flight"])
-            if seen:
-                break
-            time.sleep(0.03)
+        seen = []
+        wait_for(lambda: not t.is_alive() or seen.append(self.in_flight()) or any(seen), 3,
+                 step=0.03)
+        seen = max(seen or [0])
         t.join(OPS_TIMEOUT)
         self.assertEqual(result["r"].status, 200)
         self.assertEqual(seen, 1)
         # the client has its whole answer a moment before the handler thread counts the request done
-        self.assertTrue(wait_for(lambda: ops_request(self.port, "GET", "/health").json()["in_flight"] == 0, 2))
-        self.assertTrue(ops_request(self.port, "GET", "/health").json().get("lastUpstreamOk"),
+        self.assertTrue(wait_for(lambda: self.in_flight() == 0, 2))
+        self.assertTrue(http_request(self.port, "GET", "/health").json().get("lastUpstreamOk"),
                         "health should say when the upstream was last reachable")
 
     def test_metrics_parse_and_count_a_real_request(self):
@@ -4393,10 +4491,10 @@ class TestHealthAndMetrics(unittest.TestCase):
         before_401 = prom_value(samples, "ccproxy_requests_total", route="chat", status="401")
         key = "user_METRICSKEY" + uuid.uuid4().hex[:8]
         prompt = "METRICS-PROMPT-" + uuid.uuid4().hex[:8]
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt),
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(prompt),
                         {"Authorization": "Bearer " + key})
         self.assertEqual(r.status, 200)
-        self.assertIn(b"data: [DONE]", r.body)
+        self.assertIn(b"data: [DONE]", r.data)
         after, samples, types = self.wait_metric("ccproxy_requests_total", before + 1, route="chat", status="200")
         self.assertEqual(after, before + 1)
         self.assertEqual(types.get("ccproxy_requests_total"), "counter")
@@ -4405,7 +4503,7 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertEqual(prom_value(samples, "ccproxy_requests_total", route="chat", backend="commandcode",
                                     status="200"), after)
         # a refused request is counted under its own status
-        r = ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body())
+        r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body())
         self.assertEqual(r.status, 401)
         after_401, samples, types = self.wait_metric("ccproxy_requests_total", before_401 + 1, route="chat",
                                                      status="401")
@@ -4420,12 +4518,13 @@ class TestHealthAndMetrics(unittest.TestCase):
         self.assertGreaterEqual(prom_value(samples, "ccproxy_tokens_total", model="x", kind="output"), 1)
         self.assertIn("ccproxy_in_flight", types)
         self.assertEqual(prom_value(samples, "ccproxy_in_flight"), 0)
-        text = ops_request(self.port, "GET", "/metrics").body.decode()
+        text = http_request(self.port, "GET", "/metrics").data.decode()
         self.assertNotIn("METRICSKEY", text, "no label carries a key")
         self.assertNotIn(prompt, text, "no label carries a prompt")
 
     def test_histogram_buckets_are_cumulative(self):
-        ops_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(), {"Authorization": "Bearer user_TEST"})
+        http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(),
+                     {"Authorization": "Bearer user_TEST"})
         _, samples, _ = self.wait_metric("ccproxy_request_seconds_count", 1, route="chat")
         buckets = sorted(((float(dict(l)["le"]), v) for (n, l), v in samples.items()
                           if n == "ccproxy_request_seconds_bucket" and dict(l).get("route") == "chat"),
@@ -4440,7 +4539,8 @@ class TestForwardedFor(unittest.TestCase):
     def access_client(self, port, xff):
         rid = "ops-xff-" + uuid.uuid4().hex[:10]
         with ops_capture_log(logging.INFO) as captured:
-            r = ops_request(port, "GET", "/health", headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
+            r = http_request(port, "GET", "/health",
+                             headers={"X-Request-Id": rid, "X-Forwarded-For": xff})
             self.assertEqual(r.status, 200)
             lines = captured.wait_for(rid)
         self.assertEqual(len(lines), 1, lines)
@@ -4480,12 +4580,10 @@ class TestForwardedFor(unittest.TestCase):
 
 class TestGracefulShutdown(unittest.TestCase):
     def setUp(self):
-        self.upstream = FakeCommandCode()
-        self.upstream.default_reply = lambda: dripped(8, 0.2)  # ~1.8 s per answer
-        self.upstream.start()
-        self.addCleanup(self.upstream.stop)
+        self.upstream = fake_upstream(self.addCleanup,
+                                      default_reply=lambda: dripped(8, 0.2))  # ~1.8 s per answer
         self.tmp = ops_tempdir(self)
-        self.port = ops_free_port()
+        self.port = free_port()
         env = ops_clean_env(CC_API_BASE=self.upstream.url, CC_VERSION="1.64.0", CC_USE_PROVIDER_MODELS="false",
                             LOG_LEVEL="info", HOME=self.tmp)
         self.child, self.out_path = ops_spawn_proxy(
@@ -4506,23 +4604,17 @@ class TestGracefulShutdown(unittest.TestCase):
             return False
 
     def stream_in_thread(self, first_line):
-        result = {"lines": [], "error": None, "done_at": None}
+        """A streaming chat on a thread; first_line is set once its first data line arrived."""
+        result = {"response": None, "error": None, "done_at": None}
 
         def run():
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=OPS_TIMEOUT)
-                conn.request("POST", "/v1/chat/completions", json.dumps(ops_chat_body()),
-                             {"Authorization": "Bearer user_TEST", "Content-Type": "application/json"})
-                resp = conn.getresponse()
-                result["status"] = resp.status
-                while True:
-                    line = resp.readline()
-                    if not line:
-                        break
-                    result["lines"].append(line.decode("utf-8", "replace").rstrip("\r\n"))
-                    if line.startswith(b"data:"):
+                with send_request(self.port, "chat", ops_chat_body(), key="user_TEST",
+                                  timeout=OPS_TIMEOUT) as sock:
+                    got = read_until(sock, b"data:", OPS_TIMEOUT)
+                    if b"data:" in got:
                         first_line.set()
-                conn.close()
+                    result["response"] = read_response(sock, time.monotonic() + OPS_TIMEOUT, got)
             except Exception as e:  # noqa: BLE001 - reported by the test
                 result["error"] = e
             finally:
@@ -4538,24 +4630,16 @@ class TestGracefulShutdown(unittest.TestCase):
         self.assertTrue(first.wait(10), "the stream never started")
         self.assertIsNone(result["error"])
         self.child.send_signal(signal.SIGTERM)
-        sent_at = time.monotonic()
-        refused_at = None
-        while time.monotonic() - sent_at < 1.2:
-            if self.refused():
-                refused_at = time.monotonic()
-                break
-            time.sleep(0.05)
+        refused_at = time.monotonic() if wait_for(self.refused, 1.2, step=0.05) else None
         self.assertIsNotNone(refused_at, "new connections should be refused soon after SIGTERM")
         self.assertTrue(thread.is_alive(), "the request was still in flight when new connections were refused")
         thread.join(OPS_TIMEOUT)
         self.assertFalse(thread.is_alive())
         self.assertIsNone(result["error"], "the in-flight stream was cut: %r\n%s" % (result["error"], self.output()))
-        self.assertEqual(result.get("status"), 200)
-        data = [line for line in result["lines"] if line.startswith("data:")]
-        self.assertEqual(data[-1], "data: [DONE]", result["lines"][-5:])
-        content = "".join(json.loads(line[5:])["choices"][0]["delta"].get("content") or ""
-                          for line in data[:-1] if json.loads(line[5:]).get("choices"))
-        self.assertEqual(content, "x" * 8, "every delta arrived")
+        resp = result["response"]
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(resp.sse()[-1][1], "[DONE]", resp.sse()[-5:])
+        self.assertEqual(chunk_content(resp.chunks()), "x" * 8, "every delta arrived")
         self.assertEqual(self.child.wait(10), 0, self.output())
         self.assertGreater(result["done_at"], refused_at)
 
@@ -4568,9 +4652,9 @@ class TestGracefulShutdown(unittest.TestCase):
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
             self.addCleanup(sock.close)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
-            self.assertEqual(status, 200)
-            self.assertNotIn("connection: close", [l.lower() for l in lines])
+            r = read_response(sock, time.monotonic() + 5)
+            self.assertEqual(r.status, 200)
+            self.assertNotIn("connection: close", [l.lower() for l in r.head_lines])
             idle.append(sock)
         slow = socket.create_connection(("127.0.0.1", self.port), timeout=OPS_TIMEOUT)
         self.addCleanup(slow.close)
@@ -4588,10 +4672,10 @@ class TestGracefulShutdown(unittest.TestCase):
         self.assertTrue(wait_for(lambda: all(closed_by_server(s) for s in idle), 1.0),
                         "idle keep-alive connections must be closed when the drain begins")
         slow.sendall(b"Host: x\r\n\r\n")
-        status, lines, body = res_read_response(slow, time.monotonic() + 5)
-        self.assertEqual(status, 503, body)
-        self.assertIn("connection: close", [l.lower() for l in lines])
-        self.assertEqual(json.loads(body)["error"]["code"], "shutting_down")
+        r = read_response(slow, time.monotonic() + 5)
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("connection: close", [l.lower() for l in r.head_lines])
+        self.assertEqual(r.json()["error"]["code"], "shutting_down")
         # around the end of the drain every idle connection tries one more request: it either
         # sees the close before sending, or gets a whole answer -- never silence after sending
         time.sleep(max(0.0, signalled + 1.2 - time.monotonic()))
@@ -4599,8 +4683,7 @@ class TestGracefulShutdown(unittest.TestCase):
             if closed_by_server(sock):
                 continue
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, lines, _ = res_read_response(sock, time.monotonic() + 5)
-            self.assertIn(status, (200, 503))
+            self.assertIn(read_response(sock, time.monotonic() + 5).status, (200, 503))
         thread.join(OPS_TIMEOUT)
         self.assertIsNone(result["error"], self.output())
         self.assertEqual(self.child.wait(10), 0, self.output())
@@ -4609,16 +4692,12 @@ class TestGracefulShutdown(unittest.TestCase):
         done = {}
 
         def call():
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=OPS_TIMEOUT)
-            conn.request("POST", "/v1/chat/completions", json.dumps(ops_chat_body(stream=False)),
-                         {"Authorization": "Bearer user_TEST", "Content-Type": "application/json"})
-            resp = conn.getresponse()
-            done.update(status=resp.status, connection=resp.getheader("Connection"),
-                        body=json.loads(resp.read()))
-            conn.close()
+            r = http_request(self.port, "POST", "/v1/chat/completions", ops_chat_body(stream=False),
+                             {"Authorization": "Bearer user_TEST"}, timeout=OPS_TIMEOUT)
+            done.update(status=r.status, connection=r.header("Connection"), body=r.json())
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
-        self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+        self.assertTrue(wait_for(self.upstream.generates, 5))
         self.child.send_signal(signal.SIGTERM)
         thread.join(OPS_TIMEOUT)
         self.assertEqual(done.get("status"), 200, self.output())
@@ -4672,16 +4751,7 @@ def alive(pid):
         return False
 
 
-def wait_for(predicate, timeout=5.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
-class Case(unittest.TestCase):
+class ClaudeCodeCase(unittest.TestCase):
     overrides = {}
 
     def setUp(self):
@@ -4719,36 +4789,22 @@ class Case(unittest.TestCase):
                      "usageDb": ""}
         overrides.update(self.overrides)
         overrides.update(extra)
-        config = proxy.load_config("/nonexistent/config.json", {}, {k: v for k, v in overrides.items()
-                                                                   if k in proxy.SETTINGS_BY_KEY})
-        config.update({k: v for k, v in overrides.items() if k not in proxy.SETTINGS_BY_KEY})  # keys not yet in SETTINGS
-        return config
+        return proxy_config(**overrides)
 
     def start_server(self, **extra):
-        self.server = proxy.make_server(self.config(**extra))
+        self.server, self._stop_proxy = start_proxy(self.config(**extra))
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self.thread.start()
 
     def stop_server(self):
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread.join(10)
+            self._stop_proxy()
             self.server = None
 
     # ---- HTTP -----------------------------------------------------------------------------
     def request(self, method, path, body=None, headers=None, key=CLAUDE_KEY):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        sent = {"content-type": "application/json"}
-        if key:
-            sent["authorization"] = "Bearer " + key
+        sent = {"authorization": "Bearer " + key} if key else {}
         sent.update(headers or {})
-        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=sent)
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        return http_request(self.port, method, path, body, sent, timeout=30)
 
     def chat(self, messages, stream=False, headers=None, key=CLAUDE_KEY, **fields):
         if isinstance(messages, str):
@@ -4766,32 +4822,9 @@ class Case(unittest.TestCase):
                             key)
 
     def chat_text(self, messages, **kw):
-        status, headers, data = self.chat(messages, **kw)
-        self.assertEqual(status, 200, data)
-        return json.loads(data)["choices"][0]["message"]["content"]
-
-    @staticmethod
-    def chat_chunks(data):
-        chunks, done = [], False
-        for block in data.decode().split("\n\n"):
-            if block.startswith("data: "):
-                payload = block[6:]
-                if payload == "[DONE]":
-                    done = True
-                else:
-                    chunks.append(json.loads(payload))
-        return chunks, done
-
-    @staticmethod
-    def sse_events(data):
-        events = []
-        for block in data.decode().split("\n\n"):
-            lines = block.split("\n")
-            name = next((l[7:] for l in lines if l.startswith("event: ")), None)
-            payload = next((l[6:] for l in lines if l.startswith("data: ")), None)
-            if name:
-                events.append((name, json.loads(payload)))
-        return events
+        r = self.chat(messages, **kw)
+        self.assertEqual(r.status, 200, r)
+        return r.json()["choices"][0]["message"]["content"]
 
     # ---- the fake's record ----------------------------------------------------------------
     def records(self, event="start"):
@@ -4829,11 +4862,11 @@ class Case(unittest.TestCase):
 
 
 # =====================================================================================
-class AnswersTest(Case):
-    def test_chat_non_streaming_and_the_command_line(self):
-        status, headers, data = self.chat("hello there")
-        self.assertEqual(status, 200, data)
-        body = json.loads(data)
+class TestClaudeCodeAnswers(ClaudeCodeCase):
+    def test_non_streaming_chat_runs_the_cli_with_the_prompt_on_stdin_only(self):
+        r = self.chat("hello there")
+        self.assertEqual(r.status, 200, r)
+        body = r.json()
         self.assertEqual(body["choices"][0]["message"]["content"], "ECHO: hello there")
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
         self.assertEqual(body["model"], "claude-sonnet-5")   # what the CLI really used
@@ -4859,12 +4892,12 @@ class AnswersTest(Case):
             "role": "user", "content": [{"type": "text", "text": "hello there"}]}})
         self.assertFalse(alive(run["pid"]))
 
-    def test_chat_streaming(self):
-        status, headers, data = self.chat("stream me", stream=True, stream_options={"include_usage": True})
-        self.assertEqual(status, 200)
-        self.assertTrue(headers["content-type"].startswith("text/event-stream"))
-        chunks, done = self.chat_chunks(data)
-        self.assertTrue(done)
+    def test_streaming_chat_relays_text_finish_and_usage_without_tool_calls(self):
+        r = self.chat("stream me", stream=True, stream_options={"include_usage": True})
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.header("content-type").startswith("text/event-stream"))
+        chunks = r.chunks()
+        self.assertTrue(r.done())
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         self.assertEqual(text, "ECHO: stream me")
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
@@ -4872,24 +4905,24 @@ class AnswersTest(Case):
         self.assertEqual([c for c in chunks if not c["choices"]][0]["usage"]["prompt_tokens"], 13916)
         self.assertFalse(any("tool_calls" in c["choices"][0]["delta"] for c in chunks if c["choices"]))
 
-    def test_cost_header(self):
-        status, headers, data = self.chat("cost?")
-        self.assertEqual(headers.get("x-claude-cost-usd"), "0.007387")
+    def test_claude_cost_is_reported_in_x_claude_cost_usd(self):
+        r = self.chat("cost?")
+        self.assertEqual(r.header("x-claude-cost-usd"), "0.007387")
 
-    def test_messages_non_streaming(self):
-        status, headers, data = self.messages("hi")
-        self.assertEqual(status, 200, data)
-        body = json.loads(data)
+    def test_messages_answer_carries_text_stop_reason_and_usage(self):
+        r = self.messages("hi")
+        self.assertEqual(r.status, 200, r)
+        body = r.json()
         self.assertEqual(body["content"], [{"type": "text", "text": "ECHO: hi"}])
         self.assertEqual(body["stop_reason"], "end_turn")
         self.assertEqual(body["usage"]["input_tokens"], 12)
         self.assertEqual(body["usage"]["cache_read_input_tokens"], 13904)
         self.assertEqual(body["usage"]["output_tokens"], 15)
 
-    def test_messages_streaming(self):
-        status, headers, data = self.messages("hi", stream=True)
-        self.assertEqual(status, 200)
-        events = self.sse_events(data)
+    def test_messages_stream_has_anthropic_events_text_and_usage(self):
+        r = self.messages("hi", stream=True)
+        self.assertEqual(r.status, 200)
+        events = r.typed_events()
         names = [e[0] for e in events if e[0] != "ping"]
         self.assertEqual(names[0], "message_start")
         self.assertEqual(names[-2:], ["message_delta", "message_stop"])
@@ -4901,8 +4934,8 @@ class AnswersTest(Case):
         self.assertEqual(delta["usage"]["cache_read_input_tokens"], 13904)
 
     def test_thinking_passes_through_with_the_real_signature(self):
-        status, _, data = self.messages("scenario:thinking", stream=True)
-        events = self.sse_events(data)
+        r = self.messages("scenario:thinking", stream=True)
+        events = r.typed_events()
         starts = [e[1]["content_block"]["type"] for e in events if e[0] == "content_block_start"]
         self.assertEqual(starts, ["thinking", "text"])
         thinking = "".join(e[1]["delta"].get("thinking", "") for e in events if e[0] == "content_block_delta")
@@ -4910,68 +4943,69 @@ class AnswersTest(Case):
         signatures = [e[1]["delta"]["signature"] for e in events if e[0] == "content_block_delta"
                       and e[1]["delta"]["type"] == "signature_delta"]
         self.assertEqual(signatures, ["EqQBCkYIBxgCKkDfakeSignatureI3VcX3YhVtAdJQ4StmTaxq6bzdmQHpQBg3VkeN26"])
-        status, _, data = self.chat("scenario:thinking")
-        message = json.loads(data)["choices"][0]["message"]
+        r = self.chat("scenario:thinking")
+        message = r.json()["choices"][0]["message"]
         self.assertEqual(message["reasoning_content"], "The user asks 2+2. That is 4.")
         self.assertEqual(message["content"], "2 + 2 = 4.")
-        status, _, data = self.messages("scenario:thinking")
-        content = json.loads(data)["content"]
+        r = self.messages("scenario:thinking")
+        content = r.json()["content"]
         self.assertEqual(content[0]["signature"], signatures[0])
 
     def test_cli_tool_activity_is_notes_never_tool_calls(self):
-        status, _, data = self.chat("scenario:tool")
-        message = json.loads(data)["choices"][0]["message"]
+        r = self.chat("scenario:tool")
+        message = r.json()["choices"][0]["message"]
         self.assertNotIn("tool_calls", message)
         self.assertEqual(message["content"], "I'll run that for you.\n\nTool result was: hi")
         self.assertIn("\u23fa Bash(echo hi)", message["reasoning_content"])
         self.assertIn("\u23bf  hi", message["reasoning_content"])
-        self.assertEqual(json.loads(data)["choices"][0]["finish_reason"], "stop")
-        status, _, data = self.chat("scenario:tool", stream=True)
-        chunks, _ = self.chat_chunks(data)
+        self.assertEqual(r.json()["choices"][0]["finish_reason"], "stop")
+        r = self.chat("scenario:tool", stream=True)
+        chunks = r.chunks()
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
         self.assertFalse(any("tool_calls" in d for d in deltas))
         self.assertEqual("".join(d.get("content") or "" for d in deltas), "I'll run that for you.\n\nTool result was: hi")
-        status, _, data = self.messages("scenario:tool", stream=True)
-        starts = [e[1]["content_block"]["type"] for e in self.sse_events(data) if e[0] == "content_block_start"]
+        r = self.messages("scenario:tool", stream=True)
+        starts = [e[1]["content_block"]["type"] for e in r.typed_events()
+                  if e[0] == "content_block_start"]
         self.assertNotIn("tool_use", starts)
-        self.assertEqual(json.loads(self.messages("scenario:tool")[2])["stop_reason"], "end_turn")
+        self.assertEqual(self.messages("scenario:tool").json()["stop_reason"], "end_turn")
 
     def test_tool_notes_can_be_turned_off(self):
         self.stop_server()
         self.start_server(claudeToolNotes=False)
-        message = json.loads(self.chat("scenario:tool")[2])["choices"][0]["message"]
+        message = self.chat("scenario:tool").json()["choices"][0]["message"]
         self.assertNotIn("reasoning_content", message)
         self.assertEqual(message["content"], "I'll run that for you.\n\nTool result was: hi")
 
-    def test_replaced_stream_is_reconciled(self):
+    def test_a_stream_the_cli_replaced_is_reconciled_with_its_final_answer(self):
         # j_stream_cut_midway: deltas said one thing, the CLI's non-streaming fallback another
         self.assertEqual(self.chat_text("scenario:cut"), "Hello! How can I help you today?")
-        chunks, _ = self.chat_chunks(self.chat("scenario:cut", stream=True)[2])
+        chunks = self.chat("scenario:cut", stream=True).chunks()
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         self.assertEqual(text, "Partial answer that gets cut\n\nHello! How can I help you today?")
         self.assertEqual(self.chat_text("scenario:sse_overloaded"), "Hello! How can I help you today?")
 
     def test_max_turns_and_max_tokens_end_with_length(self):
-        status, _, data = self.chat("scenario:max_turns")
-        self.assertEqual(status, 200, data)
-        choice = json.loads(data)["choices"][0]
+        r = self.chat("scenario:max_turns")
+        self.assertEqual(r.status, 200, r)
+        choice = r.json()["choices"][0]
         self.assertEqual(choice["finish_reason"], "length")
         self.assertIn("I'll run that for you.", choice["message"]["content"])
         self.assertIn("claudeMaxTurns", choice["message"]["content"])
-        status, _, data = self.messages("scenario:max_tokens")
-        body = json.loads(data)
+        r = self.messages("scenario:max_tokens")
+        body = r.json()
         self.assertEqual(body["stop_reason"], "max_tokens")
         self.assertIn("output token limit", body["content"][-1]["text"])
 
-    def test_system_prompt_model_effort_and_images(self):
+    def test_system_prompt_model_effort_and_images_reach_the_cli(self):
         png = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP4z8CAFWEXHbQSACj/P8Fu7N9hAAAAAElFTkSuQmCC"
-        status, _, data = self.chat([{"role": "system", "content": "Be brief."},
+        r = self.chat([{"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": [
                                          {"type": "text", "text": "What colour?"},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}]}],
                                     model="opus", reasoning_effort="low")
-        self.assertEqual(status, 200, data)
-        self.assertEqual(json.loads(data)["model"], "claude-opus-4-8")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["model"], "claude-opus-4-8")
         run = self.last_run()
         self.assertEqual(self.option(run["argv"], "--append-system-prompt"), "Be brief.")
         self.assertEqual(self.option(run["argv"], "--model"), "opus")
@@ -4983,31 +5017,31 @@ class AnswersTest(Case):
         self.start_server(claudeSystemPromptMode="replace", modelMap={"gpt-*": "haiku"},
                           claudePermissionMode="acceptEdits", claudeMaxTurns=3)
         self.assertEqual(self.chat([{"role": "system", "content": "Pirate."}, {"role": "user", "content": "x"}],
-                                   model="gpt-4o")[0], 200)
+                                   model="gpt-4o").status, 200)
         argv = self.last_run()["argv"]
         self.assertEqual(self.option(argv, "--system-prompt"), "Pirate.")
         self.assertNotIn("--append-system-prompt", argv)
         self.assertEqual(self.option(argv, "--model"), "haiku")
         self.assertEqual(self.option(argv, "--permission-mode"), "acceptEdits")
         self.assertEqual(self.option(argv, "--max-turns"), "3")
-        status, _, data = self.chat("x", model="--dangerously-skip-permissions")
-        self.assertEqual(status, 400, data)
+        r = self.chat("x", model="--dangerously-skip-permissions")
+        self.assertEqual(r.status, 400, r)
 
     def test_client_tools_are_dropped_or_refused(self):
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-        status, headers, data = self.chat("weather?", tools=[tool])
-        self.assertEqual(status, 200, data)
-        self.assertEqual(headers.get("x-cc-proxy-dropped-tools"), "get_weather")
-        status, _, data = self.chat("weather?", tools=[tool], tool_choice={"type": "function",
+        r = self.chat("weather?", tools=[tool])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("x-cc-proxy-dropped-tools"), "get_weather")
+        r = self.chat("weather?", tools=[tool], tool_choice={"type": "function",
                                                                           "function": {"name": "get_weather"}})
-        self.assertEqual(status, 400)
-        self.assertIn("tool_choice", json.loads(data)["error"]["message"])
-        status, _, data = self.messages("w?", tools=[{"name": "w", "input_schema": {"type": "object"}}],
+        self.assertEqual(r.status, 400)
+        self.assertIn("tool_choice", r.json()["error"]["message"])
+        r = self.messages("w?", tools=[{"name": "w", "input_schema": {"type": "object"}}],
                                         tool_choice={"type": "any"})
-        self.assertEqual(status, 400)
-        self.assertEqual(json.loads(data)["type"], "error")
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.json()["type"], "error")
 
-    def test_environment_is_built_explicitly(self):
+    def test_cli_environment_is_built_explicitly_without_unrelated_variables(self):
         saved = {k: os.environ.get(k) for k in ("UNRELATED_SECRET", "ANTHROPIC_BASE_URL", "AWS_REGION", "CLAUDECODE",
                                                 "CLAUDE_PATH", "DISABLE_TELEMETRY")}
         os.environ.update({"UNRELATED_SECRET": "x", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
@@ -5045,7 +5079,7 @@ class AnswersTest(Case):
 
 
 # =====================================================================================
-class SessionTest(Case):
+class TestClaudeCodeSessions(ClaudeCodeCase):
     def test_second_turn_resumes_and_sends_only_the_new_turn(self):
         self.assertEqual(self.chat_text("My name is Ada."), "ECHO: My name is Ada.")
         first = self.last_run()
@@ -5062,8 +5096,8 @@ class SessionTest(Case):
                          [{"type": "text", "text": "What is my name?"}])
         # third turn through the Anthropic front end continues the same session
         history += [{"role": "assistant", "content": "ECHO: What is my name?"}, {"role": "user", "content": "Thanks"}]
-        status, _, data = self.messages(history)
-        self.assertEqual(status, 200, data)
+        r = self.messages(history)
+        self.assertEqual(r.status, 200, r)
         self.assertEqual(self.option(self.last_run()["argv"], "--resume"), session)
 
     def test_regenerating_an_old_turn_does_not_resume_a_moved_on_session(self):
@@ -5089,7 +5123,7 @@ class SessionTest(Case):
         self.assertIn("Assistant: something from another server", content[0]["text"])
         self.assertEqual(content[1], {"type": "text", "text": "next question"})
         # and that conversation now has a session: the next turn resumes it
-        history += [{"role": "assistant", "content": json.loads(self.chat(history)[2])["choices"][0]["message"]
+        history += [{"role": "assistant", "content": self.chat(history).json()["choices"][0]["message"]
                      ["content"]}, {"role": "user", "content": "more"}]
         self.chat_text(history)
         self.assertIn("--resume", self.last_run()["argv"])
@@ -5124,8 +5158,8 @@ class SessionTest(Case):
         os.unlink(os.path.join(self.state, "sessions.json"))   # the CLI's HOME was wiped
         history = [{"role": "user", "content": "remember me"}, {"role": "assistant", "content": "ECHO: remember me"},
                    {"role": "user", "content": "still there?"}]
-        status, _, data = self.chat(history, headers={"x-session-id": "lost-1"})
-        self.assertEqual(status, 200, data)
+        r = self.chat(history, headers={"x-session-id": "lost-1"})
+        self.assertEqual(r.status, 200, r)
         runs = self.runs()
         self.assertEqual(self.option(runs[-2]["argv"], "--resume"), session)
         self.assertIn("--session-id", runs[-1]["argv"])
@@ -5141,7 +5175,7 @@ class SessionTest(Case):
         results = []
 
         def turn(text):
-            results.append(self.chat(text + " scenario:slow", headers=headers)[0])
+            results.append(self.chat(text + " scenario:slow", headers=headers).status)
         threads = [threading.Thread(target=turn, args=("t%d" % i,)) for i in range(2)]
         for t in threads:
             t.start()
@@ -5179,9 +5213,9 @@ class SessionTest(Case):
             self.start_server(sessionFile=path)
         self.assertTrue(any("corrupt" in line for line in logs.output))
         self.assertEqual(self.chat_text("works"), "ECHO: works")
-        self.assertEqual(self.request("GET", "/health", key=None)[0], 200)
+        self.assertEqual(self.request("GET", "/health", key=None).status, 200)
 
-    def test_sessions_expire(self):
+    def test_sessions_expire_after_session_ttl_ms(self):
         self.stop_server()
         self.start_server(sessionTtlMs=1000)
         self.chat_text("short lived")
@@ -5192,10 +5226,10 @@ class SessionTest(Case):
 
 
 # =====================================================================================
-class WorkingDirTest(Case):
+class TestClaudeCodeWorkingDirectory(ClaudeCodeCase):
     overrides = {"claudeAskWorkingDir": True}
 
-    def test_dialogue(self):
+    def test_working_directory_is_asked_for_checked_and_kept_for_the_conversation(self):
         target = os.path.join(self.tmp, "project")
         os.mkdir(target)
         link = os.path.join(self.tmp, "link-to-project")
@@ -5235,13 +5269,13 @@ class WorkingDirTest(Case):
         os.mkdir(target)
         self.assertEqual(self.chat_text("hi", headers={"x-working-dir": target}), "ECHO: hi")
         self.assertEqual(self.last_run()["cwd"], os.path.realpath(target))
-        status, _, data = self.chat("hi", headers={"x-working-dir": "/proc"})
-        self.assertEqual(status, 400, data)
+        r = self.chat("hi", headers={"x-working-dir": "/proc"})
+        self.assertEqual(r.status, 400, r)
         self.chat_text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "real answer"},
                         {"role": "user", "content": "b"}])
         self.assertEqual(self.last_run()["cwd"], os.path.realpath(self.work))
 
-    def test_allow_list(self):
+    def test_directories_outside_claude_allowed_dirs_are_refused(self):
         self.stop_server()
         allowed = os.path.join(self.tmp, "allowed")
         os.makedirs(os.path.join(allowed, "inside"))
@@ -5252,25 +5286,25 @@ class WorkingDirTest(Case):
         self.assertIn("outside the allowed directories", reply)
         reply = self.chat_text(history + [{"role": "user", "content": os.path.join(allowed, "inside")}])
         self.assertTrue(reply.startswith("\u2705"), reply)
-        self.assertEqual(self.chat("y", headers={"x-working-dir": self.work})[0], 400)
+        self.assertEqual(self.chat("y", headers={"x-working-dir": self.work}).status, 400)
 
 
 # =====================================================================================
-class ErrorsTest(Case):
+class TestClaudeCodeErrors(ClaudeCodeCase):
     def assertChatError(self, scenario, status, kind=None, retry_after=None, contains=None):
-        code, headers, data = self.chat("scenario:" + scenario)
-        self.assertEqual(code, status, data)
-        body = json.loads(data)
+        r = self.chat("scenario:" + scenario)
+        self.assertEqual(r.status, status, r)
+        body = r.json()
         self.assertIn("error", body)
         if kind:
             self.assertEqual(body["error"]["type"], kind)
         if retry_after is not None:
-            self.assertEqual(headers.get("retry-after"), retry_after)
+            self.assertEqual(r.header("retry-after"), retry_after)
         if contains:
             self.assertIn(contains, body["error"]["message"])
         return body
 
-    def test_error_statuses(self):
+    def test_cli_errors_map_to_http_statuses_and_error_types(self):
         self.assertChatError("429", 429, "rate_limit_error", retry_after="1")
         self.assertChatError("401", 401, "authentication_error")
         self.assertChatError("403", 403, "permission_error")
@@ -5283,16 +5317,16 @@ class ErrorsTest(Case):
         body = self.assertChatError("nocreds", 502, contains="not logged in")
         self.assertEqual(body["error"]["code"], "cli_not_logged_in")
 
-    def test_anthropic_shape_and_streaming_status(self):
-        status, headers, data = self.messages("scenario:429")
-        self.assertEqual(status, 429)
-        self.assertEqual(json.loads(data)["error"]["type"], "rate_limit_error")
-        self.assertEqual(headers.get("retry-after"), "1")
-        status, headers, data = self.messages("scenario:529", stream=True)
-        self.assertEqual(status, 529, data)   # Anthropic's own overloaded status (the OpenAI side gets 503)
-        self.assertEqual(json.loads(data)["error"]["type"], "overloaded_error")
-        status, headers, data = self.chat("scenario:429", stream=True)
-        self.assertEqual(status, 429)
+    def test_errors_on_the_messages_route_have_the_anthropic_shape_and_status(self):
+        r = self.messages("scenario:429")
+        self.assertEqual(r.status, 429)
+        self.assertEqual(r.json()["error"]["type"], "rate_limit_error")
+        self.assertEqual(r.header("retry-after"), "1")
+        r = self.messages("scenario:529", stream=True)
+        self.assertEqual(r.status, 529, r)   # Anthropic's own overloaded status (the OpenAI side gets 503)
+        self.assertEqual(r.json()["error"]["type"], "overloaded_error")
+        r = self.chat("scenario:429", stream=True)
+        self.assertEqual(r.status, 429)
 
     def test_crashes_carry_stderr_without_secrets(self):
         body = self.assertChatError("crash", 502, contains="panic: the fake CLI crashed")
@@ -5310,24 +5344,24 @@ class ErrorsTest(Case):
         self.assertChatError("429", 429)
         self.assertEqual(len(self.runs()), 3)   # a 429 is not retried by the proxy
 
-    def test_missing_cli(self):
+    def test_a_missing_cli_is_reported_in_health_and_answers_502(self):
         self.stop_server()
         with self.assertLogs("cc-proxy", "ERROR"):
             self.start_server(claudePath=os.path.join(self.tmp, "nope", "claude"))
-        health = json.loads(self.request("GET", "/health", key=None)[2])
+        health = self.request("GET", "/health", key=None).json()
         self.assertIsNone(health["claude"])
         self.assertIn("does not exist", health["claudeError"])
         self.assertChatError("x", 502, contains="does not exist")
 
 
 # =====================================================================================
-class LimitsTest(Case):
+class TestClaudeCodeProcessLimits(ClaudeCodeCase):
     overrides = {"keepAliveIntervalMs": 200}
 
     @unittest.skipUnless(proxy.parent_death_prefix(), "needs Linux and util-linux setpriv with --pdeathsig")
     def test_cli_child_is_stopped_when_the_proxy_itself_is_killed(self):
         cfg = os.path.join(self.tmp, "config.json")
-        port = ops_free_port()
+        port = free_port()
         with open(cfg, "w") as f:
             json.dump({"port": port, "backend": "claude-code", "apiKey": CLAUDE_KEY, "claudePath": FAKE_CLAUDE,
                        "claudeWorkingDir": self.work, "claudeAskWorkingDir": False,
@@ -5335,13 +5369,9 @@ class LimitsTest(Case):
         env = ops_clean_env(HOME=self.tmp, CLAUDE_FAKE_RECORD=self.record_path, CLAUDE_FAKE_STATE=self.state,
                             CLAUDE_FAKE_STAY_ORPHANED="1")
         server, _ = ops_spawn_proxy(self, ["start", "--config", cfg], env, self.tmp, port)
-        body = json.dumps({"model": "sonnet", "stream": True,
-                           "messages": [{"role": "user", "content": "scenario:hang"}]}).encode()
-        client = socket.create_connection(("127.0.0.1", port), timeout=OPS_TIMEOUT)
+        client = send_request(port, "chat", {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "scenario:hang"}]}, key=CLAUDE_KEY, timeout=OPS_TIMEOUT)
         self.addCleanup(client.close)
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                       b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                       % (CLAUDE_KEY.encode(), len(body), body))
         self.assertTrue(wait_for(lambda: self.records("hanging"), 10), "the CLI did not start its run")
         cli = self.records("hanging")[0]["pid"]
         self.addCleanup(lambda: alive(cli) and os.kill(cli, signal.SIGKILL))
@@ -5351,12 +5381,12 @@ class LimitsTest(Case):
         server.wait(5)
         self.assertTrue(wait_for(lambda: not alive(cli), 5), "the CLI outlived the killed proxy")
 
-    def test_timeout_kills_the_child(self):
+    def test_claude_timeout_interrupts_the_cli_and_answers_504(self):
         self.stop_server()
         self.start_server(claudeTimeoutMs=700)
         started = time.monotonic()
-        status, _, data = self.chat("scenario:hang")
-        self.assertEqual(status, 504, data)
+        r = self.chat("scenario:hang")
+        self.assertEqual(r.status, 504, r)
         self.assertLess(time.monotonic() - started, 4)
         pid = self.last_run()["pid"]
         self.assertFalse(alive(pid))
@@ -5365,35 +5395,28 @@ class LimitsTest(Case):
     def test_stubborn_child_gets_sigterm_then_sigkill(self):
         self.stop_server()
         self.start_server(claudeTimeoutMs=500)
-        status, _, data = self.chat("scenario:stubborn", stream=True)
-        self.assertIn(status, (200, 504))
+        r = self.chat("scenario:stubborn", stream=True)
+        self.assertIn(r.status, (200, 504))
         pid = self.last_run()["pid"]
         self.assertFalse(alive(pid))
         self.assertEqual(self.signals(pid), ["SIGINT", "SIGTERM"])
-        if status == 200:
-            self.assertIn(b"cli_timeout", data)   # committed by a keep-alive: the error is in the stream
+        if r.status == 200:
+            self.assertIn(b"cli_timeout", r.data)   # committed by a keep-alive: the error is in the stream
 
-    def test_idle_limit(self):
+    def test_a_silent_cli_is_stopped_at_the_idle_limit_with_504(self):
         self.stop_server()
         self.start_server(nonStreamIdleTimeoutMs=600)
-        status, _, data = self.chat("scenario:stall")
-        self.assertEqual(status, 504, data)
-        self.assertIn("printed nothing", json.loads(data)["error"]["message"])
+        r = self.chat("scenario:stall")
+        self.assertEqual(r.status, 504, r)
+        self.assertIn("printed nothing", r.json()["error"]["message"])
         self.assertFalse(alive(self.last_run()["pid"]))
 
     def test_client_disconnect_kills_the_child_and_its_group(self):
         for scenario in ("stall", "grandchild"):
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-            body = json.dumps({"model": "sonnet", "stream": True,
-                               "messages": [{"role": "user", "content": "scenario:" + scenario}]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + CLAUDE_KEY.encode() +
-                         b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            received = b""
+            sock = send_request(self.port, "chat", {"model": "sonnet", "stream": True, "messages": [
+                {"role": "user", "content": "scenario:" + scenario}]}, key=CLAUDE_KEY, timeout=10)
             if scenario == "stall":
-                while b"Hello!" not in received:
-                    chunk = sock.recv(65536)
-                    self.assertTrue(chunk)
-                    received += chunk
+                self.assertIn(b"Hello!", read_until(sock, b"Hello!", 10))
             else:
                 self.assertTrue(wait_for(lambda: self.records("grandchild")))
             sock.close()
@@ -5408,27 +5431,28 @@ class LimitsTest(Case):
         self.stop_server()
         self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=300)
         first = []
-        thread = threading.Thread(target=lambda: first.append(self.chat("a scenario:slow")[0]))
+        thread = threading.Thread(target=lambda: first.append(self.chat("a scenario:slow").status))
         thread.start()
         self.assertTrue(wait_for(lambda: self.runs()))
-        status, headers, data = self.chat("b")
-        self.assertEqual(status, 429, data)
-        self.assertIn("retry-after", headers)
-        self.assertEqual(json.loads(data)["error"]["code"], "cli_busy")
+        r = self.chat("b")
+        self.assertEqual(r.status, 429, r)
+        self.assertIsNotNone(r.header("retry-after"))
+        self.assertEqual(r.json()["error"]["code"], "cli_busy")
         thread.join(10)
         self.assertEqual(first, [200])
         self.stop_server()
         self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=5000)
         results = []
-        threads = [threading.Thread(target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i)[0]))
-                   for i in range(2)]
+        threads = [threading.Thread(
+            target=lambda i=i: results.append(self.chat("q%d scenario:slow" % i).status))
+            for i in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(15)
         self.assertEqual(results, [200, 200])
 
-    def test_stop_kills_running_children(self):
+    def test_backend_stop_kills_running_cli_children(self):
         done = []
         thread = threading.Thread(target=lambda: done.append(self.chat("scenario:hang")))
         thread.start()
@@ -5440,34 +5464,35 @@ class LimitsTest(Case):
         self.assertTrue(self.signals(pid), "the CLI was not signalled by the backend's stop")
         thread.join(10)
         self.assertTrue(done)
-        self.assertEqual(done[0][0], 502)   # killed under the request: an error, never an empty 200
+        # killed under the request: an error, never an empty 200
+        self.assertEqual(done[0].status, 502, done[0])
 
 
 # =====================================================================================
-class AuthAndModelsTest(Case):
-    def test_auth(self):
+class TestClaudeCodeAuthAndModels(ClaudeCodeCase):
+    def test_requests_without_the_api_key_are_401_and_never_run_the_cli(self):
         for key, extra in ((None, {}), ("wrong", {}), (None, {"x-api-key": "wrong"})):
-            status, _, data = self.chat("hi", key=key, headers=extra)
-            self.assertEqual(status, 401, data)
-            self.assertEqual(json.loads(data)["error"]["type"], "authentication_error")
-        status, _, data = self.messages("hi", key="wrong")
-        self.assertEqual(status, 401)
-        self.assertEqual(json.loads(data)["error"]["type"], "authentication_error")
-        self.assertEqual(self.request("GET", "/v1/models", key=None)[0], 401)
+            r = self.chat("hi", key=key, headers=extra)
+            self.assertEqual(r.status, 401, r)
+            self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        r = self.messages("hi", key="wrong")
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        self.assertEqual(self.request("GET", "/v1/models", key=None).status, 401)
         self.assertEqual(self.runs(), [])
-        self.assertEqual(self.chat("hi", key=None, headers={"x-api-key": CLAUDE_KEY})[0], 200)
-        self.assertEqual(self.chat("hi", key=CLAUDE_KEY, headers={"x-api-key": "wrong"})[0], 200)
+        self.assertEqual(self.chat("hi", key=None, headers={"x-api-key": CLAUDE_KEY}).status, 200)
+        self.assertEqual(self.chat("hi", key=CLAUDE_KEY, headers={"x-api-key": "wrong"}).status, 200)
 
-    def test_models_and_health(self):
-        status, _, data = self.request("GET", "/v1/models")
-        ids = [m["id"] for m in json.loads(data)["data"]]
+    def test_models_list_claude_aliases_and_health_shows_the_cli(self):
+        r = self.request("GET", "/v1/models")
+        ids = [m["id"] for m in r.json()["data"]]
         for model in ("sonnet", "opus", "haiku", "claude-opus-4-8", "claude-sonnet-5"):
             self.assertIn(model, ids)
-        health = json.loads(self.request("GET", "/health", key=None)[2])
+        health = self.request("GET", "/health", key=None).json()
         self.assertEqual(health["claude"], FAKE_CLAUDE)
         self.assertEqual(health["claudeVersion"], "2.1.197")
 
-    def test_ensure_api_key(self):
+    def test_ensure_api_key_generates_saves_and_then_reuses_a_key(self):
         path = os.path.join(self.tmp, "config.json")
         with open(path, "w") as f:
             json.dump({"port": 4321, "unknownKey": 1}, f)
@@ -5489,9 +5514,7 @@ class AuthAndModelsTest(Case):
 # Resilience: upstream faults x front ends, hostile clients, backpressure, leaks, concurrency
 # =====================================================================================
 
-RES_FRONTS = ("chat", "messages", "responses")
-RES_COMBOS = [(front, streaming) for front in RES_FRONTS for streaming in (False, True)]
-RES_PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+RES_COMBOS = [(front, streaming) for front in FRONTS for streaming in (False, True)]
 RES_HANG_LIMIT = 8.0  # no single fault case may take longer than this (a hang is a failure)
 RES_GATEWAY = (502, 503, 504)
 
@@ -5514,95 +5537,6 @@ def res_headers(front, key=KEY):
     if front == "messages":
         h["anthropic-version"] = "2023-06-01"
     return h
-
-
-def res_raw_head(front, length, key=KEY, extra=""):
-    """Request head bytes for a POST to a front end (the body is the caller's business)."""
-    head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            "Authorization: Bearer %s\r\n" % (RES_PATHS[front], key))
-    if front == "messages":
-        head += "anthropic-version: 2023-06-01\r\n"
-    if length is not None:
-        head += "Content-Length: %d\r\n" % length
-    return (head + extra + "\r\n").encode("latin-1")
-
-
-def res_read_response(sock, deadline):
-    """(status, header lines, body) of one HTTP response read from a raw socket; chunked or
-    Content-Length or read-to-close; raises AssertionError past the deadline."""
-    buf = b""
-    status = 100
-    while 100 <= status < 200:   # interim responses (100 Continue) come before the real one
-        while b"\r\n\r\n" not in buf:
-            if time.monotonic() > deadline:
-                raise AssertionError("no response head before the deadline: %r" % buf[:300])
-            sock.settimeout(max(0.05, deadline - time.monotonic()))
-            piece = sock.recv(65536)
-            if not piece:
-                raise AssertionError("connection closed without a response (dropped): %r" % buf[:300])
-            buf += piece
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-    body = buf
-    headers = lines[1:]
-    length = next((int(v) for v in ops_header_values(headers, "content-length")), None)
-    chunked = any("chunked" in v.lower() for v in ops_header_values(headers, "transfer-encoding"))
-
-    def more():
-        if time.monotonic() > deadline:
-            raise AssertionError("response body not complete before the deadline")
-        sock.settimeout(max(0.05, deadline - time.monotonic()))
-        return sock.recv(65536)
-
-    if length is not None:
-        while len(body) < length:
-            piece = more()
-            if not piece:
-                break
-            body += piece
-        return status, headers, body[:length]
-    if chunked:
-        while not body.endswith(b"0\r\n\r\n"):
-            piece = more()
-            if not piece:
-                break
-            body += piece
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0] or b"0", 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        return status, headers, out
-    while True:
-        piece = more()
-        if not piece:
-            return status, headers, body
-        body += piece
-
-
-def res_sse_text(front, resp):
-    """The answer text a client sees in a stream, per protocol."""
-    if front == "chat":
-        return chunk_content(resp.chunks())
-    out = ""
-    for name, data in resp.typed_events():
-        if front == "messages":
-            if data.get("type") == "content_block_delta" and data["delta"].get("type") == "text_delta":
-                out += data["delta"]["text"]
-        elif name == "response.output_text.delta":
-            out += data["delta"]
-    return out
-
-
-def res_body_text(front, body):
-    if front == "chat":
-        return body["choices"][0]["message"]["content"] or ""
-    if front == "messages":
-        return "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
-    return body["output_text"]
 
 
 def res_strict_json(raw):
@@ -5687,7 +5621,7 @@ class ResilienceCase(ProxyTestCase):
     def post_raw(self, front, raw, headers=None, key=KEY):
         h = res_headers(front, key)
         h.update(headers or {})
-        return http_request(self.port, "POST", RES_PATHS[front], raw, h)
+        return http_request(self.port, "POST", PATHS[front], raw, h)
 
     # -- protocol-level assertions --------------------------------------------------------
     def assertProtocolError(self, resp, front, statuses):
@@ -5717,7 +5651,7 @@ class ResilienceCase(ProxyTestCase):
         self.assertEqual(resp.status, 200, resp)
         if not streaming:
             body = resp.json()
-            self.assertEqual(res_body_text(front, body), text)
+            self.assertEqual(resp.body_text(front), text)
             if front == "chat":
                 self.assertEqual(body["choices"][0]["finish_reason"], "stop")
             elif front == "messages":
@@ -5726,7 +5660,7 @@ class ResilienceCase(ProxyTestCase):
                 self.assertEqual(body["status"], "completed")
             return
         self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
-        self.assertEqual(res_sse_text(front, resp), text)
+        self.assertEqual(resp.stream_text(front), text)
         if front == "chat":
             chunks = resp.chunks()
             self.assertTrue(resp.done(), resp)
@@ -5742,7 +5676,7 @@ class ResilienceCase(ProxyTestCase):
         """An in-stream error as the last event, what was streamed before it, and no normal ending."""
         self.assertEqual(resp.status, 200, resp)
         self.assertTrue(resp.header("Content-Type").startswith("text/event-stream"), resp)
-        self.assertEqual(res_sse_text(front, resp), prefix)
+        self.assertEqual(resp.stream_text(front), prefix)
         if front == "chat":
             chunks = resp.chunks()
             self.assertFalse(resp.done(), "a failed stream must not end with [DONE]")
@@ -5828,10 +5762,10 @@ class TestResilienceUpstreamFaults(ResilienceCase):
     def answer(self, text):
         return lambda front, streaming, r: self.assertCleanAnswer(r, front, streaming, text)
 
-    def test_reset_mid_stream(self):
+    def test_reset_mid_stream_is_an_error_after_output(self):
         self.matrix(lambda: res_partial_then(Sleep(0.05), Reset()), self.error_after_output())
 
-    def test_reset_after_headers_before_output(self):
+    def test_reset_after_headers_before_output_is_a_gateway_error(self):
         self.matrix(lambda: Reply(200, START + [Reset()]), self.error_before_output())
 
     def test_stall_before_output_is_idle_timeout(self):
@@ -5842,7 +5776,7 @@ class TestResilienceUpstreamFaults(ResilienceCase):
                     parallel=True)
         gens = self.upstream.generates()
         self.assertEqual(len(gens), len(RES_COMBOS))
-        self.assertTrue(self.upstream.wait_for(lambda: all(g["disconnected_at"] for g in gens), 3),
+        self.assertTrue(wait_for(lambda: all(g["disconnected_at"] for g in gens), 3),
                         "the stalled upstream connections were not closed")
 
     def test_stall_after_output_is_idle_timeout(self):
@@ -5940,84 +5874,23 @@ class TestResilienceUpstreamFaults(ResilienceCase):
                     self.answer("Typed wrong"))
 
 
-class _RstUpstream:
-    """A loopback 'upstream' that reads each request and then resets or closes the connection
-    without sending a single response byte (reset/close before headers)."""
-
-    def __init__(self, mode="rst"):
-        self.mode = mode
-        self.count = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-
-    def _serve(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                conn.settimeout(2)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    data += piece
-                m = re.search(rb"(?i)content-length:\s*(\d+)", data)
-                need = int(m.group(1)) if m else 0
-                body = data.partition(b"\r\n\r\n")[2]
-                while len(body) < need:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    body += piece
-                self.count += 1
-                if self.mode == "rst":
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(2)
-        self.sock.close()
-
-
 class TestResilienceResetBeforeHeaders(ResilienceCase):
+    """The upstream reads the request, then resets the connection without a response byte."""
+
     proxy_overrides = {"upstreamRetries": 0}
-    mode = "rst"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.rst = _RstUpstream(cls.mode)
-        cls.api_base = cls.rst.url
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls):
-        super().tearDownClass()
-        cls.rst.stop()
+    hang_up = Reset
 
     def test_no_response_head_is_a_gateway_error(self):
-        before = self.rst.count
-        self.matrix(lambda: None, lambda front, streaming, r: self.assertProtocolError(r, front, RES_GATEWAY))
-        self.assertEqual(self.rst.count - before, len(RES_COMBOS), "one upstream attempt per request")
+        def check(front, streaming, r):
+            self.assertProtocolError(r, front, RES_GATEWAY)
+            self.assertEqual(len(self.upstream.generates()), 1, "one upstream attempt per request")
+        self.matrix(self.hang_up, check)
 
 
 class TestResilienceCloseBeforeHeaders(TestResilienceResetBeforeHeaders):
-    mode = "close"
+    """The same with a plain close (FIN) instead of a reset."""
+
+    hang_up = HangUp
 
 
 class TestResilienceConnectionRefused(ResilienceCase):
@@ -6025,10 +5898,7 @@ class TestResilienceConnectionRefused(ResilienceCase):
 
     @classmethod
     def setUpClass(cls):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        cls.api_base = "http://127.0.0.1:%d" % s.getsockname()[1]
-        s.close()
+        cls.api_base = "http://127.0.0.1:%d" % free_port()
         super().setUpClass()
 
     def test_connection_refused_every_front_end_and_mode(self):
@@ -6161,7 +6031,7 @@ class TestResilienceHostileClients(ResilienceCase):
         bodies = [b'{"model": "x", "messages": [', b"", b"   ", b"null", b"[]", b'"text"', b"42",
                   b'{"a": 1}{"b": 2}', b"{'single': 'quotes'}", b'{"a": 1,}', b"{\"a\": \x01}",
                   b'{"model": "x"', b"\xef\xbb\xbf{}"]
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for raw in bodies:
                 with self.subTest(front=front, body=raw[:30]):
                     self.upstream.reset()
@@ -6183,7 +6053,7 @@ class TestResilienceHostileClients(ResilienceCase):
         """Every value of a rich valid body replaced by each wrong-typed value: 2xx or 4xx, never
         5xx, never a traceback, and what went upstream is strict JSON."""
         replacements = [None, 7, 2.5, "x", [7], {"x": 7}]
-        cases = [(front, path, new) for front in RES_FRONTS for path in res_paths(res_rich_body(front))
+        cases = [(front, path, new) for front in FRONTS for path in res_paths(res_rich_body(front))
                  for new in replacements]
 
         def one(case):
@@ -6203,7 +6073,7 @@ class TestResilienceHostileClients(ResilienceCase):
 
     def test_non_finite_numbers_never_reach_upstream_as_invalid_json(self):
         # Python's json accepts NaN/Infinity and 1e999; a strict upstream (JSON.parse) does not.
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e999"):
                 with self.subTest(front=front, value=literal):
                     self.upstream.reset()
@@ -6216,7 +6086,7 @@ class TestResilienceHostileClients(ResilienceCase):
                         self.assertRejected(r, front)
 
     def test_deep_nesting_is_400_not_a_crash(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
                 with self.subTest(front=front, nesting=opener):
                     self.upstream.reset()
@@ -6233,7 +6103,7 @@ class TestResilienceHostileClients(ResilienceCase):
             leaf = '{"type": "string", "description": "%s"}' % ("bad \\ud800" if surrogate else "ok")
             return '{"type": "object", "properties": {"p": ' * levels + leaf + "}}" * levels
 
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for levels in (150, 440):  # ~300 and ~880 JSON nesting levels (json.loads allows ~1000)
                 for where, surrogate in (("extra", True), ("schema", False), ("schema", True)):
                     with self.subTest(front=front, levels=levels, where=where, surrogate=surrogate):
@@ -6258,7 +6128,7 @@ class TestResilienceHostileClients(ResilienceCase):
                         self.assertNoTraceback(r)
 
     def test_invalid_utf8_is_400(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for bad in (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"):
                 with self.subTest(front=front, bytes=bad):
                     self.upstream.reset()
@@ -6267,7 +6137,7 @@ class TestResilienceHostileClients(ResilienceCase):
                     self.assertEqual(self.upstream.generates(), [])
 
     def test_lone_surrogates_never_reach_upstream(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 body = res_rich_body(front)
@@ -6286,22 +6156,21 @@ class TestResilienceHostileClients(ResilienceCase):
                 self.assertNoTraceback(r)
 
     def test_oversized_content_length_is_413_without_reading_the_body(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front):
                 self.upstream.reset()
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                     t0 = time.monotonic()
-                    s.sendall(res_raw_head(front, 10 ** 12) + b'{"model": "x", "messages": [' + b" " * 4000)
-                    status, lines, body = res_read_response(s, t0 + 3)
-                    self.assertEqual(status, 413)
+                    s.sendall(raw_head(front, 10 ** 12) + b'{"model": "x", "messages": [' + b" " * 4000)
+                    resp = read_response(s, t0 + 3)
+                    self.assertEqual(resp.status, 413)
                     self.assertLess(time.monotonic() - t0, 2)
-                    resp = Response(status, {}, body, 0)
                     if front == "messages":
                         self.assertEqual(resp.json()["type"], "error")
                     else:
                         self.assertIn("error", resp.json())
                     # the connection is closed, not left to swallow the 1 TB body
-                    self.assertIn("close", ",".join(ops_header_values(lines, "connection")).lower())
+                    self.assertIn("close", ",".join(resp.header_values("connection")).lower())
                     s.settimeout(2)
                     try:
                         rest = s.recv(65536)
@@ -6314,63 +6183,43 @@ class TestResilienceHostileClients(ResilienceCase):
     def test_oversized_chunked_body_is_413_early(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             t0 = time.monotonic()
-            s.sendall(res_raw_head("chat", None, extra="Transfer-Encoding: chunked\r\n")
+            s.sendall(raw_head("chat", None, extra="Transfer-Encoding: chunked\r\n")
                       + b"ffffffffff\r\n" + b"{" * 1000)
-            status, _, _ = res_read_response(s, t0 + 3)
-            self.assertEqual(status, 413)
+            self.assertEqual(read_response(s, t0 + 3).status, 413)
             self.assertLess(time.monotonic() - t0, 2)
         self.assertNoTraceback()
 
     def test_invalid_content_length_is_400(self):
         for value in ("abc", "-5", "1e3", "12, 12"):
             with self.subTest(value=value), socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall(res_raw_head("chat", None, extra="Content-Length: %s\r\n" % value) + b"{}")
-                status, _, _ = res_read_response(s, time.monotonic() + 3)
+                s.sendall(raw_head("chat", None, extra="Content-Length: %s\r\n" % value) + b"{}")
+                status = read_response(s, time.monotonic() + 3).status
                 self.assertIn(status, (400, 411, 413), value)
         self.assertNoTraceback()
 
     def test_bad_methods_on_model_routes(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for method in ("PUT", "DELETE", "PATCH", "GET"):
                 with self.subTest(front=front, method=method):
-                    r = self.request(method, RES_PATHS[front], res_minimal_body(front),
+                    r = self.request(method, PATHS[front], res_minimal_body(front),
                                      headers={"anthropic-version": "2023-06-01"} if front == "messages" else {})
                     self.assertProtocolError(r, front, (405,))
                     self.assertEqual(r.header("Allow"), "POST")
             with self.subTest(front=front, method="HEAD"):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("HEAD", RES_PATHS[front])
-                r = conn.getresponse()
-                r.read()
-                self.assertEqual(r.status, 405)
-                conn.close()
+                self.assertEqual(http_request(self.port, "HEAD", PATHS[front], timeout=5).status, 405)
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
-    def raw_exchange(self, raw, wait_for_close=False):
-        """Send raw bytes, read one response: (status, header lines, body, closed afterwards);
-        `closed` is only looked at (for up to 2 s) with wait_for_close."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(raw)
-            status, lines, body = res_read_response(s, time.monotonic() + 4)
-            closed = None
-            if wait_for_close:
-                s.settimeout(2)
-                try:
-                    closed = s.recv(1) == b""
-                except ConnectionResetError:
-                    closed = True
-                except socket.timeout:
-                    closed = False
-        return status, lines, body, closed
+    def raw(self, raw, wait_for_close=False):
+        return raw_request(self.port, raw, wait_for_close=wait_for_close)
 
-    def assertShape(self, front, status, lines, body, expected):
-        self.assertEqual(status, expected, body[:300])
-        parsed = json.loads(body)
+    def assertShape(self, front, resp, expected):
+        self.assertEqual(resp.status, expected, resp)
+        parsed = resp.json()
         if front == "messages":
             self.assertEqual(parsed["type"], "error", parsed)
             self.assertTrue(parsed["error"]["message"])
-            self.assertEqual(ops_header_values(lines, "request-id"), ops_header_values(lines, "x-request-id"))
+            self.assertEqual(resp.header_values("request-id"), resp.header_values("x-request-id"))
         else:
             self.assertIn("code", parsed["error"], parsed)
             self.assertNotIn("type", parsed, parsed)
@@ -6390,16 +6239,17 @@ class TestResilienceHostileClients(ResilienceCase):
             "negative Content-Length": b"Content-Length: -1\r\n\r\n{}",
             "Content-Length with sign": b"Content-Length: +2\r\n\r\n{}",
         }
-        for front in RES_FRONTS + ("count_tokens",):
+        for front in FRONTS + ("count_tokens",):
             shape = "messages" if front == "count_tokens" else front
             for name, rest in framings.items():
                 with self.subTest(front=front, framing=name):
-                    head = res_raw_head(shape, None)[:-2]
+                    head = raw_head(shape, None)[:-2]
                     if front == "count_tokens":
                         head = head.replace(b"/v1/messages", b"/v1/messages/count_tokens")
-                    status, lines, data, closed = self.raw_exchange(head + rest, wait_for_close=True)
-                    self.assertShape(shape, status, lines, data, 400)
-                    self.assertTrue(closed, "a request with broken framing must close the connection")
+                    resp = self.raw(head + rest, wait_for_close=True)
+                    self.assertShape(shape, resp, 400)
+                    self.assertTrue(resp.closed,
+                                    "a request with broken framing must close the connection")
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
@@ -6411,33 +6261,32 @@ class TestResilienceHostileClients(ResilienceCase):
                      b"%X\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)):
             with self.subTest(rest=rest[:20]):
                 self.upstream.script(ok(text_parts("chunked ok")))
-                head = res_raw_head("chat", None, key=unique_key(), extra="Transfer-Encoding: chunked\r\n")
-                status, _, data, _ = self.raw_exchange(head + rest)
-                self.assertEqual(status, 200, data)
-                self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "chunked ok")
+                head = raw_head("chat", None, key=unique_key(), extra="Transfer-Encoding: chunked\r\n")
+                resp = self.raw(head + rest)
+                self.assertEqual(resp.status, 200, resp)
+                self.assertEqual(resp.body_text("chat"), "chunked ok")
 
     def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(self):
         self.upstream.script(ok(text_parts("continued")))
         body = json.dumps(res_minimal_body("chat")).encode()
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(res_raw_head("chat", len(body), key=unique_key(), extra="Expect: 100-continue\r\n"))
+            s.sendall(raw_head("chat", len(body), key=unique_key(), extra="Expect: 100-continue\r\n"))
             s.settimeout(2)
             self.assertTrue(s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n"))
             s.sendall(body)
-            status, _, data = res_read_response(s, time.monotonic() + 4)
-        self.assertEqual(status, 200, data)
-        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "continued")
+            resp = read_response(s, time.monotonic() + 4)
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(resp.body_text("chat"), "continued")
 
     def test_unknown_methods_on_anthropic_routes_answer_in_the_anthropic_shape(self):
         for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/messages?beta=true"):
             for method in ("TRACE", "FOO"):
                 with self.subTest(path=path, method=method):
                     raw = ("%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method, path)).encode()
-                    status, lines, body, _ = self.raw_exchange(raw)
-                    self.assertShape("messages", status, lines, body, 501)
+                    self.assertShape("messages", self.raw(raw), 501)
         raw = b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n\r\n"
-        self.assertShape("messages", *self.raw_exchange(raw)[:3], 501)
-        self.assertShape("chat", *self.raw_exchange(b"FOO /v1/chat/completions HTTP/1.1\r\n\r\n")[:3], 501)
+        self.assertShape("messages", self.raw(raw), 501)
+        self.assertShape("chat", self.raw(b"FOO /v1/chat/completions HTTP/1.1\r\n\r\n"), 501)
         self.assertNoTraceback()
 
     def test_a_known_route_with_the_wrong_method_is_405_with_allow(self):
@@ -6450,9 +6299,9 @@ class TestResilienceHostileClients(ResilienceCase):
         for method, path, shape, allow in cases:
             with self.subTest(method=method, path=path):
                 raw = ("%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % (method, path)).encode()
-                status, lines, body, _ = self.raw_exchange(raw)
-                self.assertShape(shape, status, lines, body, 405)
-                self.assertEqual(ops_header_values(lines, "allow"), [allow])
+                resp = self.raw(raw)
+                self.assertShape(shape, resp, 405)
+                self.assertEqual(resp.header_values("allow"), [allow])
         self.assertNoTraceback()
 
     def test_malformed_heads_and_bodies_never_get_a_5xx(self):
@@ -6465,8 +6314,8 @@ class TestResilienceHostileClients(ResilienceCase):
                  b"GET /v1/models/%ff HTTP/1.1\r\n" + key.encode() + b"\r\n",
                  b"GET /v1/responses/%00 HTTP/1.1\r\n" + key.encode() + b"\r\n",
                  b"GET /health HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]
-        for front in RES_FRONTS:
-            post = res_raw_head(front, None)[:-2]
+        for front in FRONTS:
+            post = raw_head(front, None)[:-2]
             heads += [post + b"Content-Length: 1e3\r\n\r\n", post + b"Content-Length: \r\n\r\n",
                       post + b"Content-Length: 99999999999999999999999\r\n\r\n",
                       post + b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 2000 + b"\r\n",
@@ -6478,9 +6327,9 @@ class TestResilienceHostileClients(ResilienceCase):
                       post + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n[]"]
         for raw in heads:
             with self.subTest(raw=raw[:70]):
-                status, _, body, _ = self.raw_exchange(raw)
-                self.assertTrue(400 <= status < 500, (status, body[:200]))
-        self.assertEqual(self.raw_exchange(b"GET / HTTP/2.0\r\n\r\n")[0], 505)  # the one 5xx that is right
+                resp = self.raw(raw)
+                self.assertTrue(400 <= resp.status < 500, resp)
+        self.assertEqual(self.raw(b"GET / HTTP/2.0\r\n\r\n").status, 505)  # the one 5xx that is right
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
@@ -6500,36 +6349,33 @@ class TestResilienceHostileClients(ResilienceCase):
                 b"Transfer-Encoding: chunked\r\nAuthorization: Bearer user_x\r\n\r\n0\r\n\r\n"]
         for raw in raws:
             with self.subTest(request=raw[:60]):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(raw)
-                    status, lines, body = res_read_response(s, time.monotonic() + 4)
-                self.assertGreaterEqual(status, 400, (raw[:60], status, body[:200]))
-                self.assertEqual([l for l in lines if l.lower().startswith("x-evil")], [])
-                if body:
-                    json.loads(body)
+                resp = self.raw(raw)
+                self.assertGreaterEqual(resp.status, 400, (raw[:60], resp))
+                self.assertEqual([l for l in resp.head_lines if l.lower().startswith("x-evil")], [])
+                if resp.data:
+                    resp.json()
         self.assertEqual(self.upstream.generates(), [])
         self.assertNoTraceback()
 
     def test_header_injection_in_request_id_on_model_routes(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             for streaming in (False, True):
                 for rid in (b"abc\r\n X-Evil: 1", b"abc\r\n\tSet-Cookie: a=b", b"id\xc3\xa9\xff", b"a" * 300):
                     with self.subTest(front=front, stream=streaming, rid=rid[:20]):
                         self.upstream.reset()
                         data = json.dumps(res_minimal_body(front, streaming)).encode()
-                        head = res_raw_head(front, len(data), extra="X-Request-Id: ")
+                        head = raw_head(front, len(data), extra="X-Request-Id: ")
                         head = head[:-2] + rid + b"\r\nConnection: close\r\n\r\n"
-                        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                            s.sendall(head + data)
-                            status, lines, body = res_read_response(s, time.monotonic() + 5)
-                        self.assertEqual(status, 200, body[:300])
+                        resp = self.raw(head + data)
+                        lines = resp.head_lines
+                        self.assertEqual(resp.status, 200, resp)
                         for bad in ("x-evil", "set-cookie"):
                             self.assertEqual([l for l in lines if l.lower().startswith(bad)], [], lines)
-                        ids = ops_header_values(lines, "x-request-id")
+                        ids = resp.header_values("x-request-id")
                         self.assertEqual(len(ids), 1, lines)
                         self.assertRegex(ids[0], r"^[A-Za-z0-9._:\-]{1,128}$")
                         self.assertNotIn("\r", "".join(lines))
-                        for other in ops_header_values(lines, "request-id"):
+                        for other in resp.header_values("request-id"):
                             self.assertEqual(other, ids[0])
         self.assertNoTraceback()
 
@@ -6544,12 +6390,11 @@ class TestResilienceHostileClients(ResilienceCase):
                 body = res_minimal_body(front)
                 body.update(extra)
                 data = json.dumps(body).encode()
-                head = res_raw_head(front, len(data), extra="X-Session-Id: s\r\n X-Evil-Up: 1\r\n"
+                head = raw_head(front, len(data), extra="X-Session-Id: s\r\n X-Evil-Up: 1\r\n"
                                     "Connection: close\r\n")
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    s.sendall(head + data)
-                    status, lines, resp_body = res_read_response(s, time.monotonic() + 5)
-                self.assertEqual(status, 200, resp_body[:300])
+                resp = self.raw(head + data)
+                lines = resp.head_lines
+                self.assertEqual(resp.status, 200, resp)
                 self.assertEqual([l for l in lines if "evil" in l.lower() and
                                   not l.lower().startswith("x-cc-proxy-dropped-tools")], [], lines)
                 for l in lines:
@@ -6571,7 +6416,7 @@ class TestResilienceHostileClients(ResilienceCase):
                 for i in range(6):
                     s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
                     if i % 2:
-                        s.sendall(res_raw_head("chat", 1000) + b'{"model": "claude-sonnet-5", "mess')
+                        s.sendall(raw_head("chat", 1000) + b'{"model": "claude-sonnet-5", "mess')
                     else:
                         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
                     socks.append(s)
@@ -6596,9 +6441,7 @@ class TestResilienceHostileClients(ResilienceCase):
             finally:
                 for s in socks:
                     s.close()
-            deadline = time.monotonic() + 3
-            while threading.active_count() > base_threads + 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: threading.active_count() <= base_threads + 1, 3, step=0.05)
             self.assertLessEqual(threading.active_count(), base_threads + 1, "handler threads not freed")
             # and the server still answers
             self.assertEqual(self.chat(key=unique_key()).status, 200)
@@ -6630,12 +6473,11 @@ class TestResilienceBackpressure(ResilienceCase):
     LIMIT = 30 * 1024 * 1024
 
     def open_stalled_client(self, front="chat"):
-        data = json.dumps(res_minimal_body(front, True)).encode()
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         s.settimeout(10)
         s.connect(("127.0.0.1", self.port))
-        s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
+        send_request(self.port, front, res_minimal_body(front, True), key=unique_key(), sock=s)
         got = b""
         while len(got) < 200000:
             piece = s.recv(65536)
@@ -6670,13 +6512,13 @@ class TestResilienceBackpressure(ResilienceCase):
         finally:
             s.close()
         closed = time.monotonic()
-        self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 5),
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5),
                         "the upstream connection was not closed after the client went away")
         self.assertLess(rec["disconnected_at"] - closed, 5)
         self.assertNoTraceback()
 
     def test_client_that_stops_reading_is_let_go_after_the_socket_timeout(self):
-        for front in RES_FRONTS:
+        for front in FRONTS:
             with self.subTest(front=front), mock.patch.object(proxy.ProxyHandler, "timeout", 0.3):
                 self.upstream.reset()
                 self.upstream.script(res_big_stream(50))
@@ -6684,7 +6526,7 @@ class TestResilienceBackpressure(ResilienceCase):
                 try:
                     rec = self.last_generate()
                     # the socket is still open, but nothing is read: the proxy gives up on its own
-                    self.assertTrue(self.upstream.wait_for(lambda: rec["disconnected_at"], 6),
+                    self.assertTrue(wait_for(lambda: rec["disconnected_at"], 6),
                                     "the proxy kept relaying to a client that stopped reading")
                     self.assertFalse(rec["completed"])
                 finally:
@@ -6713,20 +6555,13 @@ class TestResilienceLeaks(ResilienceCase):
         self.upstream.script(*[res_partial_then(Stall(8), *finish_parts()) for _ in range(3 * n)])
 
         def disconnect(i):
-            front = RES_FRONTS[i % 3]
-            data = json.dumps(res_minimal_body(front, True)).encode()
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
-                s.sendall(res_raw_head(front, len(data), key=unique_key()) + data)
-                got = b""
-                while b"partial" not in got:
-                    piece = s.recv(65536)
-                    if not piece:
-                        break
-                    got += piece
-                return b"partial" in got
+            front = FRONTS[i % 3]
+            with send_request(self.port, front, res_minimal_body(front, True), key=unique_key(),
+                              timeout=10) as s:
+                return b"partial" in read_until(s, b"partial", 10)
 
         def timeout(i):
-            front = RES_FRONTS[i % 3]
+            front = FRONTS[i % 3]
             r = self.call(front, bool(i % 2))
             normal_end = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
             if r.status >= 400 or (r.status == 200 and b"error" in r.data
@@ -6739,13 +6574,14 @@ class TestResilienceLeaks(ResilienceCase):
             futures += [pool.submit(timeout, i) for i in range(2 * n)]
             results = [f.result(timeout=20) for f in futures]
         self.assertEqual([r for r in results if r is False or isinstance(r, tuple)], [])
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        counts = []
+
+        def back_to_baseline():
             gc.collect()
-            threads, fds = threading.active_count(), res_fd_count()
-            if threads <= base_threads + 2 and fds <= base_fds + 4:
-                break
-            time.sleep(0.1)
+            counts[:] = [threading.active_count(), res_fd_count()]
+            return counts[0] <= base_threads + 2 and counts[1] <= base_fds + 4
+        wait_for(back_to_baseline, 5, step=0.1)
+        threads, fds = counts
         self.assertLessEqual(threads, base_threads + 2,
                              "threads: %d before, %d after: %s" % (base_threads, threads,
                                                                    sorted(t.name for t in threading.enumerate())))
@@ -6933,15 +6769,12 @@ class TestUsageLedger(ProxyTestCase):
             with self.subTest(stream=streamed):
                 self.upstream.script(dripped(100, 0.05))
                 rid = "req-gone-" + uuid.uuid4().hex[:12]
-                body = json.dumps({"model": "claude-sonnet-5", "stream": streamed,
-                                   "messages": [{"role": "user", "content": "hi"}]}).encode()
-                s = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
-                s.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: %s\r\n"
-                           "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n"
-                           % (rid, KEY, len(body))).encode() + body)
-                self.assertTrue(self.upstream.wait_for(self.upstream.generates, 5))
+                s = send_request(self.port, "chat", {
+                    "model": "claude-sonnet-5", "stream": streamed,
+                    "messages": [{"role": "user", "content": "hi"}]}, extra="X-Request-Id: %s\r\n" % rid)
+                self.assertTrue(wait_for(self.upstream.generates, 5))
                 if streamed:
-                    self.assertIn(b"200", s.recv(4096))
+                    self.assertIn(b" 200 ", read_until(s, b"\r\n\r\n"))
                 s.close()
                 row = ledger_row_for(self.db, rid)
                 self.assertEqual((row["status"], row["error_kind"]), (499, "client_disconnected"))
@@ -6978,9 +6811,7 @@ class TestUsageLedger(ProxyTestCase):
 class TestUsageLedgerRetentionAndFaults(unittest.TestCase):
     def setUp(self):
         self.dir = ledger_dir()
-        self.upstream = FakeCommandCode()
-        self.upstream.start()
-        self.addCleanup(self.upstream.stop)
+        self.upstream = fake_upstream(self.addCleanup)
 
     def serve(self, db):
         _, port = ops_start_server(self, usageDb=db, apiBase=self.upstream.url)
@@ -7189,21 +7020,20 @@ class TestDashboardKey(ProxyTestCase):
         self.assertNotIn(self.dashboard_key.encode(), r.data)
 
 
-class TestUsageLedgerClaudeCode(Case):
+class TestUsageLedgerClaudeCode(ClaudeCodeCase):
     def test_a_claude_code_run_is_recorded_with_its_model_usage_and_cost(self):
         db = os.path.join(self.tmp, "usage.sqlite3")
         self.stop_server()
         self.start_server(usageDb=db)
         rid = "req-claude-ledger-" + uuid.uuid4().hex[:8]
-        status, headers, data = self.chat("cost?", headers={"X-Request-Id": rid,
-                                                            "User-Agent": "claude-cli/2.1.197"})
-        self.assertEqual(status, 200, data)
+        r = self.chat("cost?", headers={"X-Request-Id": rid, "User-Agent": "claude-cli/2.1.197"})
+        self.assertEqual(r.status, 200, r)
         row = ledger_row_for(db, rid)
         self.assertIsNotNone(row)
         self.assertEqual((row["backend"], row["route"], row["status"], row["client"]),
                          ("claude-code", "chat", 200, "claude-cli"))
-        self.assertAlmostEqual(row["cost_usd"], float(headers["x-claude-cost-usd"]), places=6)
-        usage = json.loads(data)["usage"]
+        self.assertAlmostEqual(row["cost_usd"], float(r.header("x-claude-cost-usd")), places=6)
+        usage = r.json()["usage"]
         self.assertEqual(row["input_uncached"] + row["cache_read"] + row["cache_write"],
                          usage["prompt_tokens"])
         self.assertEqual(row["output"], usage["completion_tokens"])

@@ -510,6 +510,28 @@ class Proxy:
         self.err.close()
 
 
+def bench_ledger(args, on, upstream_port, tmp, log):
+    """Added latency with the usage ledger on (the proxy measured above, usageDb beside its
+    config) and off (a second proxy, USAGE_DB=""), in alternating blocks of rounds."""
+    env = proxy_env(upstream_port, os.path.join(tmp, "no-config.json"), {"USAGE_DB": ""})
+    proxy = Proxy(args.proxy, free_port(), env)
+    try:
+        off = Targets("http://%s:%d" % (LOOPBACK, proxy.port), upstream_port, args.model, on.auth)
+        blocks = {"on": [], "off": []}
+        for _ in range(3):
+            for name, target in (("off", off), ("on", on)):
+                blocks[name].append(bench_latency(target, args.ledger_rounds, 5, log))
+        out = {}
+        for name, runs in blocks.items():
+            out[name] = {mode: {stat: statistics.median(r[mode]["added"]["first_byte"][stat]
+                                                        for r in runs)
+                                for stat in ("p50_ms", "p99_ms")}
+                         for mode in ("stream", "plain")}
+        return out
+    finally:
+        proxy.stop()
+
+
 def proxy_env(upstream_port, config_path, extra=None):
     env = {k: v for k, v in os.environ.items() if k not in PROXY_ENV_NAMES}
     env.update({"CC_API_BASE": "http://%s:%d" % (LOOPBACK, upstream_port), "CC_VERSION": "1.64.0",
@@ -1063,6 +1085,16 @@ def print_table(f, args):
                 fmt(row["wall_s"] * 1000, digits=0), fmt(row["peak_rss_mb"], digits=1), fmt(row["proxy_cpu_s"])))
             if row["problems"]:
                 w("    problems: %s" % "; ".join(row["problems"]))
+    ledger = f.get("ledger")
+    if ledger:
+        w("")
+        w("Usage ledger on vs off: added first byte, ms (median of 3 alternating blocks)")
+        w("%-34s %9s %9s %9s %9s" % ("", "stream p50", "p99", "plain p50", "p99"))
+        for name in ("off", "on"):
+            row = ledger[name]
+            w("%-34s %9s %9s %9s %9s" % ("  ledger " + name, fmt(row["stream"]["p50_ms"]),
+                                         fmt(row["stream"]["p99_ms"]), fmt(row["plain"]["p50_ms"]),
+                                         fmt(row["plain"]["p99_ms"])))
     proc = f.get("process")
     if proc:
         w("")
@@ -1147,6 +1179,8 @@ def parse_args(argv):
     p.add_argument("--drip-events", type=int, default=20)
     p.add_argument("--drip-ms", type=int, default=10)
     p.add_argument("--startups", type=int, default=3, help="start-up time samples")
+    p.add_argument("--ledger-rounds", type=int, default=100,
+                   help="latency rounds per block, usage ledger on vs off (0: skip)")
     p.add_argument("--claude-rounds", type=int, default=40)
     p.add_argument("--profile", metavar="FILE", help="after the figures, profile proxy.py relaying streams")
     p.add_argument("--profile-streams", type=int, default=3, help="relay streams sent to the profiled proxy")
@@ -1234,6 +1268,8 @@ def main(argv=None):
             t.pid = pid
             figures["subject"] = "%s (started by the bench) pid %d" % (os.path.relpath(args.proxy), pid)
         figures["latency"] = bench_latency(t, args.rounds, args.warmup, log)
+        if not args.target and args.ledger_rounds:
+            figures["ledger"] = bench_ledger(args, t, upstream_port, tmp, log)
         figures["relay"] = bench_relay(t, args.relay_events, args.relay_runs, log)
         figures["concurrency"] = []
         for n in [int(x) for x in args.concurrency.split(",") if x.strip()]:

@@ -4670,7 +4670,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.model_name = "-"
         self.exchange = None   # a model request's, once decoded
         self.model_route = False
-        self.client_model = "-"
+        self.client_model = None
         self.streamed = False
         self.credential = None
         self.error_kind = None
@@ -5154,7 +5154,8 @@ def usage_summary(rows):
 
 
 USAGE_GROUPS = {"day": lambda r: time.strftime("%Y-%m-%d", time.localtime(r["ts"])),
-                "model": lambda r: r["client_model"] or "-", "client": lambda r: r["client"] or "-",
+                "model": lambda r: r["client_model"] or "(no model)",
+                "client": lambda r: r["client"] or "-",
                 "key": lambda r: r["key_fp"] or "-"}
 
 
@@ -5275,10 +5276,11 @@ def dashboard_data(server, since):
         return data
     span = max(1.0, data["now"] - since)
     bucket = next(b for b in (60, 300, 900, 3600, 21600, 86400, 604800) if span / b <= 96)
-    series = collections.OrderedDict()
+    first = int(since // bucket * bucket)   # every bucket of the range, empty ones too
+    series = collections.OrderedDict((t, {}) for t in range(first, int(data["now"]) + 1, bucket))
     for row in rows:
         slot = series.setdefault(int(row["ts"] // bucket * bucket), {})
-        model = slot.setdefault(row["client_model"] or "-", {"requests": 0, "tokens": 0})
+        model = slot.setdefault(row["client_model"] or "(no model)", {"requests": 0, "tokens": 0})
         model["requests"] += 1
         model["tokens"] += sum(row[f] or 0 for f in ("input_uncached", "cache_read",
                                                      "cache_write", "output"))
@@ -5318,7 +5320,8 @@ border-bottom:1px solid var(--line);white-space:nowrap}th:first-child,td:first-c
 th{color:var(--mute);font-weight:600}.scroll{overflow-x:auto}.bad{color:var(--bad)}
 .note{color:var(--mute);margin:4px 0}.legend span{display:inline-block;margin-right:10px;
 font-size:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;
-border-radius:2px}svg{width:100%;height:160px;display:block}
+border-radius:2px}svg{width:100%;height:170px;display:block}
+@media (max-width:640px){.opt{display:none}main{padding:8px}header{padding:10px 8px}}
 </style></head><body>
 <header><h1>cc-proxy usage</h1><div class="state" id="state">loading...</div>
 <label class="state">range <select id="since"><option value="1h">last hour</option>
@@ -5356,31 +5359,51 @@ const pct = (x) => x === null || x === undefined ? "-" : (x * 100).toFixed(1) + 
 const ms = (x) => x === null || x === undefined ? "-" : x >= 1000 ? (x / 1000).toFixed(2) + " s"
   : Math.round(x) + " ms";
 const when = (t) => new Date(t * 1000).toLocaleString();
-function table(target, head, rows) {
-  const t = el("table"), tr = el("tr");
-  head.forEach((h) => tr.appendChild(el("th", h)));
+const shortTime = (t) => new Date(t * 1000).toLocaleString([], {month: "short", day: "numeric",
+  hour: "2-digit", minute: "2-digit"});
+function since(s) {
+  return s < 120 ? Math.round(s) + " s" : s < 7200 ? Math.round(s / 60) + " min"
+    : s < 172800 ? Math.round(s / 3600) + " h" : Math.round(s / 86400) + " days";
+}
+function table(target, head, rows) {   // a head "*name" is a column narrow screens leave out
+  const t = el("table"), tr = el("tr"), opt = head.map((h) => h[0] === "*");
+  head.forEach((h, i) => tr.appendChild(el("th", opt[i] ? h.slice(1) : h, opt[i] ? "opt" : "")));
   t.appendChild(tr);
   rows.forEach((r) => {
     const row = el("tr");
-    r.forEach((c) => row.appendChild(c instanceof Node ? wrap(c) : el("td", c)));
+    r.forEach((c, i) => {
+      const td = c instanceof Node ? wrap(c) : el("td", c);
+      if (opt[i]) td.className = "opt";
+      row.appendChild(td);
+    });
     t.appendChild(row);
   });
   target.replaceChildren(rows.length ? t : el("p", "nothing in this range", "note"));
 }
 function wrap(node) { const td = el("td"); td.appendChild(node); return td; }
 function bars(svg, series, keys, value) {
-  const NS = svg.namespaceURI, W = 600, H = 160, pad = 18;
+  const NS = svg.namespaceURI, W = 400, H = 170, pad = 22, left = 34;
   svg.setAttribute("viewBox", "0 0 " + W + " " + H);
   svg.replaceChildren();
   const totals = series.map((s) => keys.reduce((a, k) => a + value(s, k), 0));
-  const top = Math.max(1, ...totals), w = (W - 40) / Math.max(1, series.length);
+  const top = Math.max(1, ...totals), w = (W - left) / Math.max(1, series.length);
+  const label = (text, x, y, anchor) => {
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "12");
+    t.setAttribute("fill", "#667085"); t.setAttribute("text-anchor", anchor || "start");
+    t.textContent = text; svg.appendChild(t);
+  };
+  if (!totals.some((v) => v > 0)) {
+    label("no requests in this range", W / 2, H / 2, "middle");
+    return;
+  }
   series.forEach((s, i) => {
     let y = H - pad;
     keys.forEach((k, j) => {
       const h = value(s, k) / top * (H - 2 * pad);
       if (h <= 0) return;
       const r = document.createElementNS(NS, "rect");
-      r.setAttribute("x", 40 + i * w + 1); r.setAttribute("width", Math.max(1, w - 2));
+      r.setAttribute("x", left + i * w + 0.5); r.setAttribute("width", Math.max(1, w - 1));
       r.setAttribute("y", y - h); r.setAttribute("height", h);
       r.setAttribute("fill", COLORS[j % COLORS.length]);
       const tip = document.createElementNS(NS, "title");
@@ -5388,18 +5411,17 @@ function bars(svg, series, keys, value) {
       r.appendChild(tip); svg.appendChild(r); y -= h;
     });
   });
-  [[top, pad + 4], [0, H - pad]].forEach(([v, y]) => {
-    const t = document.createElementNS(NS, "text");
-    t.setAttribute("x", 0); t.setAttribute("y", y); t.setAttribute("font-size", "11");
-    t.setAttribute("fill", "#667085"); t.textContent = num(v); svg.appendChild(t);
-  });
+  label(num(top), 0, pad);
+  label("0", 0, H - pad);
+  label(shortTime(series[0].t), left, H - 4);
+  label("now", W, H - 4, "end");
 }
 function render(d) {
   const c = d.claude || {};
   $("state").replaceChildren(...[["backend", d.backend], ["status", d.status],
     ["in flight", d.in_flight], ["CLI processes", c.claudeProcesses],
     ["sessions", c.claudeSessions], ["version", d.version],
-    ["up", ms(d.uptime_s * 1000)]].filter(([, v]) => v !== undefined).map(([k, v]) => {
+    ["up", since(d.uptime_s)]].filter(([, v]) => v !== undefined).map(([k, v]) => {
       const s = el("span", k + " "); s.appendChild(el("b", v)); s.append("  "); return s; }));
   const L = d.ledger;
   if (!L || L.error) {
@@ -5408,7 +5430,7 @@ function render(d) {
   }
   const T = L.totals;
   $("cards").replaceChildren(...[["requests", num(T.requests)],
-    ["errors", num(T.errors) + " (" + pct(T.requests ? T.errors / T.requests : null) + ")"],
+    ["errors", T.requests ? num(T.errors) + " (" + pct(T.errors / T.requests) + ")" : "0"],
     ["input tokens", num(T.input_uncached + T.cache_read + T.cache_write)],
     ["cache hit rate", pct(T.cache_hit_rate)], ["output tokens", num(T.output)],
     ["latency p50", ms(T.p50_ms)], ["latency p95", ms(T.p95_ms)],
@@ -5430,14 +5452,14 @@ function render(d) {
   bars($("tokens"), L.series, ["tokens"], (s) => Object.values(s.models)
     .reduce((a, v) => a + v.tokens, 0));
   table($("errors"), ["kind", "requests"], Object.entries(L.errors_by_kind));
-  table($("clients"), ["client", "requests", "errors", "tokens in", "p50"], L.clients.map((g) =>
+  table($("clients"), ["client", "requests", "errors", "*tokens in", "p50"], L.clients.map((g) =>
     [g.client, g.requests, g.errors, num(g.input_uncached + g.cache_read), ms(g.p50_ms)]));
-  table($("models"), ["model", "requests", "errors", "input", "cached", "output", "hit rate",
-    "p50", "p95"], L.models.map((g) => [g.model, g.requests, g.errors, num(g.input_uncached),
+  table($("models"), ["model", "requests", "errors", "*input", "*cached", "*output", "*hit rate",
+    "p50", "*p95"], L.models.map((g) => [g.model, g.requests, g.errors, num(g.input_uncached),
     num(g.cache_read), num(g.output), pct(g.cache_hit_rate), ms(g.p50_ms), ms(g.p95_ms)]));
-  table($("recent"), ["time", "route", "model", "status", "in", "cached", "out", "first byte",
-    "total", "client"], L.recent.map((r) => [new Date(r.ts * 1000).toLocaleTimeString(), r.route
-    + (r.stream ? " (stream)" : ""), r.client_model, el("span", r.status + (r.error_kind ? " " +
+  table($("recent"), ["time", "*route", "model", "status", "*in", "*cached", "*out",
+    "*first byte", "total", "*client"], L.recent.map((r) => [new Date(r.ts * 1000).toLocaleTimeString(), r.route
+    + (r.stream ? " (stream)" : ""), r.client_model || "(no model)", el("span", r.status + (r.error_kind ? " " +
     r.error_kind : ""), r.status >= 400 || r.error_kind ? "bad" : ""), num(r.input_uncached),
     num(r.cache_read), num(r.output), ms(r.first_byte_ms), ms(r.total_ms), r.client]));
 }

@@ -5332,7 +5332,8 @@ border-radius:2px}svg{width:100%;height:170px;display:block}
 <section class="wide"><div class="cards" id="cards"></div><p class="note" id="note"></p></section>
 <section><h2>Requests over time, by model</h2><svg id="requests"></svg>
 <div class="legend" id="legend"></div></section>
-<section><h2>Tokens over time (input, cached and output)</h2><svg id="tokens"></svg></section>
+<section><h2>Tokens over time, by model (input, cached and output)</h2><svg id="tokens"></svg>
+</section>
 <section><h2>Errors by kind</h2><div id="errors"></div></section>
 <section><h2>Top clients</h2><div class="scroll" id="clients"></div></section>
 <section class="wide"><h2>By model</h2><div class="scroll" id="models"></div></section>
@@ -5449,9 +5450,12 @@ function render(d) {
   $("legend").replaceChildren(...keys.map((k, j) => {
     const s = el("span"), i = el("i"); i.style.background = COLORS[j % COLORS.length];
     s.appendChild(i); s.append(k); return s; }));
-  bars($("tokens"), L.series, ["tokens"], (s) => Object.values(s.models)
-    .reduce((a, v) => a + v.tokens, 0));
-  table($("errors"), ["kind", "requests"], Object.entries(L.errors_by_kind));
+  const tokens = (s, k) => k === "other" ? Object.entries(s.models)
+    .filter(([m]) => !models.includes(m)).reduce((a, [, v]) => a + v.tokens, 0)
+    : (s.models[k] || {}).tokens || 0;
+  bars($("tokens"), L.series, keys, tokens);
+  table($("errors"), ["kind", "requests", "share"], Object.entries(L.errors_by_kind)
+    .map(([k, n]) => [k, n, pct(n / T.requests)]));
   table($("clients"), ["client", "requests", "errors", "*tokens in", "p50"], L.clients.map((g) =>
     [g.client, g.requests, g.errors, num(g.input_uncached + g.cache_read), ms(g.p50_ms)]));
   table($("models"), ["model", "requests", "errors", "*input", "*cached", "*output", "*hit rate",

@@ -6849,6 +6849,15 @@ class TestUsageLedgerRetentionAndFaults(unittest.TestCase):
         self.assertEqual(len(proxy.ledger_rows(db, 0)), 3000)
         self.assertEqual(ledger.dropped, 0)
 
+    def test_a_full_queue_drops_rows_and_counts_them(self):
+        metrics = proxy.Metrics()
+        ledger = proxy.UsageLedger(os.path.join(self.dir, "full.sqlite3"), 90, metrics,
+                                   queue_size=2)   # not started: nothing drains the queue
+        for i in range(5):
+            ledger.record(dict.fromkeys(proxy.LEDGER_FIELDS))
+        self.assertEqual(ledger.dropped, 3)
+        self.assertIn("ccproxy_usage_ledger_dropped_total 3", metrics.render())
+
     def test_a_locked_database_leaves_requests_unaffected_and_is_counted(self):
         db = os.path.join(self.dir, "locked.sqlite3")
         proxy.open_ledger(db).close()

@@ -1650,6 +1650,16 @@ class ResponseStore:
                 return None
             return item
 
+    def output_item(self, item_id):
+        """An output item of a stored response by its id (msg_/rs_/fc_<response>_<index>)."""
+        prefix, _, rest = item_id.partition("_")
+        response_hex, _, _ = rest.rpartition("_")
+        if prefix + "_" not in ("msg_", "rs_", "fc_") or not response_hex:
+            return None
+        stored = self.get("resp_" + response_hex)
+        outputs = stored[1]["output"] if stored else ()
+        return next((item for item in outputs if item.get("id") == item_id), None)
+
 
 RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "content_filter": ("incomplete", {"reason": "content_filter"}),
@@ -1805,11 +1815,22 @@ class OpenAIResponses(FrontEnd):
     def _builtin_tool_item(self, request, item, where, tool_names):
         pass  # built-in tool traffic no backend here ran: nothing to replay
 
+    def _reference_item(self, request, item, where, tool_names):
+        """An earlier output item resent by id (the Vercel AI SDK does): replayed from the store."""
+        item_id = item.get("id")
+        found = self.store.output_item(item_id) if isinstance(item_id, str) else None
+        if found is None:
+            raise bad_request("'%s' references item %r, which this proxy does not hold (responses "
+                              "are kept for one hour, never with store: false); send the item "
+                              "itself instead" % (where, item_id), where + ".id")
+        self._decode_item(request, found, where, tool_names)
+
     ITEMS = {"message": _message_item, "function_call": _function_call_item,
              "function_call_output": _function_output_item, "reasoning": _reasoning_item,
+             "item_reference": _reference_item,
              **dict.fromkeys(("web_search_call", "file_search_call", "image_generation_call",
-                              "item_reference", "local_shell_call", "local_shell_call_output",
-                              "mcp_list_tools", "mcp_call"), _builtin_tool_item)}
+                              "local_shell_call", "local_shell_call_output", "mcp_list_tools",
+                              "mcp_call"), _builtin_tool_item)}
 
     def stream_encoder(self, request, exchange):
         return ResponsesStreamEncoder(self, request, exchange)

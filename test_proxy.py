@@ -3186,6 +3186,36 @@ class TestResponsesStore(ProxyTestCase):
         self.assertEqual(up[2]["content"][0]["toolName"], "exec_command")
         self.assertEqual(up[2]["content"][0]["output"], {"type": "text", "value": "/home"})
 
+    def test_item_references_to_our_own_output_are_replayed_from_the_store(self):
+        self.upstream.script(ok(text_parts("Let me look."),
+                                tool_parts("call_ref", "exec_command", {"cmd": "ls"}),
+                                reason="tool-calls", raw="tool_use"))
+        first = self.responses(input="list the files")
+        self.assertEqual(first.status, 200, first)
+        ids = [item["id"] for item in first.json()["output"]]
+        self.assertEqual([i.split("_")[0] for i in ids], ["msg", "fc"])
+        self.upstream.reset()
+        r = self.responses(input=[
+            {"role": "user", "content": "list the files"},
+            {"type": "item_reference", "id": ids[0]}, {"type": "item_reference", "id": ids[1]},
+            {"type": "function_call_output", "call_id": "call_ref", "output": "a.txt"}])
+        self.assertEqual(r.status, 200, r)
+        up = self.upstream_params()["messages"]
+        self.assertEqual([m["role"] for m in up], ["user", "assistant", "tool"])
+        self.assertIn("Let me look.", json.dumps(up[1]["content"]))
+        call = [c for c in up[1]["content"] if c.get("type") == "tool-call"][0]
+        self.assertEqual((call["toolCallId"], call["toolName"]), ("call_ref", "exec_command"))
+        self.assertEqual(up[2]["content"][0]["toolName"], "exec_command")
+
+    def test_an_item_reference_the_store_does_not_hold_is_400_naming_it(self):
+        for item_id in ("msg_0123456789abcdef01234567_0", "not-an-id", 7):
+            with self.subTest(item_id=item_id):
+                r = self.responses(input=[{"type": "item_reference", "id": item_id}])
+                self.assertEqual(r.status, 400, r)
+                self.assertIn(repr(item_id), r.json()["error"]["message"])
+                self.assertEqual(r.json()["error"]["param"], "input[0].id")
+        self.assertNoUpstreamCall()
+
     def test_unknown_previous_response_id_is_400(self):
         r = self.responses(previous_response_id="resp_does_not_exist_123")
         self.assertEqual(r.status, 400, r)

@@ -85,7 +85,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 __version__ = "0.1.0"
@@ -947,8 +947,8 @@ class FrontEnd:
         return [(self.route, "POST", lambda handler, _: handler.model_request(self))]
 
     @staticmethod
-    def model_list(models, owner):
-        """GET /v1/models in OpenAI's shape (the Anthropic front end has its own)."""
+    def model_list(models, owner, query):
+        """GET /v1/models in OpenAI's shape, all at once (the Anthropic front end pages)."""
         return {"object": "list", "data": [FrontEnd.model_object(m, owner) for m in models]}
 
     @staticmethod
@@ -1315,9 +1315,23 @@ class AnthropicMessages(FrontEnd):
         handler.send_json(200, self.count_tokens(parse_json_body(raw), handler.headers))
 
     @staticmethod
-    def model_list(models, owner):
-        data = [AnthropicMessages.model_object(m, owner) for m in models]
-        return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+    def model_list(models, owner, query):
+        """Anthropic's page: ?limit (1-1000, default 20), ?after_id or ?before_id."""
+        limit = (query.get("limit") or ["20"])[0]
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise bad_request("'limit' must be an integer from 1 to 1000", "limit")
+        ids = [m.id for m in models]
+        after, before = ((query.get(name) or [None])[0] for name in ("after_id", "before_id"))
+        for name, given in (("after_id", after), ("before_id", before)):
+            if given is not None and given not in ids:
+                raise bad_request("%s %r is not a listed model" % (name, given), name)
+        start = ids.index(after) + 1 if after is not None else 0
+        end = ids.index(before) if before is not None else len(ids)
+        page = models[start:end]
+        page = page[-int(limit):] if before is not None and after is None else page[:int(limit)]
+        data = [AnthropicMessages.model_object(m, owner) for m in page]
+        return {"data": data, "has_more": len(page) < max(0, end - start),
+                "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None}
 
     @staticmethod
@@ -2995,26 +3009,39 @@ def has_images(request):
 
 
 class ModelList:
-    """/v1/models for Command Code: the live /provider/v1/models list (cached), else the catalog."""
+    """/v1/models for Command Code: the live /provider/v1/models list (cached), else the catalog.
+    A listing never waits for the upstream (Claude Code gives discovery 3 s): a stale or missing
+    list is refreshed in the background and the last one (or the catalog) answers now."""
 
     def __init__(self, backend):
         self.backend = backend
         self.lock = threading.Lock()
         self.cached = None
         self.fetched_at = 0.0
+        self.refreshing = False
 
     def ids(self, key):
         config = self.backend.config
         if config["useProviderModels"] and key:
             with self.lock:
-                fresh = self.cached is not None and \
-                    time.monotonic() - self.fetched_at < config["modelRefreshIntervalMs"] / 1000
-            if not fresh:
-                self._refresh(key)
-            with self.lock:
-                if self.cached:
-                    return list(self.cached)
+                stale = self.cached is None or \
+                    time.monotonic() - self.fetched_at >= config["modelRefreshIntervalMs"] / 1000
+                start = stale and not self.refreshing
+                self.refreshing = self.refreshing or start
+                cached = list(self.cached) if self.cached else None
+            if start:
+                threading.Thread(target=self._refresh_in_background, args=(key,),
+                                 name="model-list", daemon=True).start()
+            if cached:
+                return cached
         return [m.id for m in CC_CATALOG.values()]
+
+    def _refresh_in_background(self, key):
+        try:
+            self._refresh(key)
+        finally:
+            with self.lock:
+                self.refreshing = False
 
     def _refresh(self, key):
         pool = ConnectionPool(self.backend.config["apiBase"])
@@ -3193,7 +3220,20 @@ class CommandCodeBackend:
         return ProxyError(504, "timeout", message, retry_after=5, code="upstream_timeout")
 
     def list_models(self, key):
-        return [CC_CATALOG.get(i.lower()) or ModelInfo(i, False, (), 0, i) for i in self.models.ids(key)]
+        """The catalog or live list, then each plain modelMap alias under its own name (so a
+        client that lists claude-* models can pick a Command Code model by an alias)."""
+        models = [CC_CATALOG.get(i.lower()) or ModelInfo(i, False, (), 0, i)
+                  for i in self.models.ids(key)]
+        listed = {m.id.lower() for m in models}
+        for alias, target in self.config["modelMap"].items():
+            if not any(c in alias for c in "*?[") and alias.lower() not in listed:
+                listed.add(alias.lower())
+                target = str(target)
+                info = CC_CATALOG.get(canonical_cc_model(target).lower())
+                models.append(ModelInfo(alias, False, (), 0, "%s (alias of %s)" % (alias, target))
+                              if info is None else dataclass_replace(
+                                  info, id=alias, label="%s (%s)" % (info.label, alias)))
+        return models
 
     def health(self):
         return {"upstream": self.config["apiBase"], "commandCodeVersion": self.version.version,
@@ -5582,7 +5622,8 @@ def models_route(handler, model_id):
     frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers)
     if model_id is not None:
         return handler.send_json(200, frontend.model_object(models[0], backend.name))
-    return handler.send_json(200, frontend.model_list(models, backend.name))
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+    return handler.send_json(200, frontend.model_list(models, backend.name, query))
 
 
 class Route(NamedTuple):

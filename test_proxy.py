@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 import uuid
 import concurrent.futures
 import gc
@@ -273,6 +274,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         rec = self._record()
         if self.path.split("?")[0] == "/provider/v1/models":
+            time.sleep(self.server.fake.model_list_delay)
             self._send_json(200, self.server.fake.provider_models)
         elif self.path == "/command-code/latest":  # the npm registry's answer for the CLI package
             self._send_json(*self.server.fake.registry_reply)
@@ -402,6 +404,7 @@ class FakeCommandCode:
         self.requests = []
         self.replies = deque()
         self.default_reply = lambda: ok(text_parts("Hello", " world"))
+        self.model_list_delay = 0   # seconds before /provider/v1/models answers
         self.provider_models = {"object": "list", "data": [
             {"id": "fake/provider-model-x", "name": "Fake X", "context_length": 100000,
              "supported_endpoints": ["/v1/chat/completions"]},
@@ -2275,6 +2278,29 @@ class TestModelsAndHealth(ProxyTestCase):
         self.assertEqual(body["first_id"], body["data"][0]["id"])
         self.assertEqual(body["last_id"], body["data"][-1]["id"])
 
+    def anthropic_models(self, query=""):
+        return self.request("GET", "/v1/models" + query, key_header="x-api-key",
+                            headers={"anthropic-version": "2023-06-01"})
+
+    def test_anthropic_model_list_pages_by_limit_after_id_and_before_id(self):
+        everything = self.anthropic_models("?limit=1000").json()
+        ids = [m["id"] for m in everything["data"]]
+        self.assertFalse(everything["has_more"])
+        self.assertEqual(len(ids), len(proxy.CC_CATALOG))
+        self.assertEqual(len(self.anthropic_models().json()["data"]), min(20, len(ids)))
+        first = self.anthropic_models("?limit=3").json()
+        self.assertEqual([m["id"] for m in first["data"]], ids[:3])
+        self.assertEqual((first["has_more"], first["first_id"], first["last_id"]),
+                         (True, ids[0], ids[2]))
+        after = self.anthropic_models("?limit=3&after_id=" + urllib.parse.quote(ids[2])).json()
+        self.assertEqual([m["id"] for m in after["data"]], ids[3:6])
+        before = self.anthropic_models("?limit=2&before_id=" + urllib.parse.quote(ids[5])).json()
+        self.assertEqual([m["id"] for m in before["data"]], ids[3:5])
+        last = self.anthropic_models("?limit=5&after_id=" + urllib.parse.quote(ids[-2])).json()
+        self.assertEqual(([m["id"] for m in last["data"]], last["has_more"]), ([ids[-1]], False))
+        for bad in ("?limit=0", "?limit=1001", "?limit=x", "?after_id=nope"):
+            self.assertEqual(self.anthropic_models(bad).status, 400, bad)
+
     def test_single_model_in_anthropic_shape(self):
         r = self.request("GET", "/v1/models/claude-sonnet-5",
                          headers={"anthropic-version": "2023-06-01"}, key_header="x-api-key")
@@ -2304,6 +2330,35 @@ class TestModelsAndHealth(ProxyTestCase):
         text = r.data.decode()
         self.assertIn("# TYPE", text)
         self.assertRegex(text, r"(?m)^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [0-9.eE+-]+$")
+
+
+class TestModelMapAliasesAreListed(ProxyTestCase):
+    proxy_overrides = {"modelMap": {"claude-cc-deepseek": "deepseek/deepseek-v4-flash",
+                                    "claude-haiku-*": "gpt-5.5"}}
+
+    def test_a_plain_alias_is_listed_under_its_name_with_its_targets_label_globs_are_not(self):
+        data = self.request("GET", "/v1/models?limit=1000", key_header="x-api-key",
+                            headers={"anthropic-version": "2023-06-01"}).json()["data"]
+        by_id = {m["id"]: m for m in data}
+        self.assertIn("claude-cc-deepseek", by_id)
+        self.assertIn(proxy.CC_CATALOG["deepseek/deepseek-v4-flash"].label,
+                      by_id["claude-cc-deepseek"]["display_name"])
+        self.assertFalse(any("*" in i for i in by_id))
+        self.assertIn("claude-cc-deepseek",
+                      [m["id"] for m in self.request("GET", "/v1/models").json()["data"]])
+
+
+class TestProviderModelsNeverBlockAListing(ProxyTestCase):
+    proxy_overrides = {"useProviderModels": True}
+
+    def test_a_slow_provider_list_does_not_delay_v1_models(self):
+        self.upstream.model_list_delay = 3.0
+        self.addCleanup(setattr, self.upstream, "model_list_delay", 0)
+        started = time.monotonic()
+        r = self.request("GET", "/v1/models", key=unique_key())
+        self.assertEqual(r.status, 200, r)
+        self.assertLess(time.monotonic() - started, 2.0)   # Claude Code gives discovery 3 s
+        self.assertIn("claude-sonnet-5", [m["id"] for m in r.json()["data"]])
 
 
 class TestProviderModels(ProxyTestCase):

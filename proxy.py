@@ -405,7 +405,7 @@ class ProxyError(Exception):
     rate_limit, insufficient_quota, overloaded, timeout, upstream, api_error."""
 
     def __init__(self, status, kind, message, retry_after=None, code=None, should_retry=None,
-                 retryable=False, param=None, allow=None):
+                 retryable=False, param=None, allow=None, upstream_message=None):
         super().__init__(message)
         self.status = status
         self.kind = kind
@@ -416,6 +416,8 @@ class ProxyError(Exception):
         self.retryable = retryable  # may the proxy itself try again (before any client byte)?
         self.param = param
         self.allow = allow          # the methods a route takes, for a 405's Allow header
+        # the upstream's own wording: Claude Code decides retries by matching Anthropic's messages
+        self.upstream_message = upstream_message
 
     def headers(self):
         headers = {"Allow": self.allow} if self.allow else {}
@@ -1238,8 +1240,9 @@ _CUSTOM_TOOL_TYPES = (None, "custom", "function")
 
 
 def anthropic_error_body(err):
+    """Anthropic's type, and the upstream's message as it wrote it where there is one."""
     return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(err.kind, "api_error"),
-                                       "message": err.message}}
+                                       "message": err.upstream_message or err.message}}
 
 
 def anthropic_usage(usage):
@@ -2724,8 +2727,20 @@ def parse_upstream_error(body):
     return message.strip()[:500], code, rate_limit
 
 
+# Errors whose wording is ours on every protocol: they tell the operator or user what to do.
+_OUR_WORDING = ("insufficient_quota", "usage_limit", "upgrade_required", "model_not_in_plan")
+
+
 def classify_upstream_error(status, message, code=None, rate_limit=None, retry_after=None):
-    """Map what Command Code answered to what the client gets (table in the README)."""
+    """Map what Command Code answered to what the client gets (table in the README), keeping
+    the upstream's own message for the protocols that show it unchanged (Anthropic's)."""
+    err = _classify_upstream_error(status, message, code, rate_limit, retry_after)
+    if message and err.code not in _OUR_WORDING:
+        err.upstream_message = redact(message)
+    return err
+
+
+def _classify_upstream_error(status, message, code=None, rate_limit=None, retry_after=None):
     text = (message or "").lower()
     code_text = str(code or "").lower()
     shown = message or "HTTP %s" % status

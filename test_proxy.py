@@ -2836,6 +2836,27 @@ class TestAnthropicErrors(ProxyTestCase):
         self.assertTrue(r.header("request-id"))
         self.assertNoUpstreamCall()
 
+    def test_upstream_errors_keep_anthropics_type_and_the_upstreams_own_message(self):
+        too_long = "prompt is too long: 201234 tokens > 200000 maximum"
+        cases = [(http_error(400, {"error": {"message": too_long}}), 400,
+                  "invalid_request_error", too_long),
+                 (Reply(200, START + [error_event(too_long, 400)]), 400,
+                  "invalid_request_error", too_long),
+                 (http_error(529, {"error": {"message": "Overloaded"}}), 529, "overloaded_error",
+                  "Overloaded"),
+                 (http_error(401, {"error": {"message": "bad key user_SECRET12345"}}), 401,
+                  "authentication_error", "bad key user_***")]
+        for reply, status, kind, message in cases:
+            with self.subTest(kind=kind, message=message):
+                self.upstream.script(*[reply] * 3)   # the retryable ones are retried first
+                r = self.messages()
+                err = self.assertAnthropicError(r, status, kind)
+                self.assertEqual(err["message"], message)
+                self.assertTrue(r.header("request-id"))
+        self.upstream.script(http_error(400, {"error": {"message": too_long}}))
+        chat = self.chat().json()["error"]["message"]   # other protocols keep the explanation
+        self.assertEqual(chat, "Command Code rejected the request: " + too_long)
+
     def test_malformed_body_is_invalid_request_error(self):
         r = self.request("POST", "/v1/messages", {"model": "claude-sonnet-5", "max_tokens": 10,
                                                   "messages": "nope"},

@@ -1631,6 +1631,31 @@ class AnthropicStreamEncoder(StreamEncoder):
 _RESPONSES_FUNCTION_TYPES = ("function",)
 
 
+def custom_tool_definition(tool, where):
+    """A freeform (custom) tool, offered upstream as a function of one string, `input`; its
+    grammar or format travels in the description (no backend here constrains decoding)."""
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise bad_request("'%s.name' is required" % where, where + ".name")
+    description = str(tool.get("description") or "")
+    fmt = tool.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        description += ("\n\nCall this tool with its raw input in `input` (plain text, not JSON), "
+                        "following this %s grammar exactly:\n%s"
+                        % (fmt.get("syntax") or "lark", fmt.get("definition") or ""))
+    else:
+        description += "\n\nCall this tool with its raw input in `input` (plain text, not JSON)."
+    return {"name": tool["name"], "description": description.strip(),
+            "schema": {"type": "object", "required": ["input"], "additionalProperties": False,
+                       "properties": {"input": {"type": "string",
+                                                "description": "the tool's raw input"}}}}
+
+
+def custom_input(arguments):
+    """A custom tool call's raw input, from the function arguments the backend produced."""
+    value = decoded_arguments(arguments).get("input")
+    return value if isinstance(value, str) else arguments or ""
+
+
 def completion_message(completion):
     """The assistant turn a Completion stands for, as a canonical message (for chaining)."""
     parts = []
@@ -1671,7 +1696,7 @@ class ResponseStore:
         """An output item of a stored response by its id (msg_/rs_/fc_<response>_<index>)."""
         prefix, _, rest = item_id.partition("_")
         response_hex, _, _ = rest.rpartition("_")
-        if prefix + "_" not in ("msg_", "rs_", "fc_") or not response_hex:
+        if prefix + "_" not in ("msg_", "rs_", "fc_", "ctc_") or not response_hex:
             return None
         stored = self.get("resp_" + response_hex)
         outputs = stored[1]["output"] if stored else ()
@@ -1756,6 +1781,9 @@ class OpenAIResponses(FrontEnd):
                 self._decode_tool(request, inner, "%s.tools[%d]" % (where, j))
         elif kind in _RESPONSES_FUNCTION_TYPES:
             request.tools.append(tool_definition(tool, "parameters", where))
+        elif kind == "custom":   # freeform: Codex's apply_patch editor and other grammar tools
+            request.tools.append(custom_tool_definition(tool, where))
+            request.options.setdefault("custom_tools", set()).add(tool["name"])
         else:
             request.dropped_tools.append(str(tool.get("name") or kind))
 
@@ -1822,6 +1850,16 @@ class OpenAIResponses(FrontEnd):
             "content": output if isinstance(output, str) else text_of_parts(output, where + ".output"),
             "is_error": False, "images": []}])
 
+    def _custom_call_item(self, request, item, where, tool_names):
+        call_id, name = item.get("call_id") or item.get("id"), item.get("name")
+        if not isinstance(call_id, str) or not isinstance(name, str):
+            raise bad_request("'%s' needs call_id and name" % where, where)
+        if not isinstance(item.get("input", ""), str):
+            raise bad_request("'%s.input' must be a string" % where, where + ".input")
+        tool_names[call_id] = name
+        append_parts(request, "assistant", [{"type": "tool_call", "id": call_id, "name": name,
+                                             "arguments": {"input": item.get("input", "")}}])
+
     def _reasoning_item(self, request, item, where, tool_names):
         summary = item.get("summary")
         text = "\n".join(str(s.get("text", "")) for s in summary if isinstance(s, dict)) \
@@ -1844,6 +1882,7 @@ class OpenAIResponses(FrontEnd):
 
     ITEMS = {"message": _message_item, "function_call": _function_call_item,
              "function_call_output": _function_output_item, "reasoning": _reasoning_item,
+             "custom_tool_call": _custom_call_item, "custom_tool_call_output": _function_output_item,
              "item_reference": _reference_item,
              **dict.fromkeys(("web_search_call", "file_search_call", "image_generation_call",
                               "local_shell_call", "local_shell_call_output", "mcp_list_tools",
@@ -1854,9 +1893,12 @@ class OpenAIResponses(FrontEnd):
 
     def response_object(self, request, exchange, completion, status=None, error=None):
         item_status = "incomplete" if status in ("failed", "incomplete") else "completed"
+        custom = request.options.get("custom_tools") or ()
         output = []
         for i, block in enumerate(completion.blocks):
-            item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(block.kind), 1), i)
+            kind = "custom_tool_call" if block.kind == "tool_call" and block.name in custom \
+                else block.kind
+            item_id = "%s_%d" % (exchange.response_id.replace("resp_", block_prefix(kind), 1), i)
             if block.kind == "text":
                 output.append({"id": item_id, "type": "message", "status": item_status,
                                "role": "assistant", "content": [
@@ -1864,6 +1906,10 @@ class OpenAIResponses(FrontEnd):
             elif block.kind == "reasoning":
                 output.append({"id": item_id, "type": "reasoning",
                                "summary": [{"type": "summary_text", "text": block.text}]})
+            elif kind == "custom_tool_call":
+                output.append({"id": item_id, "type": "custom_tool_call", "status": item_status,
+                               "call_id": block.call_id, "name": block.name,
+                               "input": custom_input(block.arguments)})
             else:
                 output.append({"id": item_id, "type": "function_call", "status": item_status,
                                "call_id": block.call_id, "name": block.name,
@@ -1897,7 +1943,7 @@ class OpenAIResponses(FrontEnd):
 
 
 def block_prefix(kind):
-    return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_"}[kind]
+    return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_", "custom_tool_call": "ctc_"}[kind]
 
 
 class OpenItem(NamedTuple):
@@ -1952,6 +1998,10 @@ class ResponsesStreamEncoder(StreamEncoder):
                         self._where(summary_index=0, text=text))
             self._event("response.reasoning_summary_part.done", self._where(
                 summary_index=0, part={"type": "summary_text", "text": text}))
+        elif self.open.kind == "custom_tool_call":
+            arguments = self.completion.blocks[self.open.index].arguments
+            self._event("response.custom_tool_call_input.done",
+                        self._where(input=custom_input(arguments)))
         else:
             arguments = self.completion.blocks[self.open.index].arguments
             self._event("response.function_call_arguments.done", self._where(arguments=arguments))
@@ -1969,6 +2019,8 @@ class ResponsesStreamEncoder(StreamEncoder):
             item["status"], item["content"] = "in_progress", []
         elif kind == "tool_call":
             item["status"], item["arguments"] = "in_progress", ""
+        elif kind == "custom_tool_call":
+            item["status"], item["input"] = "in_progress", ""
         else:
             item["summary"] = []
         self._event("response.output_item.added", {"output_index": index, "item": item})
@@ -2005,20 +2057,26 @@ class ResponsesStreamEncoder(StreamEncoder):
                          {"summary_index": 0})
 
     def on_tool_start(self, event):
-        self._open("tool_call", event.call_id)
+        custom = event.name in (self.request.options.get("custom_tools") or ())
+        self._open("custom_tool_call" if custom else "tool_call", event.call_id)
         self.streamed_args = False
 
     def _arguments_delta(self, fragment):
         self._event("response.function_call_arguments.delta", self._where(delta=fragment))
 
     def on_tool_delta(self, event):
-        if self.open and self.open.call_id == event.call_id and event.fragment:
+        # a custom call's input is a string inside the argument JSON: it goes out whole at the end
+        if self.open and self.open.call_id == event.call_id and event.fragment \
+                and self.open.kind == "tool_call":
             self.streamed_args = True
             self._arguments_delta(event.fragment)
 
     def on_tool_end(self, event):
         if self.open and self.open.call_id == event.call_id:
-            if not self.streamed_args:
+            if self.open.kind == "custom_tool_call":
+                self._event("response.custom_tool_call_input.delta",
+                            self._where(delta=custom_input(event.arguments)))
+            elif not self.streamed_args:
                 self._arguments_delta(event.arguments)
             self._close()
 

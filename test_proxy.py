@@ -3233,6 +3233,73 @@ class TestResponsesRequestTranslation(ProxyTestCase):
         self.assertIn("json", self.system_text(self.upstream_params()).lower())
 
 
+APPLY_PATCH_TOOL = {"type": "custom", "name": "apply_patch",
+                    "description": "Use the `apply_patch` tool to edit files.",
+                    "format": {"type": "grammar", "syntax": "lark",
+                               "definition": 'start: begin_patch hunk+ end_patch\n'
+                                             'begin_patch: "*** Begin Patch" LF'}}
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello\n*** End Patch\n"
+
+
+class TestResponsesCustomTools(ProxyTestCase):
+    """Freeform (custom) tools, as Codex sends apply_patch: a one-string function upstream,
+    custom_tool_call items back, custom_tool_call(_output) items accepted in input."""
+
+    def call_patch(self, **kw):
+        self.upstream.script(ok(tool_parts("call_patch", "apply_patch", {"input": PATCH}),
+                                reason="tool-calls", raw="tool_use"))
+        return self.responses(input="add hello.txt", tools=[APPLY_PATCH_TOOL], **kw)
+
+    def test_a_custom_tool_goes_upstream_as_a_function_of_one_string_with_its_grammar(self):
+        r = self.call_patch()
+        self.assertEqual(r.status, 200, r)
+        self.assertIsNone(r.header("x-cc-proxy-dropped-tools"))
+        tool = {t["name"]: t for t in self.upstream_params()["tools"]}["apply_patch"]
+        self.assertEqual(tool["input_schema"]["required"], ["input"])
+        self.assertEqual(tool["input_schema"]["properties"]["input"]["type"], "string")
+        self.assertIn("Use the `apply_patch` tool", tool["description"])
+        self.assertIn('start: begin_patch hunk+ end_patch', tool["description"])
+
+    def test_the_answer_is_a_custom_tool_call_item_with_the_raw_input(self):
+        item = self.call_patch().json()["output"][0]
+        self.assertEqual({k: item[k] for k in ("type", "call_id", "name", "input", "status")},
+                         {"type": "custom_tool_call", "call_id": "call_patch",
+                          "name": "apply_patch", "input": PATCH, "status": "completed"})
+        self.assertTrue(item["id"].startswith("ctc_"))
+
+    def test_the_stream_has_custom_tool_call_input_delta_and_done_events(self):
+        events = self.call_patch(stream=True).typed_events()
+        names = [n for n, _ in events]
+        self.assertNotIn("response.function_call_arguments.delta", names)
+        start = names.index("response.output_item.added")
+        self.assertEqual(names[start:start + 4], [
+            "response.output_item.added", "response.custom_tool_call_input.delta",
+            "response.custom_tool_call_input.done", "response.output_item.done"])
+        added, delta, done, finished = [d for _, d in events[start:start + 4]]
+        self.assertEqual((added["item"]["type"], added["item"]["input"]), ("custom_tool_call", ""))
+        self.assertEqual("".join([delta["delta"]]), PATCH)
+        self.assertEqual((done["input"], done["item_id"]), (PATCH, added["item"]["id"]))
+        self.assertEqual(finished["item"]["input"], PATCH)
+        final = events[-1][1]["response"]
+        self.assertEqual(final["output"][0]["type"], "custom_tool_call")
+
+    def test_custom_tool_call_and_its_output_come_back_as_a_call_and_a_result(self):
+        r = self.responses(tools=[APPLY_PATCH_TOOL], input=[
+            {"role": "user", "content": "add hello.txt"},
+            {"type": "custom_tool_call", "call_id": "call_patch", "name": "apply_patch",
+             "input": PATCH},
+            {"type": "custom_tool_call_output", "call_id": "call_patch", "output": "Done!"}])
+        self.assertEqual(r.status, 200, r)
+        up = self.upstream_params()["messages"]
+        self.assertEqual([m["role"] for m in up], ["user", "assistant", "tool"])
+        call = up[1]["content"][0]
+        self.assertEqual((call["toolName"], call["input"]), ("apply_patch", {"input": PATCH}))
+        self.assertEqual(up[2]["content"][0]["output"], {"type": "text", "value": "Done!"})
+        bad = self.responses(input=[{"type": "custom_tool_call", "call_id": "c", "name": "x",
+                                     "input": {"not": "a string"}}])
+        self.assertEqual(bad.status, 400, bad)
+
+
 class TestResponsesStore(ProxyTestCase):
     def test_previous_response_id_chains_history(self):
         first = self.responses(input="first question")

@@ -144,7 +144,8 @@ def parse_model_map(value):
         try:
             value = json.loads(value) if value.strip() else {}
         except ValueError:
-            raise ValueError('expected a JSON object such as {"claude-haiku-*": "deepseek/deepseek-v4-flash"}') from None
+            raise ValueError('expected a JSON object such as '
+                             '{"claude-haiku-*": "deepseek/deepseek-v4-flash"}') from None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
                                               for k, v in value.items()):
         raise ValueError("expected a JSON object mapping model ids or globs to model ids")
@@ -168,10 +169,12 @@ def _text(value):
 
 
 def parse_networks(value):
-    """'127.0.0.1, 10.0.0.0/8' -> a tuple of networks (the front proxies whose X-Forwarded-For we trust)."""
+    """'127.0.0.1, 10.0.0.0/8' -> a tuple of networks (the front proxies whose X-Forwarded-For
+    we trust)."""
     items = value if isinstance(value, list) else str(value).replace(",", " ").split()
     try:
-        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False)
+                     for item in items if str(item).strip())
     except ValueError as e:
         raise ValueError("expected IP addresses or CIDR ranges: %s" % e) from None
 
@@ -204,14 +207,19 @@ SETTINGS = [
     Setting("host", "HOST", "127.0.0.1", _text, "text", "listen address"),
     Setting("backend", "BACKEND", "commandcode", _enum("commandcode", "claude-code"), "enum",
             "which backend answers"),
-    Setting("apiKey", "API_KEY", "", _text, "text", "the proxy's own key (claude-code backend)", True),
+    Setting("apiKey", "API_KEY", "", _text, "text",
+            "the proxy's own key (claude-code backend)", True),
     Setting("trustedProxies", "TRUSTED_PROXIES", (), parse_networks, "list",
             "front proxies (IPs/CIDRs) whose X-Forwarded-For is believed"),
-    Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text", "allowed CORS origin; empty disables CORS"),
-    Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum", "log level"),
+    Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text",
+            "allowed CORS origin; empty disables CORS"),
+    Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum",
+            "log level"),
     Setting("logFile", "LOG_FILE", "", _text, "path", "also log to this file, rotated"),
-    Setting("logMaxSize", "LOG_MAX_SIZE", 10 * 1024 ** 2, parse_size, "size", "rotate the log file at this size"),
-    Setting("logMaxFiles", "LOG_MAX_FILES", 5, lambda v: parse_int(v, 1, 1000), "int", "rotated log files kept"),
+    Setting("logMaxSize", "LOG_MAX_SIZE", 10 * 1024 ** 2, parse_size, "size",
+            "rotate the log file at this size"),
+    Setting("logMaxFiles", "LOG_MAX_FILES", 5, lambda v: parse_int(v, 1, 1000), "int",
+            "rotated log files kept"),
     Setting("maxBodyBytes", "MAX_BODY_BYTES", 32 * 1024 ** 2, parse_size, "size",
             "larger request bodies get 413"),
     Setting("maxInFlight", "MAX_IN_FLIGHT", 64, lambda v: parse_int(v, 1), "int",
@@ -222,20 +230,23 @@ SETTINGS = [
             "int", "ledger rows older than this many days are pruned (at start, then hourly)"),
     Setting("dashboardKey", "DASHBOARD_KEY", "", _text, "text",
             "key for /dashboard; empty = loopback clients only", True),
-    Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text", "model used when a request names none"),
+    Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text",
+            "model used when a request names none"),
     Setting("modelMap", "MODEL_MAP", {}, parse_model_map, "json",
             "client model id or * glob -> backend model id"),
     Setting("upstreamRetries", "UPSTREAM_RETRIES", 2, lambda v: parse_int(v, 0, 10), "int",
             "retries of failures that happen before any byte reached the client"),
     Setting("upstreamRetryBackoffMs", "UPSTREAM_RETRY_BACKOFF_MS", 250, _ms(0), "ms",
             "wait before the first retry, doubling for each next one, at most 2 s"),
-    Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url", "Command Code base URL"),
+    Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url",
+            "Command Code base URL"),
     Setting("projectSlug", "PROJECT_SLUG", "cc-proxy", _text, "text", "x-project-slug header"),
     Setting("ccVersion", "CC_VERSION", "", _text, "text",
             "x-command-code-version; empty = npm latest, refreshed every 24 h"),
     Setting("useProviderModels", "CC_USE_PROVIDER_MODELS", True, parse_bool, "bool",
             "build /v1/models from the live list"),
-    Setting("modelRefreshIntervalMs", "CC_MODEL_REFRESH_MS", 300000, _ms(1000), "ms", "model list cache"),
+    Setting("modelRefreshIntervalMs", "CC_MODEL_REFRESH_MS", 300000, _ms(1000), "ms",
+            "model list cache"),
     Setting("streamIdleTimeoutMs", "STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
             "abort a streaming upstream that sends nothing for this long"),
     Setting("nonStreamIdleTimeoutMs", "NON_STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
@@ -250,14 +261,17 @@ SETTINGS = [
             "permission mode of CLI runs"),
     Setting("claudeMaxTurns", "CLAUDE_MAX_TURNS", 25, lambda v: parse_int(v, 1), "int",
             "agentic turns per request"),
-    Setting("claudeTimeoutMs", "CLAUDE_TIMEOUT_MS", 300000, _ms(1), "ms", "wall-clock limit per CLI run"),
+    Setting("claudeTimeoutMs", "CLAUDE_TIMEOUT_MS", 300000, _ms(1), "ms",
+            "wall-clock limit per CLI run"),
     Setting("claudeMaxProcesses", "CLAUDE_MAX_PROCESSES", 4, lambda v: parse_int(v, 1), "int",
             "concurrent CLI processes; more wait, then 429"),
     Setting("claudeAskWorkingDir", "CLAUDE_ASK_WORKING_DIR", True, parse_bool, "bool",
             "ask a new conversation for its working directory"),
     Setting("claudeToolNotes", "CLAUDE_TOOL_NOTES", True, parse_bool, "bool",
-            "show the CLI's own tool calls and results as short reasoning notes (never as tool calls)"),
-    Setting("claudeSystemPromptMode", "CLAUDE_SYSTEM_PROMPT_MODE", "append", _enum("append", "replace"), "enum",
+            "show the CLI's own tool calls and results as short reasoning notes "
+            "(never as tool calls)"),
+    Setting("claudeSystemPromptMode", "CLAUDE_SYSTEM_PROMPT_MODE", "append",
+            _enum("append", "replace"), "enum",
             "client system text: append to Claude Code's prompt or replace it"),
     Setting("claudeAllowedDirs", "CLAUDE_ALLOWED_DIRS", "", _text, "text",
             "working directories clients may choose, comma-separated (empty = any)"),
@@ -268,10 +282,12 @@ SETTINGS = [
     Setting("claudeExitWaitMs", "CLAUDE_EXIT_WAIT_MS", 5000, _ms(10), "ms",
             "time a CLI gets to exit by itself after its result"),
     Setting("claudeTools", "CLAUDE_TOOLS", "", _text, "text",
-            "built-in tools offered to the CLI: empty = its default, none, or a list like Read,Grep"),
+            "built-in tools offered to the CLI: empty = its default, none, "
+            "or a list like Read,Grep"),
     Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
             "conversation -> CLI session mapping lifetime"),
-    Setting("sessionFile", "SESSION_FILE", "", _text, "path", "persist that mapping across restarts"),
+    Setting("sessionFile", "SESSION_FILE", "", _text, "path",
+            "persist that mapping across restarts"),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -279,7 +295,8 @@ SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
 
 def resolve_setting(name):
     """camelCase key or its env-style alias (API_KEY) -> Setting, or None."""
-    return SETTINGS_BY_KEY.get(name) or SETTINGS_BY_ENV.get(name) or SETTINGS_BY_ENV.get(name.upper())
+    return (SETTINGS_BY_KEY.get(name) or SETTINGS_BY_ENV.get(name)
+            or SETTINGS_BY_ENV.get(name.upper()))
 
 
 def default_config_path(environ=None):
@@ -365,7 +382,8 @@ def load_config(path=None, environ=None, overrides=None, sources=None):
 log = logging.getLogger("cc-proxy")
 log.addHandler(logging.NullHandler())  # silent until setup_logging (library use, tests)
 log.propagate = False
-_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG}
 
 
 def setup_logging(config):
@@ -377,11 +395,13 @@ def setup_logging(config):
     console.setFormatter(formatter)
     log.addHandler(console)
     if config["logFile"]:
-        from logging.handlers import RotatingFileHandler  # only here: it pulls in pickle (0.6 MB resident)
+        # imported only here: it pulls in pickle (0.6 MB resident)
+        from logging.handlers import RotatingFileHandler
         path = os.path.expanduser(config["logFile"])
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         rotating = RotatingFileHandler(
-            path, maxBytes=config["logMaxSize"], backupCount=config["logMaxFiles"], encoding="utf-8")
+            path, maxBytes=config["logMaxSize"], backupCount=config["logMaxFiles"],
+            encoding="utf-8")
         rotating.setFormatter(formatter)
         log.addHandler(rotating)
 
@@ -439,7 +459,8 @@ class Request:
       {"type": "image", "media_type", "data"}  or  {"type": "image", "url"}
       {"type": "reasoning", "text", "signature"}
       {"type": "tool_call", "id", "name", "arguments": dict}
-      {"type": "tool_result", "call_id", "name", "content": str, "is_error": bool, "images": [image parts]}
+      {"type": "tool_result", "call_id", "name", "content": str, "is_error": bool,
+       "images": [image parts]}
     system: [{"text", "cache": bool}]
     tools: [{"name", "description", "schema"}]
     tool_choice: "auto" | "none" | "required" | {"name": ...}
@@ -458,11 +479,13 @@ class Request:
     response_format: Optional[dict] = None
     stream: bool = False
     session_id: Optional[str] = None
-    dropped_tools: List[str] = field(default_factory=list)  # tools we could not send, named in a header
+    # tools we could not send, named in a header
+    dropped_tools: List[str] = field(default_factory=list)
     client_model: str = ""  # the model id as the client asked for it
     explicit_session: Optional[str] = None  # X-Session-Id: the client names its conversation
     working_dir: Optional[str] = None       # X-Working-Dir (claude-code backend)
-    options: Dict[str, Any] = field(default_factory=dict)  # front-end specifics (include_usage, store, ...)
+    # front-end specifics (include_usage, store, ...)
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -560,7 +583,7 @@ class Block:
 
     def __init__(self, kind, text="", call_id="", name=""):
         self.kind = kind
-        self.pieces = [text] if text else []   # joined when read, so long answers fold in linear time
+        self.pieces = [text] if text else []   # joined when read: long answers fold in linear time
         self.signature = None                  # reasoning: set by the signature that closes it
         self.call_id = call_id
         self.name = name
@@ -721,7 +744,8 @@ class Fields:
                  for k in ((int, float) if float in kinds else ()) + kinds)
         if not ok:
             expected = " or ".join(self._NAMES.get(k, k.__name__) for k in kinds)
-            raise bad_request("'%s%s' must be %s" % (self.prefix, name, expected), self.prefix + name)
+            raise bad_request("'%s%s' must be %s" % (self.prefix, name, expected),
+                              self.prefix + name)
         return value
 
 
@@ -773,19 +797,22 @@ def json_format_instruction(fmt):
     if not fmt:
         return None
     if not isinstance(fmt, dict):
-        raise bad_request("the response format must be an object such as {\"type\": \"json_object\"}",
-                          "response_format")
+        raise bad_request("the response format must be an object such as "
+                          "{\"type\": \"json_object\"}", "response_format")
     if fmt.get("type") in (None, "text"):
         return None
     if fmt.get("type") == "json_object":
-        return "Respond with a single valid JSON object and nothing else (no prose, no code fences)."
+        return ("Respond with a single valid JSON object and nothing else "
+                "(no prose, no code fences).")
     if fmt.get("type") == "json_schema":
         schema = fmt.get("json_schema", fmt)
         if not isinstance(schema, dict):
             raise bad_request("'json_schema' must be an object", "response_format.json_schema")
-        return ("Respond with a single valid JSON object that conforms to this JSON Schema, and nothing "
-                "else (no prose, no code fences):\n" + json_dumps(schema.get("schema", schema)))
-    raise bad_request("response format type %r is not supported" % fmt.get("type"), "response_format")
+        return ("Respond with a single valid JSON object that conforms to this JSON Schema, "
+                "and nothing else (no prose, no code fences):\n"
+                + json_dumps(schema.get("schema", schema)))
+    raise bad_request("response format type %r is not supported" % fmt.get("type"),
+                      "response_format")
 
 
 _CJK = re.compile("[\u1100-\u11ff\u2e80-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
@@ -815,12 +842,14 @@ def estimate_request_tokens(request):
             elif kind == "tool_result":
                 total += estimate_tokens(part["content"]) + 1600 * len(part.get("images") or ())
     for tool in request.tools:
-        total += estimate_tokens(tool["name"] + (tool["description"] or "") + json_dumps(tool["schema"]))
+        total += estimate_tokens(tool["name"] + (tool["description"] or "")
+                                 + json_dumps(tool["schema"]))
     return max(1, total)
 
 
 class Slots:
-    """A counted limit shared by request threads: model requests in flight, CLI processes running."""
+    """A counted limit shared by request threads: model requests in flight, CLI processes
+    running."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -2013,7 +2042,8 @@ class ClientGone(Exception):
     """The client closed its connection (or stopped reading past the socket timeout)."""
 
 
-CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
+# A client that hangs up is noticed this soon, whatever the upstream does.
+CLIENT_CHECK_SECONDS = 0.2
 
 
 class Exchange:
@@ -2030,7 +2060,7 @@ class Exchange:
         self.input_estimate = 0
         self.committed = False                 # status line sent: no more retries or HTTP statuses
         self.produced = False                  # any content event seen in the current attempt
-        self.next_client_check = 0.0           # monotonic time of the next "is the client still there"
+        self.next_client_check = 0.0           # monotonic time of the next "is the client there"
         self.last_write = time.monotonic()
         self.response_headers = {}             # set by the backend (e.g. X-Claude-Cost-Usd)
         self.cost_usd = None                   # what the backend says this request cost
@@ -2343,21 +2373,25 @@ class ModelInfo:
 CC_CATALOG = {}
 for _line in CC_CATALOG_TEXT.strip().splitlines():
     _id, _img, _eff, _ctx, _label = _line.split("|")
-    CC_CATALOG[_id.lower()] = ModelInfo(_id, _img == "image", tuple(e for e in _eff.split(",")
-                                                                     if e in EFFORT_ORDER), int(_ctx), _label)
+    CC_CATALOG[_id.lower()] = ModelInfo(_id, _img == "image",
+                                        tuple(e for e in _eff.split(",") if e in EFFORT_ORDER),
+                                        int(_ctx), _label)
 del _line, _id, _img, _eff, _ctx, _label
 
 # Deprecated ids the CLI rewrites before sending (canonicalizeModelId in CLI 1.64).
-CC_DEPRECATED = {"claude-sonnet-4-20250514": "claude-sonnet-4-6", "claude-sonnet-4-5-20250929": "claude-sonnet-4-6",
+CC_DEPRECATED = {"claude-sonnet-4-20250514": "claude-sonnet-4-6",
+                 "claude-sonnet-4-5-20250929": "claude-sonnet-4-6",
                  "claude-sonnet-4-5": "claude-sonnet-4-6", "claude-sonnet-4": "claude-sonnet-4-6",
-                 "claude-opus-4-5-20251101": "claude-opus-4-7", "claude-opus-4-5": "claude-opus-4-7",
-                 "claude-opus-4-6": "claude-opus-4-7", "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+                 "claude-opus-4-5-20251101": "claude-opus-4-7",
+                 "claude-opus-4-5": "claude-opus-4-7", "claude-opus-4-6": "claude-opus-4-7",
+                 "claude-haiku-4-5": "claude-haiku-4-5-20251001",
                  "tencent/hy3": "tencent/Hy3"}
 _DATE_SUFFIX = re.compile(r"[-@]\d{8}$")
 
 
 def map_model(model, model_map, default):
-    """Client model id -> backend model id through modelMap (exact ids first, then globs in order)."""
+    """Client model id -> backend model id through modelMap (exact ids first, then globs in
+    order)."""
     if not model:
         return default
     if model in model_map:
@@ -2372,7 +2406,8 @@ def map_model(model, model_map, default):
 def canonical_cc_model(model):
     """Case-insensitive catalog match; deprecated ids and date suffixes as the CLI rewrites them."""
     lowered = model.lower()
-    for candidate in (lowered, CC_DEPRECATED.get(lowered, "").lower(), _DATE_SUFFIX.sub("", lowered),
+    for candidate in (lowered, CC_DEPRECATED.get(lowered, "").lower(),
+                      _DATE_SUFFIX.sub("", lowered),
                       CC_DEPRECATED.get(_DATE_SUFFIX.sub("", lowered), "").lower()):
         if candidate in CC_CATALOG:
             return CC_CATALOG[candidate].id
@@ -2388,7 +2423,8 @@ def clamp_effort(effort, allowed):
     if effort in allowed:
         return effort
     rank = EFFORT_ORDER.index(effort)
-    return min(allowed, key=lambda level: (abs(EFFORT_ORDER.index(level) - rank), -EFFORT_ORDER.index(level)))
+    return min(allowed, key=lambda level: (abs(EFFORT_ORDER.index(level) - rank),
+                                           -EFFORT_ORDER.index(level)))
 
 
 def image_capable_models():
@@ -2419,16 +2455,19 @@ class VersionWatcher:
         while not self.stop_event.is_set():
             conn, _ = registry.acquire(10)
             try:
-                conn.request("GET", registry.prefix, headers={"Accept": "application/json"})  # the URL's path
+                conn.request("GET", registry.prefix,  # the URL's path
+                             headers={"Accept": "application/json"})
                 response = conn.getresponse()
                 document = _json_decode(response.read(65536).decode("utf-8", "replace"))
-                version = document.get("version") if response.status == 200 and isinstance(document, dict) else None
+                version = (document.get("version")
+                           if response.status == 200 and isinstance(document, dict) else None)
                 if isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+[\w.\-]*", version):
                     if version != self.latest:
                         log.info("command-code version from npm: %s", version)
                     self.latest = version
                 else:
-                    log.debug("npm answered %s without a usable version; using %s", response.status, self.version)
+                    log.debug("npm answered %s without a usable version; using %s",
+                              response.status, self.version)
             except Exception as e:  # offline, proxy, registry down: the pinned version serves
                 log.debug("npm version check failed (%s); using %s", type(e).__name__, self.version)
             finally:
@@ -2525,7 +2564,8 @@ class ConnectionPool:
         with self.lock:
             while self.idle:
                 conn, released = self.idle.pop()
-                if now - released < self.IDLE_SECONDS and conn.sock is not None and conn.sock.fileno() != -1:
+                if (now - released < self.IDLE_SECONDS and conn.sock is not None
+                        and conn.sock.fileno() != -1):
                     reused = conn
                     break
                 stale.append(conn)
@@ -2537,7 +2577,8 @@ class ConnectionPool:
                 reused.sock.settimeout(timeout)
             return reused, True
         if self.tls:
-            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout, context=tls_context())
+            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout,
+                                           context=tls_context())
         else:
             conn = UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
         return conn, False
@@ -2565,7 +2606,8 @@ class UpstreamCall:
     QUEUE_CHUNKS = 16
 
     def __init__(self, pool, method, path, headers, body, socket_timeout):
-        self.pool, self.method, self.path, self.headers, self.body = pool, method, path, headers, body
+        (self.pool, self.method, self.path,
+         self.headers, self.body) = pool, method, path, headers, body
         self.socket_timeout = socket_timeout
         self.items = queue.Queue(self.QUEUE_CHUNKS)
         self.cancelled = threading.Event()
@@ -2592,8 +2634,8 @@ class UpstreamCall:
         try:
             conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
             return conn, conn.getresponse()
-        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState, ConnectionResetError,
-                BrokenPipeError):
+        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState,
+                ConnectionResetError, BrokenPipeError):
             if not reused or self.cancelled.is_set():
                 raise
             conn.close()  # a pooled connection the server had closed: once more on a fresh one
@@ -2694,39 +2736,42 @@ def classify_upstream_error(status, message, code=None, rate_limit=None, retry_a
     text = (message or "").lower()
     code_text = str(code or "").lower()
     shown = message or "HTTP %s" % status
-    if "premium_credits_exhausted" in text or "insufficient credits" in text or code_text == "usage_exceeded" \
-            or status == 402:
+    if "premium_credits_exhausted" in text or "insufficient credits" in text \
+            or code_text == "usage_exceeded" or status == 402:
         return ProxyError(429, "insufficient_quota", "Command Code credits exhausted: " + shown,
                           code="insufficient_quota", should_retry=False)
     if code_text == "model_not_in_plan" or "model_not_in_plan" in text:
         return ProxyError(403, "permission", "model not in your Command Code plan: " + shown,
                           code="model_not_in_plan")
     if code_text == "upgrade_required" or "upgrade_required" in text:
-        return ProxyError(502, "upstream", "Command Code refused our client version (upgrade_required). The "
-                          "operator should set ccVersion to the current command-code version: python3 proxy.py "
-                          "config set ccVersion <version>", code="upgrade_required")
+        return ProxyError(502, "upstream", "Command Code refused our client version "
+                          "(upgrade_required). The operator should set ccVersion to the current "
+                          "command-code version: python3 proxy.py config set ccVersion <version>",
+                          code="upgrade_required")
     if status == 401:
         return ProxyError(401, "authentication", "Command Code rejected the API key: " + shown,
                           code="invalid_api_key")
     if status == 403:
         return ProxyError(403, "permission", "Command Code refused the request: " + shown)
     if status == 429:
-        if code_text == "rate_limited" and isinstance(rate_limit, dict) and rate_limit.get("window"):
+        if code_text == "rate_limited" and isinstance(rate_limit, dict) \
+                and rate_limit.get("window"):
             reset = rate_limit.get("reset")
             wait = max(1, int(reset - time.time())) if isinstance(reset, (int, float)) else 3600
-            return ProxyError(429, "rate_limit", "Command Code %s usage limit reached; it resets in %d s: %s"
+            return ProxyError(429, "rate_limit",
+                              "Command Code %s usage limit reached; it resets in %d s: %s"
                               % (rate_limit.get("window"), wait, shown), retry_after=wait,
                               code="usage_limit", should_retry=False)
         return ProxyError(429, "rate_limit", "Command Code is rate limiting: " + shown,
                           retry_after=retry_after or 30, code="rate_limited")
     if status == 529:
-        return ProxyError(503, "overloaded", "Command Code is overloaded: " + shown, retry_after=retry_after or 5,
-                          retryable=True, code="overloaded")
+        return ProxyError(503, "overloaded", "Command Code is overloaded: " + shown,
+                          retry_after=retry_after or 5, retryable=True, code="overloaded")
     if status in (408, 504):
         return ProxyError(504, "timeout", "Command Code timed out: " + shown, retryable=True)
     if status is None or status >= 500:
-        return ProxyError(502, "upstream", "Command Code error: " + shown, retry_after=retry_after or 5,
-                          retryable=True, code="upstream_error")
+        return ProxyError(502, "upstream", "Command Code error: " + shown,
+                          retry_after=retry_after or 5, retryable=True, code="upstream_error")
     if status == 404:
         return ProxyError(404, "not_found", "Command Code: " + shown)
     if status == 413:
@@ -2748,7 +2793,8 @@ def stream_error(error):
     if m:
         status = status or int(m.group(1))
         message, code, rate_limit = parse_upstream_error(m.group(2))
-    err = classify_upstream_error(status if isinstance(status, int) else None, message, code, rate_limit)
+    err = classify_upstream_error(status if isinstance(status, int) else None, message, code,
+                                  rate_limit)
     if isinstance(error, dict) and error.get("isRetryable") is True:
         err.retryable = True
     return err
@@ -2764,11 +2810,12 @@ def cc_usage(raw):
                  cache_read=number(details.get("cacheReadTokens", raw.get("cachedInputTokens"))),
                  cache_write=number(details.get("cacheWriteTokens")),
                  output=number(raw.get("outputTokens")),
-                 reasoning=number(output_details.get("reasoningTokens", raw.get("reasoningTokens"))))
+                 reasoning=number(output_details.get("reasoningTokens",
+                                                     raw.get("reasoningTokens"))))
 
 
-CC_FINISH = {"stop": "stop", "length": "length", "tool-calls": "tool_calls", "content-filter": "content_filter",
-             "other": "stop"}
+CC_FINISH = {"stop": "stop", "length": "length", "tool-calls": "tool_calls",
+             "content-filter": "content_filter", "other": "stop"}
 
 
 class CommandCodeStreamDecoder:
@@ -2797,7 +2844,8 @@ class CommandCodeStreamDecoder:
             self.pending.append(data)
             self.pending_size += len(data)
             if self.pending_size > self.MAX_LINE:
-                raise ProxyError(502, "upstream", "Command Code sent a line longer than %d bytes" % self.MAX_LINE)
+                raise ProxyError(502, "upstream",
+                                 "Command Code sent a line longer than %d bytes" % self.MAX_LINE)
             return []
         if self.pending:
             complete = b"".join(self.pending) + complete
@@ -2886,7 +2934,8 @@ class CommandCodeStreamDecoder:
     def _finish(self, event, batch):
         reason = event.get("finishReason")
         if reason == "error":
-            raise ProxyError(502, "upstream", "Command Code ended the answer with an error", retryable=True)
+            raise ProxyError(502, "upstream", "Command Code ended the answer with an error",
+                             retryable=True)
         usage = cc_usage(event.get("totalUsage")) or self.step_usage or Usage()
         finish = CC_FINISH.get(reason, "stop")
         stop_sequence = None
@@ -2905,15 +2954,17 @@ class CommandCodeStreamDecoder:
 
 
 def wire_system(request):
-    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic allows),
-    or a single space: an empty system makes the server inject ~7.5k tokens of its own prompt."""
+    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic
+    allows), or a single space: an empty system makes the server inject ~7.5k tokens of its own
+    prompt."""
     parts = [p["text"] for p in request.system if p["text"]]
     if not parts:
         return " "
     if len(parts) > 4:
         parts = parts[:3] + ["\n".join(parts[3:])]
     last = len(parts) - 1
-    return [{"type": "text", "text": text if i == last else text + "\n", "cache_control": {"type": "ephemeral"}}
+    return [{"type": "text", "text": text if i == last else text + "\n",
+             "cache_control": {"type": "ephemeral"}}
             for i, text in enumerate(parts)]
 
 
@@ -2940,14 +2991,15 @@ def wire_messages(request):
             elif kind == "reasoning":
                 content.append({"type": "reasoning", "text": part["text"]})
             elif kind == "tool_call":
-                content.append({"type": "tool-call", "toolCallId": part["id"], "toolName": part["name"],
-                                "input": part["arguments"]})
+                content.append({"type": "tool-call", "toolCallId": part["id"],
+                                "toolName": part["name"], "input": part["arguments"]})
             elif kind == "tool_result":
                 value = part["content"]
                 for image in part.get("images") or ():
                     hoisted.append(wire_image(image))
                     value += "\n[image %d attached below]" % len(hoisted)
-                content.append({"type": "tool-result", "toolCallId": part["call_id"], "toolName": part["name"],
+                content.append({"type": "tool-result", "toolCallId": part["call_id"],
+                                "toolName": part["name"],
                                 "output": {"type": "text", "value": value}})
         if not content:
             continue
@@ -2999,13 +3051,16 @@ class ModelList:
         pool = ConnectionPool(self.backend.config["apiBase"])
         conn, _ = pool.acquire(10)
         try:
-            conn.request("GET", pool.prefix + "/provider/v1/models", headers=self.backend.headers(key, None, None))
+            conn.request("GET", pool.prefix + "/provider/v1/models",
+                         headers=self.backend.headers(key, None, None))
             response = conn.getresponse()
             body = response.read(4 * 1024 * 1024)
             data = json.loads(body).get("data") if response.status == 200 else None
-            ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if data else None
+            ids = ([m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                   if data else None)
         except (OSError, ValueError, AttributeError, http.client.HTTPException) as e:
-            log.debug("provider model list unavailable (%s); using the built-in catalog", type(e).__name__)
+            log.debug("provider model list unavailable (%s); using the built-in catalog",
+                      type(e).__name__)
             ids = None
         finally:
             conn.close()
@@ -3042,14 +3097,17 @@ class CommandCodeBackend:
             m = re.search(r"user_[A-Za-z0-9_\-]+", value or "")
             if m:
                 return m.group(0)
-        raise ProxyError(401, "authentication", "a Command Code key is required: " + self.auth_hint +
+        raise ProxyError(401, "authentication",
+                         "a Command Code key is required: " + self.auth_hint +
                          " (sk-... keys are not Command Code keys)", code="invalid_api_key")
 
     def prepare(self, request):
-        """Model mapping, canonical ids, limits and capability checks, all before any upstream call."""
+        """Model mapping, canonical ids, limits and capability checks, all before any upstream
+        call."""
         default = self.config["defaultModel"] or CC_DEFAULT_MODEL
         drop_dangling_reasoning(request)
-        request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"], default))
+        request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"],
+                                                     default))
         info = CC_CATALOG.get(request.model.lower())
         if info is not None and not info.images and has_images(request):
             raise bad_request("model %s does not accept images; models that do: %s"
@@ -3063,7 +3121,8 @@ class CommandCodeBackend:
     # ---- the wire ---------------------------------------------------------------------
     def headers(self, key, session_id, traceparent):
         headers = {"content-type": "application/json", "User-Agent": "cli",
-                   "x-command-code-version": self.version.version, "x-cli-environment": "production",
+                   "x-command-code-version": self.version.version,
+                   "x-cli-environment": "production",
                    "x-project-slug": self.config["projectSlug"], "x-taste-learning": "true"}
         if session_id:
             headers["x-session-id"] = session_id
@@ -3074,7 +3133,8 @@ class CommandCodeBackend:
         return headers
 
     def envelope(self, request, session_id):
-        """The /alpha/generate body, keys in the CLI's order, with a neutral environment snapshot."""
+        """The /alpha/generate body, keys in the CLI's order, with a neutral environment
+        snapshot."""
         params = {"model": request.model, "messages": wire_messages(request),
                   "tools": [] if request.tool_choice == "none" else
                   [{"name": t["name"], "description": t["description"], "input_schema": t["schema"]}
@@ -3095,10 +3155,11 @@ class CommandCodeBackend:
         if request.reasoning_effort:
             params["reasoning_effort"] = request.reasoning_effort
         config = {"workingDir": "/workspace/" + self.config["projectSlug"],
-                  "date": time.strftime("%Y-%m-%d", time.gmtime()), "environment": "linux", "structure": [],
-                  "isGitRepo": False, "currentBranch": "", "mainBranch": "", "gitStatus": "", "recentCommits": []}
-        return {"config": config, "memory": None, "taste": None, "skills": None, "permissionMode": "standard",
-                "threadId": session_id, "params": params}
+                  "date": time.strftime("%Y-%m-%d", time.gmtime()), "environment": "linux",
+                  "structure": [], "isGitRepo": False, "currentBranch": "", "mainBranch": "",
+                  "gitStatus": "", "recentCommits": []}
+        return {"config": config, "memory": None, "taste": None, "skills": None,
+                "permissionMode": "standard", "threadId": session_id, "params": params}
 
     # ---- the stream -------------------------------------------------------------------
     def stream(self, request, exchange):
@@ -3107,8 +3168,10 @@ class CommandCodeBackend:
         session_id = self.sessions.session_for(key, request.session_id)
         body = json_dumps(self.envelope(request, session_id)).encode()
         traceparent = "00-%s-%s-01" % (exchange.trace_id, secrets.token_hex(8))
-        idle_limit = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
-        call = UpstreamCall(self.pool, "POST", "/alpha/generate", self.headers(key, session_id, traceparent),
+        idle_limit = self.config["streamIdleTimeoutMs" if request.stream
+                                 else "nonStreamIdleTimeoutMs"] / 1000
+        call = UpstreamCall(self.pool, "POST", "/alpha/generate",
+                            self.headers(key, session_id, traceparent),
                             body, socket_timeout=idle_limit + 30)
         decoder = CommandCodeStreamDecoder(request)
         tick = exchange.tick
@@ -3138,8 +3201,9 @@ class CommandCodeBackend:
                         headers = {k.lower(): v for k, v in item[2]}
                         message, code, rate_limit = parse_upstream_error(item[3])
                         retry_after = headers.get("retry-after")
-                        raise classify_upstream_error(item[1], message, code, rate_limit,
-                                                      int(retry_after) if (retry_after or "").isdigit() else None)
+                        raise classify_upstream_error(
+                            item[1], message, code, rate_limit,
+                            int(retry_after) if (retry_after or "").isdigit() else None)
                     self.last_upstream_ok = time.time()
                 elif kind == "end":
                     batch = decoder.close()
@@ -3149,10 +3213,12 @@ class CommandCodeBackend:
                         return
                     if batch:
                         yield batch
-                    raise ProxyError(502, "upstream", "Command Code's stream ended before it finished the answer "
-                                     "(no finish event)", retryable=True, retry_after=2)
+                    raise ProxyError(502, "upstream", "Command Code's stream ended before it "
+                                     "finished the answer (no finish event)",
+                                     retryable=True, retry_after=2)
                 else:
-                    raise ProxyError(502, "upstream", "cannot reach Command Code (%s)" % type(item[1]).__name__,
+                    raise ProxyError(502, "upstream",
+                                     "cannot reach Command Code (%s)" % type(item[1]).__name__,
                                      retryable=True, retry_after=2)
         finally:
             if not decoder.finished:
@@ -3167,8 +3233,8 @@ class CommandCodeBackend:
         count = self.sessions.note_timeout(key)
         message = "Command Code sent nothing for %g s" % idle_limit
         if count >= 3:
-            message = ("Response timeout (%d in a row) - try reducing the context length: summarize or drop "
-                       "earlier messages" % count)
+            message = ("Response timeout (%d in a row) - try reducing the context length: "
+                       "summarize or drop earlier messages" % count)
         return ProxyError(504, "timeout", message, retry_after=5, code="upstream_timeout")
 
     def list_models(self, key):

@@ -3238,7 +3238,8 @@ class CommandCodeBackend:
         return ProxyError(504, "timeout", message, retry_after=5, code="upstream_timeout")
 
     def list_models(self, key):
-        return [CC_CATALOG.get(i.lower()) or ModelInfo(i, False, (), 0, i) for i in self.models.ids(key)]
+        return [CC_CATALOG.get(i.lower()) or ModelInfo(i, False, (), 0, i)
+                for i in self.models.ids(key)]
 
     def health(self):
         return {"upstream": self.config["apiBase"], "commandCodeVersion": self.version.version,
@@ -3259,15 +3260,17 @@ class CommandCodeBackend:
 CLAUDE_DEFAULT_MODEL = "sonnet"
 # Aliases the CLI resolves itself (they move with CLI releases, so they are passed through).
 CLAUDE_ALIASES = ("sonnet", "opus", "haiku", "fable", "opusplan", "sonnet[1m]", "opus[1m]")
-CLAUDE_KNOWN_MODELS = (("claude-opus-4-8", "Claude Opus 4.8"), ("claude-sonnet-5", "Claude Sonnet 5"),
-                       ("claude-haiku-4-5-20251001", "Claude Haiku 4.5"), ("claude-fable-5", "Claude Fable 5"),
-                       ("claude-opus-4-6", "Claude Opus 4.6"), ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5"))
-CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
-                  "max": "max"}
+CLAUDE_KNOWN_MODELS = (("claude-opus-4-8", "Claude Opus 4.8"),
+                       ("claude-sonnet-5", "Claude Sonnet 5"),
+                       ("claude-haiku-4-5-20251001", "Claude Haiku 4.5"),
+                       ("claude-fable-5", "Claude Fable 5"), ("claude-opus-4-6", "Claude Opus 4.6"),
+                       ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5"))
+CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                  "xhigh": "xhigh", "max": "max"}
 CLAUDE_PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "bypassPermissions", "auto")
 _CLAUDE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]\-]{0,127}$")
 
-CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv strings cap at 128 KiB)
+CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv caps at 128 KiB)
 CLAUDE_STDERR_KEEP = 16384
 
 # What the child's environment is built from (nothing else of ours leaks in).
@@ -3277,14 +3280,17 @@ CLAUDE_ENV_NAMES = frozenset((
     "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
     "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR",
     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUD_ML_REGION"))
-CLAUDE_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "LC_", "DISABLE_", "AWS_", "VERTEX_REGION_", "AZURE_")
+CLAUDE_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "LC_", "DISABLE_", "AWS_", "VERTEX_REGION_",
+                       "AZURE_")
 CLAUDE_ENV_DROP = frozenset(("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_CODE_SSE_PORT"))
-CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"), ("DISABLE_TELEMETRY", "1"),
-                        ("DISABLE_ERROR_REPORTING", "1"), ("DISABLE_AUTOUPDATER", "1"))
-CLAUDE_DEFAULT_MAX_RETRIES = "1"   # the CLI's default 10 (401 included) can hold a request for minutes
+CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                        ("DISABLE_TELEMETRY", "1"), ("DISABLE_ERROR_REPORTING", "1"),
+                        ("DISABLE_AUTOUPDATER", "1"))
+CLAUDE_DEFAULT_MAX_RETRIES = "1"   # the CLI's default 10 (401 included) can hold a request minutes
 
-CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "refusal",
-                 "tool_use": "stop", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                 "refusal": "refusal", "tool_use": "stop", "pause_turn": "stop",
+                 "model_context_window_exceeded": "length"}
 
 
 def claude_env(environ=None):
@@ -3326,7 +3332,8 @@ def ensure_api_key(config, out=None):
     out = out or sys.stdout
     where = ("saved to %s" % path) if saved else "NOT saved (set API_KEY or apiKey to keep it)"
     out.write("cc-proxy: no apiKey was configured; generated one and %s.\n\n    %s\n\n"
-              "Clients send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.\n" % (where, key))
+              "Clients send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.\n"
+              % (where, key))
     out.flush()
     return key
 
@@ -3442,9 +3449,10 @@ class ClaudeSessions:
         loaded = {}
         for key, entry in sessions.items():
             if isinstance(entry, dict) and isinstance(entry.get("session"), str) and \
-                    isinstance(entry.get("cwd"), str) and isinstance(entry.get("expires"), (int, float)) \
-                    and entry["expires"] > now:
-                loaded[key] = {"session": entry["session"], "cwd": entry["cwd"], "expires": entry["expires"]}
+                    isinstance(entry.get("cwd"), str) and \
+                    isinstance(entry.get("expires"), (int, float)) and entry["expires"] > now:
+                loaded[key] = {"session": entry["session"], "cwd": entry["cwd"],
+                               "expires": entry["expires"]}
         with self.lock:
             self.entries.update(loaded)
         log.info("loaded %d Claude Code session(s) from %s", len(loaded), self.path)
@@ -3509,7 +3517,8 @@ def dialogue_kind(message):
     if message["role"] != "assistant":
         return None
     text = _message_text(message).lstrip()
-    for prefix, kind in ((_DIALOGUE_ASK, "ask"), (_DIALOGUE_CONFIRM, "confirm"), (_DIALOGUE_REJECT, "reject")):
+    for prefix, kind in ((_DIALOGUE_ASK, "ask"), (_DIALOGUE_CONFIRM, "confirm"),
+                         (_DIALOGUE_REJECT, "reject")):
         if text.startswith(prefix):
             return kind
     return None
@@ -3517,7 +3526,8 @@ def dialogue_kind(message):
 
 def allowed_dirs(config):
     raw = config["claudeAllowedDirs"]
-    items = raw if isinstance(raw, (list, tuple)) else re.split(r"[,%s]" % re.escape(os.pathsep), str(raw))
+    items = (raw if isinstance(raw, (list, tuple))
+             else re.split(r"[,%s]" % re.escape(os.pathsep), str(raw)))
     return [os.path.realpath(os.path.expanduser(item.strip())) for item in items if item.strip()]
 
 
@@ -3531,11 +3541,13 @@ def check_working_dir(path, allowed=()):
         return None, "%s is not an absolute path" % text
     real = os.path.realpath(expanded)
     for pseudo in _PSEUDO_FILESYSTEMS:   # as named and as resolved: /proc/self/cwd is refused too
-        if any(p == pseudo or p.startswith(pseudo + "/") for p in (os.path.normpath(expanded), real)):
+        if any(p == pseudo or p.startswith(pseudo + "/")
+               for p in (os.path.normpath(expanded), real)):
             return None, "%s is inside %s, which is refused" % (text, pseudo)
     if not os.path.isdir(real):
         return None, "%s is not an existing directory" % text
-    if allowed and not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+    if allowed and not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep)
+                           for a in allowed):
         return None, "%s is outside the allowed directories (%s)" % (text, ", ".join(allowed))
     return real, None
 
@@ -3548,8 +3560,10 @@ def _looks_like_path(text):
 def working_dir_dialogue(messages, default_dir, allowed):
     """ccp's dialogue. -> (cwd, messages without the dialogue, None) when the CLI should run,
     or (None, None, canned reply) when the proxy answers by itself."""
-    hint = "Reply with an absolute path (or ~/path) to an existing directory, or `default` for %s." % default_dir
-    ask = "%s which working directory should Claude Code use for this conversation?\n\n%s" % (_DIALOGUE_ASK, hint)
+    hint = ("Reply with an absolute path (or ~/path) to an existing directory, "
+            "or `default` for %s." % default_dir)
+    ask = ("%s which working directory should Claude Code use for this conversation?\n\n%s"
+           % (_DIALOGUE_ASK, hint))
 
     def answer(text):
         if text.strip().strip("`'\"").lower() in ("default", "."):
@@ -3561,8 +3575,8 @@ def working_dir_dialogue(messages, default_dir, allowed):
     def verdict(text):
         directory, reason = answer(text)
         if directory:
-            return ("%s working directory set to %s. Claude Code will work there for the rest of this "
-                    "conversation. What should it do?" % (_DIALOGUE_CONFIRM, directory))
+            return ("%s working directory set to %s. Claude Code will work there for the rest "
+                    "of this conversation. What should it do?" % (_DIALOGUE_CONFIRM, directory))
         if reason:
             return "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason, hint)
         return ask
@@ -3589,7 +3603,8 @@ def working_dir_dialogue(messages, default_dir, allowed):
         return None, None, verdict(_message_text(tail[-1])) if tail else ask
     directory, reason = answer(_message_text(messages[confirmed]))
     if not directory:
-        return None, None, "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason or "that directory is no longer usable", hint)
+        return None, None, "%s %s.\n\n%s" % (
+            _DIALOGUE_REJECT, reason or "that directory is no longer usable", hint)
     return directory, [m for i, m in enumerate(messages) if i not in strip], None
 
 
@@ -3604,7 +3619,8 @@ def _claude_part_text(part):
     if kind == "tool_call":
         return "[called tool %s with %s]" % (part["name"], json_dumps(part["arguments"]))
     if kind == "tool_result":
-        return "[result of tool %s%s]\n%s" % (part.get("name") or "", " (error)" if part.get("is_error") else "",
+        return "[result of tool %s%s]\n%s" % (part.get("name") or "",
+                                               " (error)" if part.get("is_error") else "",
                                                part.get("content") or "")
     return ""
 
@@ -3616,8 +3632,9 @@ def claude_user_blocks(messages):
         for part in message["parts"]:
             if part["type"] == "image":
                 if part.get("data"):
-                    blocks.append({"type": "image", "source": {"type": "base64", "media_type": part["media_type"],
-                                                               "data": part["data"]}})
+                    blocks.append({"type": "image",
+                                   "source": {"type": "base64", "media_type": part["media_type"],
+                                              "data": part["data"]}})
                 else:
                     blocks.append({"type": "image", "source": {"type": "url", "url": part["url"]}})
             elif part["type"] != "reasoning":
@@ -3629,8 +3646,9 @@ def claude_user_blocks(messages):
 
 def claude_transcript(messages):
     """Earlier turns as one text block, for a conversation the CLI has no session of."""
-    lines = ["[cc-proxy: this conversation began before this Claude Code session existed. Its earlier "
-             "turns follow; continue it as the assistant.]", "", "<conversation_history>"]
+    lines = ["[cc-proxy: this conversation began before this Claude Code session existed. "
+             "Its earlier turns follow; continue it as the assistant.]", "",
+             "<conversation_history>"]
     for message in messages:
         label = {"user": "User", "assistant": "Assistant"}.get(message["role"], "Tool")
         text = "\n".join(t for t in (_claude_part_text(p) for p in message["parts"]) if t.strip())
@@ -3644,8 +3662,8 @@ def claude_transcript(messages):
 
 
 def claude_argv(cli, config, request, session_id, resume, system_file=None):
-    argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages"]
+    argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--include-partial-messages"]
     if request.model and request.model != "default":
         argv += ["--model", request.model]
     argv += ["--resume", session_id] if resume else ["--session-id", session_id]
@@ -3653,7 +3671,8 @@ def claude_argv(cli, config, request, session_id, resume, system_file=None):
     if system:
         replace = config["claudeSystemPromptMode"] == "replace"
         if system_file:
-            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file", system_file]
+            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file",
+                     system_file]
         else:
             argv += ["--system-prompt" if replace else "--append-system-prompt", system]
     tools = config["claudeTools"].strip()
@@ -3662,7 +3681,8 @@ def claude_argv(cli, config, request, session_id, resume, system_file=None):
     effort = CLAUDE_EFFORTS.get(request.reasoning_effort or "")
     if effort:
         argv += ["--effort", effort]
-    argv += ["--permission-mode", config["claudePermissionMode"], "--max-turns", str(config["claudeMaxTurns"])]
+    argv += ["--permission-mode", config["claudePermissionMode"],
+             "--max-turns", str(config["claudeMaxTurns"])]
     return argv
 
 
@@ -3677,27 +3697,31 @@ def claude_usage(result):
         for item in per_model.values():
             if not isinstance(item, dict):
                 continue
-            read, write = number(item.get("cacheReadInputTokens")), number(item.get("cacheCreationInputTokens"))
+            read, write = (number(item.get("cacheReadInputTokens")),
+                           number(item.get("cacheCreationInputTokens")))
             usage.input += number(item.get("inputTokens")) + read + write
             usage.cache_read += read
             usage.cache_write += write
             usage.output += number(item.get("outputTokens"))
         return usage
     raw = result.get("usage") if isinstance(result.get("usage"), dict) else {}
-    read, write = number(raw.get("cache_read_input_tokens")), number(raw.get("cache_creation_input_tokens"))
-    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read, cache_write=write,
-                 output=number(raw.get("output_tokens")))
+    read, write = (number(raw.get("cache_read_input_tokens")),
+                   number(raw.get("cache_creation_input_tokens")))
+    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read,
+                 cache_write=write, output=number(raw.get("output_tokens")))
 
 
 def classify_claude_error(status, kind, text, retry_after=None):
     """is_error result -> ProxyError, from api_error_status and the synthetic error kind only."""
     shown = redact(" ".join(str(text or "").split()))[:500] or "no details"
     if status == 401:
-        return ProxyError(401, "authentication", "Claude Code's upstream rejected its credentials: %s (fix the "
-                          "CLI's login or ANTHROPIC_API_KEY on the proxy host)" % shown, code="upstream_auth")
+        return ProxyError(401, "authentication", "Claude Code's upstream rejected its credentials: "
+                          "%s (fix the CLI's login or ANTHROPIC_API_KEY on the proxy host)" % shown,
+                          code="upstream_auth")
     if status is None and kind == "authentication_failed":
-        return ProxyError(502, "upstream", "the Claude Code CLI is not logged in: %s (run `claude` once as the "
-                          "proxy's user and log in, or set ANTHROPIC_API_KEY)" % shown, code="cli_not_logged_in")
+        return ProxyError(502, "upstream", "the Claude Code CLI is not logged in: %s (run `claude` "
+                          "once as the proxy's user and log in, or set ANTHROPIC_API_KEY)" % shown,
+                          code="cli_not_logged_in")
     if status == 403 or kind == "billing_error":
         return ProxyError(403, "permission", "Claude Code: " + shown, code="billing_error"
                           if kind == "billing_error" else None)
@@ -3705,17 +3729,18 @@ def classify_claude_error(status, kind, text, retry_after=None):
         return ProxyError(404, "not_found", "Claude Code: " + shown, code="model_not_found")
     if status == 429 or kind == "rate_limit":
         return ProxyError(429, "rate_limit", "Claude Code is rate limited: " + shown,
-                          retry_after=max(1, int(retry_after + 0.999)) if retry_after else 30, code="rate_limited")
+                          retry_after=max(1, int(retry_after + 0.999)) if retry_after else 30,
+                          code="rate_limited")
     if status == 413:
         return ProxyError(413, "request_too_large", "Claude Code: " + shown)
     if status in (400, 422) or kind == "invalid_request":
         return ProxyError(400, "invalid_request", "Claude Code: " + shown)
     if status == 529 or kind == "overloaded":
-        return ProxyError(503, "overloaded", "Claude Code's upstream is overloaded: " + shown, retry_after=5,
-                          retryable=True, code="overloaded")
+        return ProxyError(503, "overloaded", "Claude Code's upstream is overloaded: " + shown,
+                          retry_after=5, retryable=True, code="overloaded")
     if status in (408, 504):
-        return ProxyError(504, "timeout", "Claude Code's upstream timed out: " + shown, retry_after=5,
-                          retryable=True)
+        return ProxyError(504, "timeout", "Claude Code's upstream timed out: " + shown,
+                          retry_after=5, retryable=True)
     return ProxyError(502, "upstream", "Claude Code failed: " + shown, retry_after=5,
                       retryable=status is None or status >= 500, code="upstream_error")
 
@@ -3729,7 +3754,8 @@ def claude_tool_note(name, tool_input):
     """'⏺ Bash(echo hi)': the CLI's own tool call as Claude Code's UI shows it."""
     summary = None
     if isinstance(tool_input, dict):
-        for field_name in ("command", "file_path", "path", "pattern", "url", "query", "description", "prompt"):
+        for field_name in ("command", "file_path", "path", "pattern", "url", "query",
+                           "description", "prompt"):
             if isinstance(tool_input.get(field_name), str) and tool_input[field_name].strip():
                 summary = tool_input[field_name]
                 break
@@ -3740,7 +3766,8 @@ def claude_tool_note(name, tool_input):
 
 def claude_result_note(content, is_error):
     if isinstance(content, list):
-        content = " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
+        content = " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c)
+                           for c in content)
     text = _short(content or "", 200) or "(no output)"
     return "  \u23bf  %s%s\n" % ("error: " if is_error else "", text)
 
@@ -3885,7 +3912,8 @@ class ClaudeStreamDecoder:
         content = message.get("content") if isinstance(message.get("content"), list) else []
         if message.get("model") == "<synthetic>":
             self.synthetic_error = item.get("error") or "unknown"
-            self.synthetic_text = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+            self.synthetic_text = " ".join(b.get("text", "") for b in content
+                                           if isinstance(b, dict))
             return
         sub_agent = item.get("parent_tool_use_id") is not None
         message_id = message.get("id")
@@ -3900,8 +3928,8 @@ class ClaudeStreamDecoder:
                 continue
             kind = block.get("type")
             if kind == "tool_use":
-                self._note(out, ("  " if sub_agent else "") + claude_tool_note(block.get("name", "tool"),
-                                                                               block.get("input")))
+                self._note(out, ("  " if sub_agent else "")
+                           + claude_tool_note(block.get("name", "tool"), block.get("input")))
             elif sub_agent:
                 continue
             elif kind == "text":
@@ -3945,12 +3973,14 @@ class ClaudeStreamDecoder:
 def parent_death_prefix():
     """The argv prefix that has the kernel send a CLI child SIGTERM when the thread that started it
     ends, even when the proxy is SIGKILLed: util-linux `setpriv --pdeathsig` (Linux). Without it a
-    killed proxy's CLI works on until its next write fails; a normal exit always stops its children."""
+    killed proxy's CLI works on until its next write fails; a normal exit always stops its
+    children."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     if setpriv:
         try:
-            usage = subprocess.run([setpriv, "--help"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, timeout=5).stdout
+            usage = subprocess.run([setpriv, "--help"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         if b"--pdeathsig" in usage:
@@ -3970,8 +4000,9 @@ class ClaudeProcess:
         self.lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
         self.threads = [threading.Thread(target=self._write, args=(stdin_data,), daemon=True),
                         threading.Thread(target=self._read_stdout, daemon=True),
@@ -4086,13 +4117,14 @@ class ClaudeCodeBackend:
         self.sessions.load()
         mode = self.config["claudePermissionMode"]
         if mode == "bypassPermissions":
-            log.warning("claudePermissionMode is bypassPermissions: every client can make Claude Code run any "
-                        "command and edit any file as this user, without asking")
+            log.warning("claudePermissionMode is bypassPermissions: every client can make Claude "
+                        "Code run any command and edit any file as this user, without asking")
             if hasattr(os, "geteuid") and os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
-                log.warning("running as root: the CLI refuses bypassPermissions as root unless IS_SANDBOX=1")
+                log.warning("running as root: the CLI refuses bypassPermissions as root unless "
+                            "IS_SANDBOX=1")
         if not self.config.get("apiKey"):
-            log.error("no apiKey is configured: every request will get 401 (start with `python3 proxy.py` once "
-                      "to generate one, or set API_KEY)")
+            log.error("no apiKey is configured: every request will get 401 (start with "
+                      "`python3 proxy.py` once to generate one, or set API_KEY)")
         threading.Thread(target=self._sweep, name="claude-sessions", daemon=True).start()
 
     def stop(self):
@@ -4130,19 +4162,21 @@ class ClaudeCodeBackend:
             if found:
                 self.cli_path = found
             else:
-                self.cli_error = ("Claude Code CLI %r not found on PATH: install it (npm install -g "
-                                  "@anthropic-ai/claude-code), log in once with `claude`, or set claudePath"
-                                  % configured)
+                self.cli_error = ("Claude Code CLI %r not found on PATH: install it (npm install "
+                                  "-g @anthropic-ai/claude-code), log in once with `claude`, "
+                                  "or set claudePath" % configured)
         if self.cli_path:
             try:
-                done = subprocess.run([self.cli_path, "--version"], env=claude_env(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+                done = subprocess.run([self.cli_path, "--version"], env=claude_env(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=30)
                 output = done.stdout.decode("utf-8", "replace").strip()
                 if done.returncode == 0 and output:
                     self.cli_version = output.splitlines()[0].replace("(Claude Code)", "").strip()
                 else:
                     self.cli_error = "`%s --version` failed (exit %s): %s" % (
-                        self.cli_path, done.returncode, redact(done.stderr.decode("utf-8", "replace").strip())[:300])
+                        self.cli_path, done.returncode,
+                        redact(done.stderr.decode("utf-8", "replace").strip())[:300])
             except subprocess.TimeoutExpired:
                 self.cli_error = "`%s --version` did not answer within 30 s" % self.cli_path
             except OSError as e:
@@ -4156,14 +4190,16 @@ class ClaudeCodeBackend:
     def authenticate(self, headers):
         expected = (self.config.get("apiKey") or "").encode("utf-8")
         if not expected:
-            raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the operator must set "
-                             "one (API_KEY) before clients can use it", code="invalid_api_key")
+            raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the "
+                             "operator must set one (API_KEY) before clients can use it",
+                             code="invalid_api_key")
         authorization = (headers.get("authorization") or "").strip()
         candidates = [headers.get("x-api-key") or "",
                       authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
         ok = False
         for given in candidates:   # both compared, so the time taken says nothing about either
-            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                      expected)
         if not ok:
             raise ProxyError(401, "authentication", "invalid or missing API key: " + self.auth_hint,
                              code="invalid_api_key")
@@ -4182,8 +4218,9 @@ class ClaudeCodeBackend:
         request.model = model
         if request.tools:
             if request.tool_choice == "required" or isinstance(request.tool_choice, dict):
-                raise bad_request("the Claude Code backend runs its own tools and cannot call client-side tools; "
-                                  "a forced tool_choice cannot be honoured", "tool_choice")
+                raise bad_request("the Claude Code backend runs its own tools and cannot call "
+                                  "client-side tools; a forced tool_choice cannot be honoured",
+                                  "tool_choice")
             request.dropped_tools.extend(t["name"] for t in request.tools)
             request.tools = []
         request.options["claude"] = self.plan(request)
@@ -4192,7 +4229,8 @@ class ClaudeCodeBackend:
         """Where the CLI runs, what it is sent, and which session it continues."""
         named = request.working_dir
         allowed = allowed_dirs(self.config)
-        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"] or os.getcwd()))
+        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"]
+                                                          or os.getcwd()))
         messages = request.messages
         if named:
             cwd, reason = check_working_dir(named, allowed)
@@ -4207,8 +4245,8 @@ class ClaudeCodeBackend:
             return {"reply": reply}
         earlier, trailing = split_trailing_turn(messages)
         if not trailing:
-            raise bad_request("the last message must come from the user (the Claude Code backend cannot continue "
-                              "an assistant prefill)", "messages")
+            raise bad_request("the last message must come from the user (the Claude Code backend "
+                              "cannot continue an assistant prefill)", "messages")
         blocks = claude_user_blocks(trailing)
         if not blocks:
             raise bad_request("the last user message has no text or image content", "messages")
@@ -4220,14 +4258,16 @@ class ClaudeCodeBackend:
             lookup = conversation_key(cwd, normalised_turns(earlier), namespace=hint)
         else:
             lookup = None   # a new conversation: nothing to continue
-        return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing, "blocks": blocks,
-                "explicit": explicit, "hint": hint, "lookup": lookup, "messages": messages}
+        return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing,
+                "blocks": blocks, "explicit": explicit, "hint": hint, "lookup": lookup,
+                "messages": messages}
 
     # ---- the run ------------------------------------------------------------------------
     def stream(self, request, exchange):
         plan = request.options.get("claude") or self.plan(request)
         if plan["reply"] is not None:
-            yield [ModelUsed(request.model), TextDelta(plan["reply"]), UsageEvent(Usage()), Finish("stop")]
+            yield [ModelUsed(request.model), TextDelta(plan["reply"]), UsageEvent(Usage()),
+                   Finish("stop")]
             return
         tick = exchange.tick
         held = []            # (key, lock) pairs this request holds
@@ -4248,17 +4288,20 @@ class ClaudeCodeBackend:
                 if resume or not plan["earlier"]:
                     blocks = plan["blocks"]
                 else:   # a conversation the CLI never saw (or lost): its history as a transcript
-                    blocks = [{"type": "text", "text": claude_transcript(plan["earlier"])}] + plan["blocks"]
+                    blocks = ([{"type": "text", "text": claude_transcript(plan["earlier"])}]
+                              + plan["blocks"])
                 decoder = ClaudeStreamDecoder(use_deltas=request.stream,
                                               tool_notes=self.config["claudeToolNotes"])
                 proc = self._spawn(request, plan, session_id, resume, blocks)
                 procs.append(proc)
-                self.metrics.count("claude_runs_total", {"session": "resume" if resume else
-                                                         ("transcript" if plan["earlier"] else "new")})
+                self.metrics.count("claude_runs_total",
+                                   {"session": "resume" if resume else
+                                    ("transcript" if plan["earlier"] else "new")})
                 rc = yield from self._pump(proc, decoder, request, tick)
-                proc.natural = decoder.result is not None   # it printed its result: let it exit by itself
+                proc.natural = decoder.result is not None   # it printed its result: let it exit
                 if resume and not decoder.produced and self._resume_failed(decoder, rc):
-                    log.info("%s claude session %s is gone (cwd %s); replaying the history as a transcript",
+                    log.info("%s claude session %s is gone (cwd %s); "
+                             "replaying the history as a transcript",
                              exchange.request_id, session_id, plan["cwd"])
                     self.sessions.discard(plan["lookup"])
                     entry = None
@@ -4302,8 +4345,9 @@ class ClaudeCodeBackend:
         try:
             while not lock.acquire(timeout=tick):
                 if time.monotonic() >= deadline:
-                    raise ProxyError(429, "rate_limit", "this conversation is busy with an earlier request; retry "
-                                     "when it has finished", retry_after=5, code="session_busy")
+                    raise ProxyError(429, "rate_limit", "this conversation is busy with an earlier "
+                                     "request; retry when it has finished", retry_after=5,
+                                     code="session_busy")
                 yield []
         except BaseException:
             self.sessions.locks.leave(key)
@@ -4316,9 +4360,9 @@ class ClaudeCodeBackend:
         while not self.slots.acquire(min(tick, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 self.metrics.count("claude_busy_total", {})
-                raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy (claudeMaxProcesses); "
-                                 "retry shortly" % self.slots.limit, retry_after=max(1, int(wait) or 1),
-                                 code="cli_busy")
+                raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy "
+                                 "(claudeMaxProcesses); retry shortly" % self.slots.limit,
+                                 retry_after=max(1, int(wait) or 1), code="cli_busy")
             yield []
 
     def _spawn(self, request, plan, session_id, resume, blocks):
@@ -4331,20 +4375,23 @@ class ClaudeCodeBackend:
         argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
         line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
         try:
-            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"),
+            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(),
+                                 line.encode("utf-8", "replace"),
                                  kill_grace=self.config["claudeKillGraceMs"] / 1000,
                                  exit_wait=self.config["claudeExitWaitMs"] / 1000)
         except FileNotFoundError:
             self._drop_file(system_file)
             self.cli_path = None
-            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0], code="cli_not_found")
+            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0],
+                             code="cli_not_found")
         except PermissionError:
             self._drop_file(system_file)
             raise ProxyError(502, "upstream", "Claude Code CLI at %s is not executable" % argv[0],
                              code="cli_not_found")
         except OSError as e:
             self._drop_file(system_file)
-            raise ProxyError(502, "upstream", "cannot start the Claude Code CLI: %s" % (e.strerror or e))
+            raise ProxyError(502, "upstream",
+                             "cannot start the Claude Code CLI: %s" % (e.strerror or e))
         proc.system_file = system_file
         with self.processes_lock:
             self.processes.add(proc)
@@ -4373,9 +4420,12 @@ class ClaudeCodeBackend:
     def _pump(self, proc, decoder, request, tick):
         """Lines -> batches until the result line (or EOF); [] while the CLI is silent.
         Returns the exit code when the CLI ended without a result, else None."""
-        held = decoder.held   # non-content events (the model) wait for content: a bare ModelUsed batch
-        wall = self.config["claudeTimeoutMs"] / 1000  # would commit the response before an error
-        idle = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
+        # non-content events (the model) wait for content: a bare ModelUsed batch would commit
+        # the response before an error
+        held = decoder.held
+        wall = self.config["claudeTimeoutMs"] / 1000
+        idle = self.config["streamIdleTimeoutMs" if request.stream
+                           else "nonStreamIdleTimeoutMs"] / 1000
         last_line = last_yield = time.monotonic()
         while True:
             now = time.monotonic()
@@ -4425,8 +4475,8 @@ class ClaudeCodeBackend:
     def _timeout(self, what, proc):
         self.metrics.count("claude_timeouts_total", {})
         proc.close()   # at once: the client must not wait for the grace periods twice
-        return ProxyError(504, "timeout", "the Claude Code CLI %s and was stopped" % what, retry_after=5,
-                          code="cli_timeout")
+        return ProxyError(504, "timeout", "the Claude Code CLI %s and was stopped" % what,
+                          retry_after=5, code="cli_timeout")
 
     @staticmethod
     def _resume_failed(decoder, rc):
@@ -4443,7 +4493,8 @@ class ClaudeCodeBackend:
         if result is None:
             stderr = proc.stderr_text()
             if rc:
-                raise ProxyError(502, "upstream", "the Claude Code CLI exited with status %s without an answer%s"
+                raise ProxyError(502, "upstream",
+                                 "the Claude Code CLI exited with status %s without an answer%s"
                                  % (rc, (": " + stderr) if stderr else ""), code="cli_crashed",
                                  retryable=not resume and not decoder.produced)
             raise ProxyError(502, "upstream", "the Claude Code CLI ended without a result%s"
@@ -4455,28 +4506,33 @@ class ClaudeCodeBackend:
             status = result.get("api_error_status")
             status = status if isinstance(status, int) and not isinstance(status, bool) else None
             if subtype in ("error_max_turns", "error_max_budget_usd"):
-                why = ("it reached the limit of %d agentic turns (claudeMaxTurns)" % self.config["claudeMaxTurns"]
+                why = ("it reached the limit of %d agentic turns (claudeMaxTurns)"
+                       % self.config["claudeMaxTurns"]
                        if subtype == "error_max_turns" else "it reached its cost budget")
-                decoder._text(out, "[cc-proxy: Claude Code stopped because %s; say \"continue\" to let it go "
-                              "on.]" % why, True)
+                decoder._text(out, "[cc-proxy: Claude Code stopped because %s; say \"continue\" to "
+                              "let it go on.]" % why, True)
                 finish = "length"
             elif decoder.synthetic_error == "max_output_tokens" and status is None:
-                decoder._text(out, "[cc-proxy: the answer was cut at the model's output token limit.]", True)
+                decoder._text(out, "[cc-proxy: the answer was cut at the model's output token "
+                              "limit.]", True)
                 finish = "length"
             elif subtype == "success" or decoder.synthetic_error:
                 err = classify_claude_error(status, decoder.synthetic_error,
-                                            result.get("result") or decoder.synthetic_text, decoder.retry_after)
+                                            result.get("result") or decoder.synthetic_text,
+                                            decoder.retry_after)
                 err.retryable = err.retryable and not resume and not decoder.produced
                 raise err
             else:
                 errors = result.get("errors") if isinstance(result.get("errors"), list) else []
                 stderr = proc.stderr_text()
                 detail = "; ".join(str(e) for e in errors) or stderr or subtype or "unknown error"
-                raise ProxyError(502, "upstream", "the Claude Code CLI failed: %s" % redact(detail)[:500],
+                raise ProxyError(502, "upstream",
+                                 "the Claude Code CLI failed: %s" % redact(detail)[:500],
                                  code="cli_error")
         if not decoder.answer:
             text = result.get("result") if isinstance(result.get("result"), str) else ""
-            decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)", True)
+            decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)",
+                          True)
         out.append(UsageEvent(claude_usage(result)))
         out.append(Finish(finish))
         return out
@@ -4487,10 +4543,12 @@ class ClaudeCodeBackend:
         if plan["explicit"] is not None:
             key = plan["lookup"]
         else:
-            answer = {"role": "assistant", "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
-            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]), namespace=plan["hint"])
+            answer = {"role": "assistant",
+                      "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
+            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]),
+                                   namespace=plan["hint"])
             if plan["lookup"] and plan["lookup"] != key:
-                self.sessions.discard(plan["lookup"])   # that history now continues under the new key
+                self.sessions.discard(plan["lookup"])   # that history continues under the new key
             if all(k != key for k, _ in held):
                 lock = self.sessions.locks.enter(key)
                 if lock.acquire(blocking=False):
@@ -4520,8 +4578,8 @@ class ClaudeCodeBackend:
         return models
 
     def health(self):
-        info = {"claude": self.cli_path, "claudeVersion": self.cli_version, "claudeProcesses": self.slots.count,
-                "claudeSessions": len(self.sessions)}
+        info = {"claude": self.cli_path, "claudeVersion": self.cli_version,
+                "claudeProcesses": self.slots.count, "claudeSessions": len(self.sessions)}
         if self.cli_error:
             info["claudeError"] = self.cli_error
         return info
@@ -4535,7 +4593,8 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 # =====================================================================================
 
 class Metrics:
-    """Counters, gauges and histograms in Prometheus text format. Labels never carry keys or prompts."""
+    """Counters, gauges and histograms in Prometheus text format. Labels never carry keys or
+    prompts."""
 
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -4591,8 +4650,10 @@ class Metrics:
                     lines.append("# TYPE %s histogram" % full)
                     seen.add(full)
                 for bound, count in zip(self.BUCKETS, buckets):
-                    lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", bound)]), count))
-                lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", "+Inf")]), buckets[-2]))
+                    lines.append("%s_bucket%s %d"
+                                 % (full, labels_text(labels, [("le", bound)]), count))
+                lines.append("%s_bucket%s %d"
+                             % (full, labels_text(labels, [("le", "+Inf")]), buckets[-2]))
                 lines.append("%s_count%s %d" % (full, labels_text(labels), buckets[-2]))
                 lines.append("%s_sum%s %r" % (full, labels_text(labels), buckets[-1]))
         return "\n".join(lines) + "\n"

@@ -3286,7 +3286,8 @@ CLAUDE_ENV_DROP = frozenset(("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_COD
 CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
                         ("DISABLE_TELEMETRY", "1"), ("DISABLE_ERROR_REPORTING", "1"),
                         ("DISABLE_AUTOUPDATER", "1"))
-CLAUDE_DEFAULT_MAX_RETRIES = "1"   # the CLI's default 10 (401 included) can hold a request minutes
+# The CLI's default of 10 retries (401 included) can hold a request for minutes.
+CLAUDE_DEFAULT_MAX_RETRIES = "1"
 
 CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                  "refusal": "refusal", "tool_use": "stop", "pause_turn": "stop",
@@ -4298,7 +4299,7 @@ class ClaudeCodeBackend:
                                    {"session": "resume" if resume else
                                     ("transcript" if plan["earlier"] else "new")})
                 rc = yield from self._pump(proc, decoder, request, tick)
-                proc.natural = decoder.result is not None   # it printed its result: let it exit
+                proc.natural = decoder.result is not None   # result out: let it exit by itself
                 if resume and not decoder.produced and self._resume_failed(decoder, rc):
                     log.info("%s claude session %s is gone (cwd %s); "
                              "replaying the history as a transcript",
@@ -4831,8 +4832,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         if self.server.connections.draining:   # read after the drain began: an answer to retry on
             self.close_connection = True
-            self.send_failure(ProxyError(503, "api_error", "cc-proxy is shutting down; retry the request",
-                                        retry_after=1, code="shutting_down"))
+            self.send_failure(ProxyError(503, "api_error",
+                                         "cc-proxy is shutting down; retry the request",
+                                         retry_after=1, code="shutting_down"))
             return False
         return True
 
@@ -4859,8 +4861,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers",
-                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, x-cc-proxy-dropped-tools, "
-                             "X-Claude-Cost-Usd")
+                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, "
+                             "x-cc-proxy-dropped-tools, X-Claude-Cost-Usd")
             if origin != "*":
                 self.send_header("Vary", "Origin")
 
@@ -4882,10 +4884,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_json(self, status, obj, extra=None):
         headers = getattr(self, "headers", None)  # absent when the request line itself was bad
-        if not self.body_read and headers and (headers.get("content-length", "0").strip() not in ("", "0")
-                                               or headers.get("transfer-encoding")):
+        if not self.body_read and headers and (
+                headers.get("content-length", "0").strip() not in ("", "0")
+                or headers.get("transfer-encoding")):
             self.close_connection = True  # its unread body would be taken for the next request
-        self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"), extra)
+        self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"),
+                       extra)
 
     def send_body(self, status, content_type, data, extra=None):
         self._send_head(status, content_type, len(data), extra)
@@ -4953,14 +4957,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.route_name = path
         try:
             route = self.server.routes.get(path) or next(
-                (r for r in self.server.prefix_routes if path.startswith(r.path) and len(path) > len(r.path)),
+                (r for r in self.server.prefix_routes
+                 if path.startswith(r.path) and len(path) > len(r.path)),
                 None)
             if route is None:
                 raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
             handler = route.methods.get(method)
             if handler is None:
                 allow = ", ".join(m + (", HEAD" if m == "GET" else "") for m in route.methods)
-                raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path), allow=allow)
+                raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path),
+                                 allow=allow)
             handler(self, path[len(route.path):])
         except ProxyError as err:
             self.send_failure(err)
@@ -4969,8 +4975,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("request %s failed", self.request_id)
             if not self.status_sent:
-                self.send_failure(ProxyError(500, "api_error", "internal proxy error (request id %s)"
-                                            % self.request_id))
+                self.send_failure(ProxyError(500, "api_error",
+                                             "internal proxy error (request id %s)"
+                                             % self.request_id))
             self.close_connection = True
 
     def authenticate(self):
@@ -5072,7 +5079,8 @@ def access_log(handler):
         return
     log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
              "tokens_in=%d cached=%d out=%d", handler.request_id, client_ip(
-                 handler.client_address[0], handler.headers and handler.headers.get("x-forwarded-for"),
+                 handler.client_address[0],
+                 handler.headers and handler.headers.get("x-forwarded-for"),
                  server.config["trustedProxies"]),
              handler.command, urllib.parse.urlsplit(handler.path).path, server.backend.name,
              handler.model_name, handler.status_sent, handler.bytes_sent,
@@ -5094,7 +5102,8 @@ _LEDGER_INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (
     ", ".join(LEDGER_FIELDS), ", ".join("?" * len(LEDGER_FIELDS)))
 
 # The client's family from its User-Agent: first match wins.
-CLIENT_FAMILIES = (("claude-cli/", "claude-cli"), ("codex", "codex"), ("openai/python", "openai-python"),
+CLIENT_FAMILIES = (("claude-cli/", "claude-cli"), ("codex", "codex"),
+                   ("openai/python", "openai-python"),
                    ("anthropic/python", "anthropic-python"), ("openai/js", "openai-node"),
                    ("anthropic/js", "anthropic-node"), ("opencode", "opencode"), ("aider", "aider"),
                    ("curl/", "curl"), ("python-requests", "python-requests"),
@@ -5112,7 +5121,8 @@ def ledger_path(config):
     path = os.path.expanduser(config["usageDb"])
     if not path:
         return None
-    return path if os.path.isabs(path) else os.path.join(os.path.dirname(config["configPath"]), path)
+    return (path if os.path.isabs(path)
+            else os.path.join(os.path.dirname(config["configPath"]), path))
 
 
 def open_ledger(path, readonly=False):
@@ -5125,7 +5135,8 @@ def open_ledger(path, readonly=False):
     with contextlib.suppress(OSError):   # fingerprints are for the operator's eyes only
         os.chmod(path, 0o600)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")   # WAL: no fsync per batch; a crash keeps the file whole
+    # WAL: no fsync per batch; a crash keeps the file whole
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("CREATE TABLE IF NOT EXISTS requests (%s)"
                  % ", ".join("%s %s" % column for column in LEDGER_COLUMNS))
     conn.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
@@ -5731,7 +5742,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         host = config["host"]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         path = ledger_path(config)
-        self.ledger = UsageLedger(path, config["usageRetentionDays"], self.metrics) if path else None
+        self.ledger = (UsageLedger(path, config["usageRetentionDays"], self.metrics)
+                       if path else None)
         super().__init__((host, config["port"]), ProxyHandler)
         self.backend.start()
         if self.ledger is not None:
@@ -5739,7 +5751,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         return {"status": "ok", "version": __version__, "backend": self.backend.name,
-                "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.pipeline.inflight.count,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "in_flight": self.pipeline.inflight.count,
                 **self.backend.health()}
 
     def shutdown_request(self, request):
@@ -5865,13 +5878,15 @@ LAUNCHD_LABEL = "com.cc-proxy"
 
 
 def systemd_quote(arg):
-    """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for specifiers)."""
+    """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for
+    specifiers)."""
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return '"%s"' % escaped
 
 
 def service_command_line(config_path):
-    return [sys.executable, os.path.abspath(__file__), "start", "--config", os.path.abspath(config_path)]
+    return [sys.executable, os.path.abspath(__file__), "start",
+            "--config", os.path.abspath(config_path)]
 
 
 def systemd_unit(config_path):
@@ -5902,7 +5917,8 @@ def systemd_unit(config_path):
 def launchd_plist(config_path):
     logs = os.path.expanduser("~/Library/Logs/cc-proxy")
     return {"Label": LAUNCHD_LABEL, "ProgramArguments": service_command_line(config_path),
-            "RunAtLoad": True, "KeepAlive": True, "WorkingDirectory": os.path.dirname(os.path.abspath(__file__)),
+            "RunAtLoad": True, "KeepAlive": True,
+            "WorkingDirectory": os.path.dirname(os.path.abspath(__file__)),
             "StandardOutPath": os.path.join(logs, "cc-proxy.out.log"),
             "StandardErrorPath": os.path.join(logs, "cc-proxy.err.log"),
             "EnvironmentVariables": {"PYTHONUNBUFFERED": "1"}}
@@ -5911,8 +5927,8 @@ def launchd_plist(config_path):
 def _run_tool(argv):
     """Run systemctl/launchctl; their own error is shown. Returns the exit code."""
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=60)
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=60)
     except FileNotFoundError:
         print("cc-proxy: %s not found; is this a %s system? Run `python3 proxy.py start` instead."
               % (argv[0], "systemd" if argv[0] == "systemctl" else "launchd"), file=sys.stderr)
@@ -5924,7 +5940,8 @@ def _run_tool(argv):
     if output:
         print(output, file=sys.stderr if done.returncode else sys.stdout)
     if done.returncode:
-        print("cc-proxy: `%s` failed (exit %d)" % (" ".join(argv), done.returncode), file=sys.stderr)
+        print("cc-proxy: `%s` failed (exit %d)" % (" ".join(argv), done.returncode),
+              file=sys.stderr)
     return done.returncode
 
 
@@ -6008,7 +6025,8 @@ def command_service(args):
 
 
 def command_start(args):
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("backend", args.backend))
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("backend", args.backend))
                  if v is not None}
     try:
         config = load_config(args.config, overrides=overrides)
@@ -6021,8 +6039,8 @@ def command_start(args):
     try:
         server = make_server(config)
     except OSError as e:
-        print("cc-proxy: cannot listen on %s:%s: %s" % (config["host"], config["port"], e.strerror or e),
-              file=sys.stderr)
+        print("cc-proxy: cannot listen on %s:%s: %s"
+              % (config["host"], config["port"], e.strerror or e), file=sys.stderr)
         return 1
     except ConfigError as e:
         print("cc-proxy: %s" % e, file=sys.stderr)
@@ -6030,7 +6048,8 @@ def command_start(args):
     release_free_memory()
     host, port = server.server_address[:2]
     log.info("cc-proxy %s listening on http://%s:%s backend=%s config=%s", __version__,
-             host if ":" not in host else "[%s]" % host, port, config["backend"], config["configPath"])
+             host if ":" not in host else "[%s]" % host, port, config["backend"],
+             config["configPath"])
     stopping = threading.Event()
 
     def stop(signum, frame):
@@ -6043,8 +6062,8 @@ def command_start(args):
     # stop accepting, let requests in flight finish (up to a grace period), then stop the backend
     server.socket.close()
     if server.pipeline.inflight.count:
-        log.info("shutting down: waiting up to %d s for %d request(s) in flight", SHUTDOWN_GRACE_SECONDS,
-                 server.pipeline.inflight.count)
+        log.info("shutting down: waiting up to %d s for %d request(s) in flight",
+                 SHUTDOWN_GRACE_SECONDS, server.pipeline.inflight.count)
     server.connections.drain(server.pipeline.inflight, SHUTDOWN_GRACE_SECONDS)
     server.server_close()
     log.info("stopped")
@@ -6055,7 +6074,8 @@ SHUTDOWN_GRACE_SECONDS = 30
 
 
 def release_free_memory():
-    """Hand the heap left over from compiling this file back to the OS (glibc only; ~5 MB idle RSS)."""
+    """Hand the heap left over from compiling this file back to the OS (glibc only; ~5 MB idle
+    RSS)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -6115,23 +6135,27 @@ def command_version(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API in front of "
-                                     "Command Code or the Claude Code CLI")
-    commands = parser.add_subparsers(dest="command", metavar="{start,config,service,usage,version,help}")
+    parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API "
+                                     "in front of Command Code or the Claude Code CLI")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{start,config,service,usage,version,help}")
     start = commands.add_parser("start", help="run the server in the foreground (the default)")
-    start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json beside proxy.py)")
+    start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json "
+                       "beside proxy.py)")
     start.add_argument("--host")
     start.add_argument("--port", type=int)
     start.add_argument("--backend", choices=("commandcode", "claude-code"))
     start.set_defaults(func=command_start)
-    config = commands.add_parser("config", help="show or edit the config file: set/get/list/reset/path/help")
+    config = commands.add_parser("config", help="show or edit the config file: "
+                                 "set/get/list/reset/path/help")
     config.add_argument("action", choices=tuple(CONFIG_ACTIONS))
     config.add_argument("rest", nargs="*", metavar="KEY [VALUE]")
     config.add_argument("--config", help="config file to edit")
     config.set_defaults(func=command_config)
-    service = commands.add_parser("service", help="systemd user unit / LaunchAgent: install, uninstall, start, "
-                                  "stop, restart, status")
-    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart", "status"))
+    service = commands.add_parser("service", help="systemd user unit / LaunchAgent: install, "
+                                  "uninstall, start, stop, restart, status")
+    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart",
+                                            "status"))
     service.add_argument("--config", help="config file the service runs with")
     service.set_defaults(func=command_service)
     usage = commands.add_parser("usage", help="requests, tokens, cache hits, errors and latency "
@@ -6142,7 +6166,8 @@ def build_parser():
     usage.add_argument("--config", help="config file whose usageDb to read")
     usage.set_defaults(func=command_usage)
     commands.add_parser("version", help="print the version").set_defaults(func=command_version)
-    commands.add_parser("help", help="show this help").set_defaults(func=lambda a: parser.print_help() or 0)
+    commands.add_parser("help", help="show this help").set_defaults(
+        func=lambda a: parser.print_help() or 0)
     return parser
 
 
@@ -6150,8 +6175,8 @@ def main(argv=None, platform=sys.platform):
     """The command line; `platform` picks the service manager (systemd on linux, launchd on
     darwin)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["start"]
-    # argparse cannot take an option between nargs="*" positionals (config set --config F KEY VALUE):
-    # move "--config F" (or --config=F) right behind the command word.
+    # argparse cannot take an option between nargs="*" positionals (config set --config F
+    # KEY VALUE): move "--config F" (or --config=F) right behind the command word.
     for i, arg in enumerate(argv[1:], 1):
         if arg == "--config" and i + 1 < len(argv):
             argv[1:1] = [argv.pop(i), argv.pop(i)]

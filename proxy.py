@@ -144,7 +144,8 @@ def parse_model_map(value):
         try:
             value = json.loads(value) if value.strip() else {}
         except ValueError:
-            raise ValueError('expected a JSON object such as {"claude-haiku-*": "deepseek/deepseek-v4-flash"}') from None
+            raise ValueError('expected a JSON object such as '
+                             '{"claude-haiku-*": "deepseek/deepseek-v4-flash"}') from None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
                                               for k, v in value.items()):
         raise ValueError("expected a JSON object mapping model ids or globs to model ids")
@@ -168,10 +169,12 @@ def _text(value):
 
 
 def parse_networks(value):
-    """'127.0.0.1, 10.0.0.0/8' -> a tuple of networks (the front proxies whose X-Forwarded-For we trust)."""
+    """'127.0.0.1, 10.0.0.0/8' -> a tuple of networks (the front proxies whose X-Forwarded-For
+    we trust)."""
     items = value if isinstance(value, list) else str(value).replace(",", " ").split()
     try:
-        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in items if str(item).strip())
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False)
+                     for item in items if str(item).strip())
     except ValueError as e:
         raise ValueError("expected IP addresses or CIDR ranges: %s" % e) from None
 
@@ -204,14 +207,19 @@ SETTINGS = [
     Setting("host", "HOST", "127.0.0.1", _text, "text", "listen address"),
     Setting("backend", "BACKEND", "commandcode", _enum("commandcode", "claude-code"), "enum",
             "which backend answers"),
-    Setting("apiKey", "API_KEY", "", _text, "text", "the proxy's own key (claude-code backend)", True),
+    Setting("apiKey", "API_KEY", "", _text, "text",
+            "the proxy's own key (claude-code backend)", True),
     Setting("trustedProxies", "TRUSTED_PROXIES", (), parse_networks, "list",
             "front proxies (IPs/CIDRs) whose X-Forwarded-For is believed"),
-    Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text", "allowed CORS origin; empty disables CORS"),
-    Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum", "log level"),
+    Setting("corsOrigin", "CORS_ORIGIN", "*", _text, "text",
+            "allowed CORS origin; empty disables CORS"),
+    Setting("logLevel", "LOG_LEVEL", "info", _enum("error", "warn", "info", "debug"), "enum",
+            "log level"),
     Setting("logFile", "LOG_FILE", "", _text, "path", "also log to this file, rotated"),
-    Setting("logMaxSize", "LOG_MAX_SIZE", 10 * 1024 ** 2, parse_size, "size", "rotate the log file at this size"),
-    Setting("logMaxFiles", "LOG_MAX_FILES", 5, lambda v: parse_int(v, 1, 1000), "int", "rotated log files kept"),
+    Setting("logMaxSize", "LOG_MAX_SIZE", 10 * 1024 ** 2, parse_size, "size",
+            "rotate the log file at this size"),
+    Setting("logMaxFiles", "LOG_MAX_FILES", 5, lambda v: parse_int(v, 1, 1000), "int",
+            "rotated log files kept"),
     Setting("maxBodyBytes", "MAX_BODY_BYTES", 32 * 1024 ** 2, parse_size, "size",
             "larger request bodies get 413"),
     Setting("maxInFlight", "MAX_IN_FLIGHT", 64, lambda v: parse_int(v, 1), "int",
@@ -222,20 +230,23 @@ SETTINGS = [
             "int", "ledger rows older than this many days are pruned (at start, then hourly)"),
     Setting("dashboardKey", "DASHBOARD_KEY", "", _text, "text",
             "key for /dashboard; empty = loopback clients only", True),
-    Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text", "model used when a request names none"),
+    Setting("defaultModel", "DEFAULT_MODEL", "", _text, "text",
+            "model used when a request names none"),
     Setting("modelMap", "MODEL_MAP", {}, parse_model_map, "json",
             "client model id or * glob -> backend model id"),
     Setting("upstreamRetries", "UPSTREAM_RETRIES", 2, lambda v: parse_int(v, 0, 10), "int",
             "retries of failures that happen before any byte reached the client"),
     Setting("upstreamRetryBackoffMs", "UPSTREAM_RETRY_BACKOFF_MS", 250, _ms(0), "ms",
             "wait before the first retry, doubling for each next one, at most 2 s"),
-    Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url", "Command Code base URL"),
+    Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url",
+            "Command Code base URL"),
     Setting("projectSlug", "PROJECT_SLUG", "cc-proxy", _text, "text", "x-project-slug header"),
     Setting("ccVersion", "CC_VERSION", "", _text, "text",
             "x-command-code-version; empty = npm latest, refreshed every 24 h"),
     Setting("useProviderModels", "CC_USE_PROVIDER_MODELS", True, parse_bool, "bool",
             "build /v1/models from the live list"),
-    Setting("modelRefreshIntervalMs", "CC_MODEL_REFRESH_MS", 300000, _ms(1000), "ms", "model list cache"),
+    Setting("modelRefreshIntervalMs", "CC_MODEL_REFRESH_MS", 300000, _ms(1000), "ms",
+            "model list cache"),
     Setting("streamIdleTimeoutMs", "STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
             "abort a streaming upstream that sends nothing for this long"),
     Setting("nonStreamIdleTimeoutMs", "NON_STREAM_IDLE_TIMEOUT_MS", 300000, _ms(1), "ms",
@@ -250,14 +261,17 @@ SETTINGS = [
             "permission mode of CLI runs"),
     Setting("claudeMaxTurns", "CLAUDE_MAX_TURNS", 25, lambda v: parse_int(v, 1), "int",
             "agentic turns per request"),
-    Setting("claudeTimeoutMs", "CLAUDE_TIMEOUT_MS", 300000, _ms(1), "ms", "wall-clock limit per CLI run"),
+    Setting("claudeTimeoutMs", "CLAUDE_TIMEOUT_MS", 300000, _ms(1), "ms",
+            "wall-clock limit per CLI run"),
     Setting("claudeMaxProcesses", "CLAUDE_MAX_PROCESSES", 4, lambda v: parse_int(v, 1), "int",
             "concurrent CLI processes; more wait, then 429"),
     Setting("claudeAskWorkingDir", "CLAUDE_ASK_WORKING_DIR", True, parse_bool, "bool",
             "ask a new conversation for its working directory"),
     Setting("claudeToolNotes", "CLAUDE_TOOL_NOTES", True, parse_bool, "bool",
-            "show the CLI's own tool calls and results as short reasoning notes (never as tool calls)"),
-    Setting("claudeSystemPromptMode", "CLAUDE_SYSTEM_PROMPT_MODE", "append", _enum("append", "replace"), "enum",
+            "show the CLI's own tool calls and results as short reasoning notes "
+            "(never as tool calls)"),
+    Setting("claudeSystemPromptMode", "CLAUDE_SYSTEM_PROMPT_MODE", "append",
+            _enum("append", "replace"), "enum",
             "client system text: append to Claude Code's prompt or replace it"),
     Setting("claudeAllowedDirs", "CLAUDE_ALLOWED_DIRS", "", _text, "text",
             "working directories clients may choose, comma-separated (empty = any)"),
@@ -268,10 +282,12 @@ SETTINGS = [
     Setting("claudeExitWaitMs", "CLAUDE_EXIT_WAIT_MS", 5000, _ms(10), "ms",
             "time a CLI gets to exit by itself after its result"),
     Setting("claudeTools", "CLAUDE_TOOLS", "", _text, "text",
-            "built-in tools offered to the CLI: empty = its default, none, or a list like Read,Grep"),
+            "built-in tools offered to the CLI: empty = its default, none, "
+            "or a list like Read,Grep"),
     Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
             "conversation -> CLI session mapping lifetime"),
-    Setting("sessionFile", "SESSION_FILE", "", _text, "path", "persist that mapping across restarts"),
+    Setting("sessionFile", "SESSION_FILE", "", _text, "path",
+            "persist that mapping across restarts"),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -279,7 +295,8 @@ SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
 
 def resolve_setting(name):
     """camelCase key or its env-style alias (API_KEY) -> Setting, or None."""
-    return SETTINGS_BY_KEY.get(name) or SETTINGS_BY_ENV.get(name) or SETTINGS_BY_ENV.get(name.upper())
+    return (SETTINGS_BY_KEY.get(name) or SETTINGS_BY_ENV.get(name)
+            or SETTINGS_BY_ENV.get(name.upper()))
 
 
 def default_config_path(environ=None):
@@ -365,7 +382,8 @@ def load_config(path=None, environ=None, overrides=None, sources=None):
 log = logging.getLogger("cc-proxy")
 log.addHandler(logging.NullHandler())  # silent until setup_logging (library use, tests)
 log.propagate = False
-_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG}
 
 
 def setup_logging(config):
@@ -377,11 +395,13 @@ def setup_logging(config):
     console.setFormatter(formatter)
     log.addHandler(console)
     if config["logFile"]:
-        from logging.handlers import RotatingFileHandler  # only here: it pulls in pickle (0.6 MB resident)
+        # imported only here: it pulls in pickle (0.6 MB resident)
+        from logging.handlers import RotatingFileHandler
         path = os.path.expanduser(config["logFile"])
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         rotating = RotatingFileHandler(
-            path, maxBytes=config["logMaxSize"], backupCount=config["logMaxFiles"], encoding="utf-8")
+            path, maxBytes=config["logMaxSize"], backupCount=config["logMaxFiles"],
+            encoding="utf-8")
         rotating.setFormatter(formatter)
         log.addHandler(rotating)
 
@@ -441,7 +461,8 @@ class Request:
       {"type": "image", "media_type", "data"}  or  {"type": "image", "url"}
       {"type": "reasoning", "text", "signature"}
       {"type": "tool_call", "id", "name", "arguments": dict}
-      {"type": "tool_result", "call_id", "name", "content": str, "is_error": bool, "images": [image parts]}
+      {"type": "tool_result", "call_id", "name", "content": str, "is_error": bool,
+       "images": [image parts]}
     system: [{"text", "cache": bool}]
     tools: [{"name", "description", "schema"}]
     tool_choice: "auto" | "none" | "required" | {"name": ...}
@@ -460,11 +481,13 @@ class Request:
     response_format: Optional[dict] = None
     stream: bool = False
     session_id: Optional[str] = None
-    dropped_tools: List[str] = field(default_factory=list)  # tools we could not send, named in a header
+    # tools we could not send, named in a header
+    dropped_tools: List[str] = field(default_factory=list)
     client_model: str = ""  # the model id as the client asked for it
     explicit_session: Optional[str] = None  # X-Session-Id: the client names its conversation
     working_dir: Optional[str] = None       # X-Working-Dir (claude-code backend)
-    options: Dict[str, Any] = field(default_factory=dict)  # front-end specifics (include_usage, store, ...)
+    # front-end specifics (include_usage, store, ...)
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -562,7 +585,7 @@ class Block:
 
     def __init__(self, kind, text="", call_id="", name=""):
         self.kind = kind
-        self.pieces = [text] if text else []   # joined when read, so long answers fold in linear time
+        self.pieces = [text] if text else []   # joined when read: long answers fold in linear time
         self.signature = None                  # reasoning: set by the signature that closes it
         self.call_id = call_id
         self.name = name
@@ -723,7 +746,8 @@ class Fields:
                  for k in ((int, float) if float in kinds else ()) + kinds)
         if not ok:
             expected = " or ".join(self._NAMES.get(k, k.__name__) for k in kinds)
-            raise bad_request("'%s%s' must be %s" % (self.prefix, name, expected), self.prefix + name)
+            raise bad_request("'%s%s' must be %s" % (self.prefix, name, expected),
+                              self.prefix + name)
         return value
 
 
@@ -775,19 +799,22 @@ def json_format_instruction(fmt):
     if not fmt:
         return None
     if not isinstance(fmt, dict):
-        raise bad_request("the response format must be an object such as {\"type\": \"json_object\"}",
-                          "response_format")
+        raise bad_request("the response format must be an object such as "
+                          "{\"type\": \"json_object\"}", "response_format")
     if fmt.get("type") in (None, "text"):
         return None
     if fmt.get("type") == "json_object":
-        return "Respond with a single valid JSON object and nothing else (no prose, no code fences)."
+        return ("Respond with a single valid JSON object and nothing else "
+                "(no prose, no code fences).")
     if fmt.get("type") == "json_schema":
         schema = fmt.get("json_schema", fmt)
         if not isinstance(schema, dict):
             raise bad_request("'json_schema' must be an object", "response_format.json_schema")
-        return ("Respond with a single valid JSON object that conforms to this JSON Schema, and nothing "
-                "else (no prose, no code fences):\n" + json_dumps(schema.get("schema", schema)))
-    raise bad_request("response format type %r is not supported" % fmt.get("type"), "response_format")
+        return ("Respond with a single valid JSON object that conforms to this JSON Schema, "
+                "and nothing else (no prose, no code fences):\n"
+                + json_dumps(schema.get("schema", schema)))
+    raise bad_request("response format type %r is not supported" % fmt.get("type"),
+                      "response_format")
 
 
 _CJK = re.compile("[\u1100-\u11ff\u2e80-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
@@ -817,12 +844,14 @@ def estimate_request_tokens(request):
             elif kind == "tool_result":
                 total += estimate_tokens(part["content"]) + 1600 * len(part.get("images") or ())
     for tool in request.tools:
-        total += estimate_tokens(tool["name"] + (tool["description"] or "") + json_dumps(tool["schema"]))
+        total += estimate_tokens(tool["name"] + (tool["description"] or "")
+                                 + json_dumps(tool["schema"]))
     return max(1, total)
 
 
 class Slots:
-    """A counted limit shared by request threads: model requests in flight, CLI processes running."""
+    """A counted limit shared by request threads: model requests in flight, CLI processes
+    running."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -2109,7 +2138,8 @@ class ClientGone(Exception):
     """The client closed its connection (or stopped reading past the socket timeout)."""
 
 
-CLIENT_CHECK_SECONDS = 0.2     # a client that hangs up is noticed this soon, whatever the upstream does
+# A client that hangs up is noticed this soon, whatever the upstream does.
+CLIENT_CHECK_SECONDS = 0.2
 
 
 class Exchange:
@@ -2126,7 +2156,7 @@ class Exchange:
         self.input_estimate = 0
         self.committed = False                 # status line sent: no more retries or HTTP statuses
         self.produced = False                  # any content event seen in the current attempt
-        self.next_client_check = 0.0           # monotonic time of the next "is the client still there"
+        self.next_client_check = 0.0           # monotonic time of the next "is the client there"
         self.last_write = time.monotonic()
         self.response_headers = {}             # set by the backend (e.g. X-Claude-Cost-Usd)
         self.cost_usd = None                   # what the backend says this request cost
@@ -2439,21 +2469,25 @@ class ModelInfo:
 CC_CATALOG = {}
 for _line in CC_CATALOG_TEXT.strip().splitlines():
     _id, _img, _eff, _ctx, _label = _line.split("|")
-    CC_CATALOG[_id.lower()] = ModelInfo(_id, _img == "image", tuple(e for e in _eff.split(",")
-                                                                     if e in EFFORT_ORDER), int(_ctx), _label)
+    CC_CATALOG[_id.lower()] = ModelInfo(_id, _img == "image",
+                                        tuple(e for e in _eff.split(",") if e in EFFORT_ORDER),
+                                        int(_ctx), _label)
 del _line, _id, _img, _eff, _ctx, _label
 
 # Deprecated ids the CLI rewrites before sending (canonicalizeModelId in CLI 1.64).
-CC_DEPRECATED = {"claude-sonnet-4-20250514": "claude-sonnet-4-6", "claude-sonnet-4-5-20250929": "claude-sonnet-4-6",
+CC_DEPRECATED = {"claude-sonnet-4-20250514": "claude-sonnet-4-6",
+                 "claude-sonnet-4-5-20250929": "claude-sonnet-4-6",
                  "claude-sonnet-4-5": "claude-sonnet-4-6", "claude-sonnet-4": "claude-sonnet-4-6",
-                 "claude-opus-4-5-20251101": "claude-opus-4-7", "claude-opus-4-5": "claude-opus-4-7",
-                 "claude-opus-4-6": "claude-opus-4-7", "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+                 "claude-opus-4-5-20251101": "claude-opus-4-7",
+                 "claude-opus-4-5": "claude-opus-4-7", "claude-opus-4-6": "claude-opus-4-7",
+                 "claude-haiku-4-5": "claude-haiku-4-5-20251001",
                  "tencent/hy3": "tencent/Hy3"}
 _DATE_SUFFIX = re.compile(r"[-@]\d{8}$")
 
 
 def map_model(model, model_map, default):
-    """Client model id -> backend model id through modelMap (exact ids first, then globs in order)."""
+    """Client model id -> backend model id through modelMap (exact ids first, then globs in
+    order)."""
     if not model:
         return default
     if model in model_map:
@@ -2468,7 +2502,8 @@ def map_model(model, model_map, default):
 def canonical_cc_model(model):
     """Case-insensitive catalog match; deprecated ids and date suffixes as the CLI rewrites them."""
     lowered = model.lower()
-    for candidate in (lowered, CC_DEPRECATED.get(lowered, "").lower(), _DATE_SUFFIX.sub("", lowered),
+    for candidate in (lowered, CC_DEPRECATED.get(lowered, "").lower(),
+                      _DATE_SUFFIX.sub("", lowered),
                       CC_DEPRECATED.get(_DATE_SUFFIX.sub("", lowered), "").lower()):
         if candidate in CC_CATALOG:
             return CC_CATALOG[candidate].id
@@ -2484,7 +2519,8 @@ def clamp_effort(effort, allowed):
     if effort in allowed:
         return effort
     rank = EFFORT_ORDER.index(effort)
-    return min(allowed, key=lambda level: (abs(EFFORT_ORDER.index(level) - rank), -EFFORT_ORDER.index(level)))
+    return min(allowed, key=lambda level: (abs(EFFORT_ORDER.index(level) - rank),
+                                           -EFFORT_ORDER.index(level)))
 
 
 def image_capable_models():
@@ -2515,16 +2551,19 @@ class VersionWatcher:
         while not self.stop_event.is_set():
             conn, _ = registry.acquire(10)
             try:
-                conn.request("GET", registry.prefix, headers={"Accept": "application/json"})  # the URL's path
+                conn.request("GET", registry.prefix,  # the URL's path
+                             headers={"Accept": "application/json"})
                 response = conn.getresponse()
                 document = _json_decode(response.read(65536).decode("utf-8", "replace"))
-                version = document.get("version") if response.status == 200 and isinstance(document, dict) else None
+                version = (document.get("version")
+                           if response.status == 200 and isinstance(document, dict) else None)
                 if isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+[\w.\-]*", version):
                     if version != self.latest:
                         log.info("command-code version from npm: %s", version)
                     self.latest = version
                 else:
-                    log.debug("npm answered %s without a usable version; using %s", response.status, self.version)
+                    log.debug("npm answered %s without a usable version; using %s",
+                              response.status, self.version)
             except Exception as e:  # offline, proxy, registry down: the pinned version serves
                 log.debug("npm version check failed (%s); using %s", type(e).__name__, self.version)
             finally:
@@ -2621,7 +2660,8 @@ class ConnectionPool:
         with self.lock:
             while self.idle:
                 conn, released = self.idle.pop()
-                if now - released < self.IDLE_SECONDS and conn.sock is not None and conn.sock.fileno() != -1:
+                if (now - released < self.IDLE_SECONDS and conn.sock is not None
+                        and conn.sock.fileno() != -1):
                     reused = conn
                     break
                 stale.append(conn)
@@ -2633,7 +2673,8 @@ class ConnectionPool:
                 reused.sock.settimeout(timeout)
             return reused, True
         if self.tls:
-            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout, context=tls_context())
+            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout,
+                                           context=tls_context())
         else:
             conn = UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
         return conn, False
@@ -2661,7 +2702,8 @@ class UpstreamCall:
     QUEUE_CHUNKS = 16
 
     def __init__(self, pool, method, path, headers, body, socket_timeout):
-        self.pool, self.method, self.path, self.headers, self.body = pool, method, path, headers, body
+        (self.pool, self.method, self.path,
+         self.headers, self.body) = pool, method, path, headers, body
         self.socket_timeout = socket_timeout
         self.items = queue.Queue(self.QUEUE_CHUNKS)
         self.cancelled = threading.Event()
@@ -2688,8 +2730,8 @@ class UpstreamCall:
         try:
             conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
             return conn, conn.getresponse()
-        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState, ConnectionResetError,
-                BrokenPipeError):
+        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState,
+                ConnectionResetError, BrokenPipeError):
             if not reused or self.cancelled.is_set():
                 raise
             conn.close()  # a pooled connection the server had closed: once more on a fresh one
@@ -2802,39 +2844,42 @@ def _classify_upstream_error(status, message, code=None, rate_limit=None, retry_
     text = (message or "").lower()
     code_text = str(code or "").lower()
     shown = message or "HTTP %s" % status
-    if "premium_credits_exhausted" in text or "insufficient credits" in text or code_text == "usage_exceeded" \
-            or status == 402:
+    if "premium_credits_exhausted" in text or "insufficient credits" in text \
+            or code_text == "usage_exceeded" or status == 402:
         return ProxyError(429, "insufficient_quota", "Command Code credits exhausted: " + shown,
                           code="insufficient_quota", should_retry=False)
     if code_text == "model_not_in_plan" or "model_not_in_plan" in text:
         return ProxyError(403, "permission", "model not in your Command Code plan: " + shown,
                           code="model_not_in_plan")
     if code_text == "upgrade_required" or "upgrade_required" in text:
-        return ProxyError(502, "upstream", "Command Code refused our client version (upgrade_required). The "
-                          "operator should set ccVersion to the current command-code version: python3 proxy.py "
-                          "config set ccVersion <version>", code="upgrade_required")
+        return ProxyError(502, "upstream", "Command Code refused our client version "
+                          "(upgrade_required). The operator should set ccVersion to the current "
+                          "command-code version: python3 proxy.py config set ccVersion <version>",
+                          code="upgrade_required")
     if status == 401:
         return ProxyError(401, "authentication", "Command Code rejected the API key: " + shown,
                           code="invalid_api_key")
     if status == 403:
         return ProxyError(403, "permission", "Command Code refused the request: " + shown)
     if status == 429:
-        if code_text == "rate_limited" and isinstance(rate_limit, dict) and rate_limit.get("window"):
+        if code_text == "rate_limited" and isinstance(rate_limit, dict) \
+                and rate_limit.get("window"):
             reset = rate_limit.get("reset")
             wait = max(1, int(reset - time.time())) if isinstance(reset, (int, float)) else 3600
-            return ProxyError(429, "rate_limit", "Command Code %s usage limit reached; it resets in %d s: %s"
+            return ProxyError(429, "rate_limit",
+                              "Command Code %s usage limit reached; it resets in %d s: %s"
                               % (rate_limit.get("window"), wait, shown), retry_after=wait,
                               code="usage_limit", should_retry=False)
         return ProxyError(429, "rate_limit", "Command Code is rate limiting: " + shown,
                           retry_after=retry_after or 30, code="rate_limited")
     if status == 529:
-        return ProxyError(503, "overloaded", "Command Code is overloaded: " + shown, retry_after=retry_after or 5,
-                          retryable=True, code="overloaded")
+        return ProxyError(503, "overloaded", "Command Code is overloaded: " + shown,
+                          retry_after=retry_after or 5, retryable=True, code="overloaded")
     if status in (408, 504):
         return ProxyError(504, "timeout", "Command Code timed out: " + shown, retryable=True)
     if status is None or status >= 500:
-        return ProxyError(502, "upstream", "Command Code error: " + shown, retry_after=retry_after or 5,
-                          retryable=True, code="upstream_error")
+        return ProxyError(502, "upstream", "Command Code error: " + shown,
+                          retry_after=retry_after or 5, retryable=True, code="upstream_error")
     if status == 404:
         return ProxyError(404, "not_found", "Command Code: " + shown)
     if status == 413:
@@ -2856,7 +2901,8 @@ def stream_error(error):
     if m:
         status = status or int(m.group(1))
         message, code, rate_limit = parse_upstream_error(m.group(2))
-    err = classify_upstream_error(status if isinstance(status, int) else None, message, code, rate_limit)
+    err = classify_upstream_error(status if isinstance(status, int) else None, message, code,
+                                  rate_limit)
     if isinstance(error, dict) and error.get("isRetryable") is True:
         err.retryable = True
     return err
@@ -2872,11 +2918,12 @@ def cc_usage(raw):
                  cache_read=number(details.get("cacheReadTokens", raw.get("cachedInputTokens"))),
                  cache_write=number(details.get("cacheWriteTokens")),
                  output=number(raw.get("outputTokens")),
-                 reasoning=number(output_details.get("reasoningTokens", raw.get("reasoningTokens"))))
+                 reasoning=number(output_details.get("reasoningTokens",
+                                                     raw.get("reasoningTokens"))))
 
 
-CC_FINISH = {"stop": "stop", "length": "length", "tool-calls": "tool_calls", "content-filter": "content_filter",
-             "other": "stop"}
+CC_FINISH = {"stop": "stop", "length": "length", "tool-calls": "tool_calls",
+             "content-filter": "content_filter", "other": "stop"}
 
 
 class CommandCodeStreamDecoder:
@@ -2905,7 +2952,8 @@ class CommandCodeStreamDecoder:
             self.pending.append(data)
             self.pending_size += len(data)
             if self.pending_size > self.MAX_LINE:
-                raise ProxyError(502, "upstream", "Command Code sent a line longer than %d bytes" % self.MAX_LINE)
+                raise ProxyError(502, "upstream",
+                                 "Command Code sent a line longer than %d bytes" % self.MAX_LINE)
             return []
         if self.pending:
             complete = b"".join(self.pending) + complete
@@ -2994,7 +3042,8 @@ class CommandCodeStreamDecoder:
     def _finish(self, event, batch):
         reason = event.get("finishReason")
         if reason == "error":
-            raise ProxyError(502, "upstream", "Command Code ended the answer with an error", retryable=True)
+            raise ProxyError(502, "upstream", "Command Code ended the answer with an error",
+                             retryable=True)
         usage = cc_usage(event.get("totalUsage")) or self.step_usage or Usage()
         finish = CC_FINISH.get(reason, "stop")
         stop_sequence = None
@@ -3013,15 +3062,17 @@ class CommandCodeStreamDecoder:
 
 
 def wire_system(request):
-    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic allows),
-    or a single space: an empty system makes the server inject ~7.5k tokens of its own prompt."""
+    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic
+    allows), or a single space: an empty system makes the server inject ~7.5k tokens of its own
+    prompt."""
     parts = [p["text"] for p in request.system if p["text"]]
     if not parts:
         return " "
     if len(parts) > 4:
         parts = parts[:3] + ["\n".join(parts[3:])]
     last = len(parts) - 1
-    return [{"type": "text", "text": text if i == last else text + "\n", "cache_control": {"type": "ephemeral"}}
+    return [{"type": "text", "text": text if i == last else text + "\n",
+             "cache_control": {"type": "ephemeral"}}
             for i, text in enumerate(parts)]
 
 
@@ -3048,14 +3099,15 @@ def wire_messages(request):
             elif kind == "reasoning":
                 content.append({"type": "reasoning", "text": part["text"]})
             elif kind == "tool_call":
-                content.append({"type": "tool-call", "toolCallId": part["id"], "toolName": part["name"],
-                                "input": part["arguments"]})
+                content.append({"type": "tool-call", "toolCallId": part["id"],
+                                "toolName": part["name"], "input": part["arguments"]})
             elif kind == "tool_result":
                 value = part["content"]
                 for image in part.get("images") or ():
                     hoisted.append(wire_image(image))
                     value += "\n[image %d attached below]" % len(hoisted)
-                content.append({"type": "tool-result", "toolCallId": part["call_id"], "toolName": part["name"],
+                content.append({"type": "tool-result", "toolCallId": part["call_id"],
+                                "toolName": part["name"],
                                 "output": {"type": "text", "value": value}})
         if not content:
             continue
@@ -3120,13 +3172,16 @@ class ModelList:
         pool = ConnectionPool(self.backend.config["apiBase"])
         conn, _ = pool.acquire(10)
         try:
-            conn.request("GET", pool.prefix + "/provider/v1/models", headers=self.backend.headers(key, None, None))
+            conn.request("GET", pool.prefix + "/provider/v1/models",
+                         headers=self.backend.headers(key, None, None))
             response = conn.getresponse()
             body = response.read(4 * 1024 * 1024)
             data = json.loads(body).get("data") if response.status == 200 else None
-            ids = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if data else None
+            ids = ([m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                   if data else None)
         except (OSError, ValueError, AttributeError, http.client.HTTPException) as e:
-            log.debug("provider model list unavailable (%s); using the built-in catalog", type(e).__name__)
+            log.debug("provider model list unavailable (%s); using the built-in catalog",
+                      type(e).__name__)
             ids = None
         finally:
             conn.close()
@@ -3163,14 +3218,17 @@ class CommandCodeBackend:
             m = re.search(r"user_[A-Za-z0-9_\-]+", value or "")
             if m:
                 return m.group(0)
-        raise ProxyError(401, "authentication", "a Command Code key is required: " + self.auth_hint +
+        raise ProxyError(401, "authentication",
+                         "a Command Code key is required: " + self.auth_hint +
                          " (sk-... keys are not Command Code keys)", code="invalid_api_key")
 
     def prepare(self, request):
-        """Model mapping, canonical ids, limits and capability checks, all before any upstream call."""
+        """Model mapping, canonical ids, limits and capability checks, all before any upstream
+        call."""
         default = self.config["defaultModel"] or CC_DEFAULT_MODEL
         drop_dangling_reasoning(request)
-        request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"], default))
+        request.model = canonical_cc_model(map_model(request.model, self.config["modelMap"],
+                                                     default))
         info = CC_CATALOG.get(request.model.lower())
         if info is not None and not info.images and has_images(request):
             raise bad_request("model %s does not accept images; models that do: %s"
@@ -3184,7 +3242,8 @@ class CommandCodeBackend:
     # ---- the wire ---------------------------------------------------------------------
     def headers(self, key, session_id, traceparent):
         headers = {"content-type": "application/json", "User-Agent": "cli",
-                   "x-command-code-version": self.version.version, "x-cli-environment": "production",
+                   "x-command-code-version": self.version.version,
+                   "x-cli-environment": "production",
                    "x-project-slug": self.config["projectSlug"], "x-taste-learning": "true"}
         if session_id:
             headers["x-session-id"] = session_id
@@ -3195,7 +3254,8 @@ class CommandCodeBackend:
         return headers
 
     def envelope(self, request, session_id):
-        """The /alpha/generate body, keys in the CLI's order, with a neutral environment snapshot."""
+        """The /alpha/generate body, keys in the CLI's order, with a neutral environment
+        snapshot."""
         params = {"model": request.model, "messages": wire_messages(request),
                   "tools": [] if request.tool_choice == "none" else
                   [{"name": t["name"], "description": t["description"], "input_schema": t["schema"]}
@@ -3216,10 +3276,11 @@ class CommandCodeBackend:
         if request.reasoning_effort:
             params["reasoning_effort"] = request.reasoning_effort
         config = {"workingDir": "/workspace/" + self.config["projectSlug"],
-                  "date": time.strftime("%Y-%m-%d", time.gmtime()), "environment": "linux", "structure": [],
-                  "isGitRepo": False, "currentBranch": "", "mainBranch": "", "gitStatus": "", "recentCommits": []}
-        return {"config": config, "memory": None, "taste": None, "skills": None, "permissionMode": "standard",
-                "threadId": session_id, "params": params}
+                  "date": time.strftime("%Y-%m-%d", time.gmtime()), "environment": "linux",
+                  "structure": [], "isGitRepo": False, "currentBranch": "", "mainBranch": "",
+                  "gitStatus": "", "recentCommits": []}
+        return {"config": config, "memory": None, "taste": None, "skills": None,
+                "permissionMode": "standard", "threadId": session_id, "params": params}
 
     # ---- the stream -------------------------------------------------------------------
     def stream(self, request, exchange):
@@ -3228,8 +3289,10 @@ class CommandCodeBackend:
         session_id = self.sessions.session_for(key, request.session_id)
         body = json_dumps(self.envelope(request, session_id)).encode()
         traceparent = "00-%s-%s-01" % (exchange.trace_id, secrets.token_hex(8))
-        idle_limit = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
-        call = UpstreamCall(self.pool, "POST", "/alpha/generate", self.headers(key, session_id, traceparent),
+        idle_limit = self.config["streamIdleTimeoutMs" if request.stream
+                                 else "nonStreamIdleTimeoutMs"] / 1000
+        call = UpstreamCall(self.pool, "POST", "/alpha/generate",
+                            self.headers(key, session_id, traceparent),
                             body, socket_timeout=idle_limit + 30)
         decoder = CommandCodeStreamDecoder(request)
         tick = exchange.tick
@@ -3259,8 +3322,9 @@ class CommandCodeBackend:
                         headers = {k.lower(): v for k, v in item[2]}
                         message, code, rate_limit = parse_upstream_error(item[3])
                         retry_after = headers.get("retry-after")
-                        raise classify_upstream_error(item[1], message, code, rate_limit,
-                                                      int(retry_after) if (retry_after or "").isdigit() else None)
+                        raise classify_upstream_error(
+                            item[1], message, code, rate_limit,
+                            int(retry_after) if (retry_after or "").isdigit() else None)
                     self.last_upstream_ok = time.time()
                 elif kind == "end":
                     batch = decoder.close()
@@ -3270,10 +3334,12 @@ class CommandCodeBackend:
                         return
                     if batch:
                         yield batch
-                    raise ProxyError(502, "upstream", "Command Code's stream ended before it finished the answer "
-                                     "(no finish event)", retryable=True, retry_after=2)
+                    raise ProxyError(502, "upstream", "Command Code's stream ended before it "
+                                     "finished the answer (no finish event)",
+                                     retryable=True, retry_after=2)
                 else:
-                    raise ProxyError(502, "upstream", "cannot reach Command Code (%s)" % type(item[1]).__name__,
+                    raise ProxyError(502, "upstream",
+                                     "cannot reach Command Code (%s)" % type(item[1]).__name__,
                                      retryable=True, retry_after=2)
         finally:
             if not decoder.finished:
@@ -3288,8 +3354,8 @@ class CommandCodeBackend:
         count = self.sessions.note_timeout(key)
         message = "Command Code sent nothing for %g s" % idle_limit
         if count >= 3:
-            message = ("Response timeout (%d in a row) - try reducing the context length: summarize or drop "
-                       "earlier messages" % count)
+            message = ("Response timeout (%d in a row) - try reducing the context length: "
+                       "summarize or drop earlier messages" % count)
         return ProxyError(504, "timeout", message, retry_after=5, code="upstream_timeout")
 
     def list_models(self, key):
@@ -3327,15 +3393,17 @@ class CommandCodeBackend:
 CLAUDE_DEFAULT_MODEL = "sonnet"
 # Aliases the CLI resolves itself (they move with CLI releases, so they are passed through).
 CLAUDE_ALIASES = ("sonnet", "opus", "haiku", "fable", "opusplan", "sonnet[1m]", "opus[1m]")
-CLAUDE_KNOWN_MODELS = (("claude-opus-4-8", "Claude Opus 4.8"), ("claude-sonnet-5", "Claude Sonnet 5"),
-                       ("claude-haiku-4-5-20251001", "Claude Haiku 4.5"), ("claude-fable-5", "Claude Fable 5"),
-                       ("claude-opus-4-6", "Claude Opus 4.6"), ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5"))
-CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
-                  "max": "max"}
+CLAUDE_KNOWN_MODELS = (("claude-opus-4-8", "Claude Opus 4.8"),
+                       ("claude-sonnet-5", "Claude Sonnet 5"),
+                       ("claude-haiku-4-5-20251001", "Claude Haiku 4.5"),
+                       ("claude-fable-5", "Claude Fable 5"), ("claude-opus-4-6", "Claude Opus 4.6"),
+                       ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5"))
+CLAUDE_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                  "xhigh": "xhigh", "max": "max"}
 CLAUDE_PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "bypassPermissions", "auto")
 _CLAUDE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@\[\]\-]{0,127}$")
 
-CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv strings cap at 128 KiB)
+CLAUDE_SYSTEM_ARG_LIMIT = 100000  # longer system text goes through a file (argv caps at 128 KiB)
 CLAUDE_STDERR_KEEP = 16384
 
 # What the child's environment is built from (nothing else of ours leaks in).
@@ -3345,14 +3413,18 @@ CLAUDE_ENV_NAMES = frozenset((
     "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy",
     "NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "SSL_CERT_DIR",
     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUD_ML_REGION"))
-CLAUDE_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "LC_", "DISABLE_", "AWS_", "VERTEX_REGION_", "AZURE_")
+CLAUDE_ENV_PREFIXES = ("ANTHROPIC_", "CLAUDE_", "LC_", "DISABLE_", "AWS_", "VERTEX_REGION_",
+                       "AZURE_")
 CLAUDE_ENV_DROP = frozenset(("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_CODE_SSE_PORT"))
-CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"), ("DISABLE_TELEMETRY", "1"),
-                        ("DISABLE_ERROR_REPORTING", "1"), ("DISABLE_AUTOUPDATER", "1"))
-CLAUDE_DEFAULT_MAX_RETRIES = "1"   # the CLI's default 10 (401 included) can hold a request for minutes
+CLAUDE_NO_PHONE_HOME = (("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                        ("DISABLE_TELEMETRY", "1"), ("DISABLE_ERROR_REPORTING", "1"),
+                        ("DISABLE_AUTOUPDATER", "1"))
+# The CLI's default of 10 retries (401 included) can hold a request for minutes.
+CLAUDE_DEFAULT_MAX_RETRIES = "1"
 
-CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "refusal": "refusal",
-                 "tool_use": "stop", "pause_turn": "stop", "model_context_window_exceeded": "length"}
+CLAUDE_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                 "refusal": "refusal", "tool_use": "stop", "pause_turn": "stop",
+                 "model_context_window_exceeded": "length"}
 
 
 def claude_env(environ=None):
@@ -3394,7 +3466,8 @@ def ensure_api_key(config, out=None):
     out = out or sys.stdout
     where = ("saved to %s" % path) if saved else "NOT saved (set API_KEY or apiKey to keep it)"
     out.write("cc-proxy: no apiKey was configured; generated one and %s.\n\n    %s\n\n"
-              "Clients send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.\n" % (where, key))
+              "Clients send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.\n"
+              % (where, key))
     out.flush()
     return key
 
@@ -3510,9 +3583,10 @@ class ClaudeSessions:
         loaded = {}
         for key, entry in sessions.items():
             if isinstance(entry, dict) and isinstance(entry.get("session"), str) and \
-                    isinstance(entry.get("cwd"), str) and isinstance(entry.get("expires"), (int, float)) \
-                    and entry["expires"] > now:
-                loaded[key] = {"session": entry["session"], "cwd": entry["cwd"], "expires": entry["expires"]}
+                    isinstance(entry.get("cwd"), str) and \
+                    isinstance(entry.get("expires"), (int, float)) and entry["expires"] > now:
+                loaded[key] = {"session": entry["session"], "cwd": entry["cwd"],
+                               "expires": entry["expires"]}
         with self.lock:
             self.entries.update(loaded)
         log.info("loaded %d Claude Code session(s) from %s", len(loaded), self.path)
@@ -3577,7 +3651,8 @@ def dialogue_kind(message):
     if message["role"] != "assistant":
         return None
     text = _message_text(message).lstrip()
-    for prefix, kind in ((_DIALOGUE_ASK, "ask"), (_DIALOGUE_CONFIRM, "confirm"), (_DIALOGUE_REJECT, "reject")):
+    for prefix, kind in ((_DIALOGUE_ASK, "ask"), (_DIALOGUE_CONFIRM, "confirm"),
+                         (_DIALOGUE_REJECT, "reject")):
         if text.startswith(prefix):
             return kind
     return None
@@ -3585,7 +3660,8 @@ def dialogue_kind(message):
 
 def allowed_dirs(config):
     raw = config["claudeAllowedDirs"]
-    items = raw if isinstance(raw, (list, tuple)) else re.split(r"[,%s]" % re.escape(os.pathsep), str(raw))
+    items = (raw if isinstance(raw, (list, tuple))
+             else re.split(r"[,%s]" % re.escape(os.pathsep), str(raw)))
     return [os.path.realpath(os.path.expanduser(item.strip())) for item in items if item.strip()]
 
 
@@ -3599,11 +3675,13 @@ def check_working_dir(path, allowed=()):
         return None, "%s is not an absolute path" % text
     real = os.path.realpath(expanded)
     for pseudo in _PSEUDO_FILESYSTEMS:   # as named and as resolved: /proc/self/cwd is refused too
-        if any(p == pseudo or p.startswith(pseudo + "/") for p in (os.path.normpath(expanded), real)):
+        if any(p == pseudo or p.startswith(pseudo + "/")
+               for p in (os.path.normpath(expanded), real)):
             return None, "%s is inside %s, which is refused" % (text, pseudo)
     if not os.path.isdir(real):
         return None, "%s is not an existing directory" % text
-    if allowed and not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in allowed):
+    if allowed and not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep)
+                           for a in allowed):
         return None, "%s is outside the allowed directories (%s)" % (text, ", ".join(allowed))
     return real, None
 
@@ -3616,8 +3694,10 @@ def _looks_like_path(text):
 def working_dir_dialogue(messages, default_dir, allowed):
     """ccp's dialogue. -> (cwd, messages without the dialogue, None) when the CLI should run,
     or (None, None, canned reply) when the proxy answers by itself."""
-    hint = "Reply with an absolute path (or ~/path) to an existing directory, or `default` for %s." % default_dir
-    ask = "%s which working directory should Claude Code use for this conversation?\n\n%s" % (_DIALOGUE_ASK, hint)
+    hint = ("Reply with an absolute path (or ~/path) to an existing directory, "
+            "or `default` for %s." % default_dir)
+    ask = ("%s which working directory should Claude Code use for this conversation?\n\n%s"
+           % (_DIALOGUE_ASK, hint))
 
     def answer(text):
         if text.strip().strip("`'\"").lower() in ("default", "."):
@@ -3629,8 +3709,8 @@ def working_dir_dialogue(messages, default_dir, allowed):
     def verdict(text):
         directory, reason = answer(text)
         if directory:
-            return ("%s working directory set to %s. Claude Code will work there for the rest of this "
-                    "conversation. What should it do?" % (_DIALOGUE_CONFIRM, directory))
+            return ("%s working directory set to %s. Claude Code will work there for the rest "
+                    "of this conversation. What should it do?" % (_DIALOGUE_CONFIRM, directory))
         if reason:
             return "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason, hint)
         return ask
@@ -3657,7 +3737,8 @@ def working_dir_dialogue(messages, default_dir, allowed):
         return None, None, verdict(_message_text(tail[-1])) if tail else ask
     directory, reason = answer(_message_text(messages[confirmed]))
     if not directory:
-        return None, None, "%s %s.\n\n%s" % (_DIALOGUE_REJECT, reason or "that directory is no longer usable", hint)
+        return None, None, "%s %s.\n\n%s" % (
+            _DIALOGUE_REJECT, reason or "that directory is no longer usable", hint)
     return directory, [m for i, m in enumerate(messages) if i not in strip], None
 
 
@@ -3672,7 +3753,8 @@ def _claude_part_text(part):
     if kind == "tool_call":
         return "[called tool %s with %s]" % (part["name"], json_dumps(part["arguments"]))
     if kind == "tool_result":
-        return "[result of tool %s%s]\n%s" % (part.get("name") or "", " (error)" if part.get("is_error") else "",
+        return "[result of tool %s%s]\n%s" % (part.get("name") or "",
+                                               " (error)" if part.get("is_error") else "",
                                                part.get("content") or "")
     return ""
 
@@ -3684,8 +3766,9 @@ def claude_user_blocks(messages):
         for part in message["parts"]:
             if part["type"] == "image":
                 if part.get("data"):
-                    blocks.append({"type": "image", "source": {"type": "base64", "media_type": part["media_type"],
-                                                               "data": part["data"]}})
+                    blocks.append({"type": "image",
+                                   "source": {"type": "base64", "media_type": part["media_type"],
+                                              "data": part["data"]}})
                 else:
                     blocks.append({"type": "image", "source": {"type": "url", "url": part["url"]}})
             elif part["type"] != "reasoning":
@@ -3697,8 +3780,9 @@ def claude_user_blocks(messages):
 
 def claude_transcript(messages):
     """Earlier turns as one text block, for a conversation the CLI has no session of."""
-    lines = ["[cc-proxy: this conversation began before this Claude Code session existed. Its earlier "
-             "turns follow; continue it as the assistant.]", "", "<conversation_history>"]
+    lines = ["[cc-proxy: this conversation began before this Claude Code session existed. "
+             "Its earlier turns follow; continue it as the assistant.]", "",
+             "<conversation_history>"]
     for message in messages:
         label = {"user": "User", "assistant": "Assistant"}.get(message["role"], "Tool")
         text = "\n".join(t for t in (_claude_part_text(p) for p in message["parts"]) if t.strip())
@@ -3712,8 +3796,8 @@ def claude_transcript(messages):
 
 
 def claude_argv(cli, config, request, session_id, resume, system_file=None):
-    argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-            "--include-partial-messages"]
+    argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
+            "--verbose", "--include-partial-messages"]
     if request.model and request.model != "default":
         argv += ["--model", request.model]
     argv += ["--resume", session_id] if resume else ["--session-id", session_id]
@@ -3721,7 +3805,8 @@ def claude_argv(cli, config, request, session_id, resume, system_file=None):
     if system:
         replace = config["claudeSystemPromptMode"] == "replace"
         if system_file:
-            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file", system_file]
+            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file",
+                     system_file]
         else:
             argv += ["--system-prompt" if replace else "--append-system-prompt", system]
     tools = config["claudeTools"].strip()
@@ -3730,7 +3815,8 @@ def claude_argv(cli, config, request, session_id, resume, system_file=None):
     effort = CLAUDE_EFFORTS.get(request.reasoning_effort or "")
     if effort:
         argv += ["--effort", effort]
-    argv += ["--permission-mode", config["claudePermissionMode"], "--max-turns", str(config["claudeMaxTurns"])]
+    argv += ["--permission-mode", config["claudePermissionMode"],
+             "--max-turns", str(config["claudeMaxTurns"])]
     return argv
 
 
@@ -3745,27 +3831,31 @@ def claude_usage(result):
         for item in per_model.values():
             if not isinstance(item, dict):
                 continue
-            read, write = number(item.get("cacheReadInputTokens")), number(item.get("cacheCreationInputTokens"))
+            read, write = (number(item.get("cacheReadInputTokens")),
+                           number(item.get("cacheCreationInputTokens")))
             usage.input += number(item.get("inputTokens")) + read + write
             usage.cache_read += read
             usage.cache_write += write
             usage.output += number(item.get("outputTokens"))
         return usage
     raw = result.get("usage") if isinstance(result.get("usage"), dict) else {}
-    read, write = number(raw.get("cache_read_input_tokens")), number(raw.get("cache_creation_input_tokens"))
-    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read, cache_write=write,
-                 output=number(raw.get("output_tokens")))
+    read, write = (number(raw.get("cache_read_input_tokens")),
+                   number(raw.get("cache_creation_input_tokens")))
+    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read,
+                 cache_write=write, output=number(raw.get("output_tokens")))
 
 
 def classify_claude_error(status, kind, text, retry_after=None):
     """is_error result -> ProxyError, from api_error_status and the synthetic error kind only."""
     shown = redact(" ".join(str(text or "").split()))[:500] or "no details"
     if status == 401:
-        return ProxyError(401, "authentication", "Claude Code's upstream rejected its credentials: %s (fix the "
-                          "CLI's login or ANTHROPIC_API_KEY on the proxy host)" % shown, code="upstream_auth")
+        return ProxyError(401, "authentication", "Claude Code's upstream rejected its credentials: "
+                          "%s (fix the CLI's login or ANTHROPIC_API_KEY on the proxy host)" % shown,
+                          code="upstream_auth")
     if status is None and kind == "authentication_failed":
-        return ProxyError(502, "upstream", "the Claude Code CLI is not logged in: %s (run `claude` once as the "
-                          "proxy's user and log in, or set ANTHROPIC_API_KEY)" % shown, code="cli_not_logged_in")
+        return ProxyError(502, "upstream", "the Claude Code CLI is not logged in: %s (run `claude` "
+                          "once as the proxy's user and log in, or set ANTHROPIC_API_KEY)" % shown,
+                          code="cli_not_logged_in")
     if status == 403 or kind == "billing_error":
         return ProxyError(403, "permission", "Claude Code: " + shown, code="billing_error"
                           if kind == "billing_error" else None)
@@ -3773,17 +3863,18 @@ def classify_claude_error(status, kind, text, retry_after=None):
         return ProxyError(404, "not_found", "Claude Code: " + shown, code="model_not_found")
     if status == 429 or kind == "rate_limit":
         return ProxyError(429, "rate_limit", "Claude Code is rate limited: " + shown,
-                          retry_after=max(1, int(retry_after + 0.999)) if retry_after else 30, code="rate_limited")
+                          retry_after=max(1, int(retry_after + 0.999)) if retry_after else 30,
+                          code="rate_limited")
     if status == 413:
         return ProxyError(413, "request_too_large", "Claude Code: " + shown)
     if status in (400, 422) or kind == "invalid_request":
         return ProxyError(400, "invalid_request", "Claude Code: " + shown)
     if status == 529 or kind == "overloaded":
-        return ProxyError(503, "overloaded", "Claude Code's upstream is overloaded: " + shown, retry_after=5,
-                          retryable=True, code="overloaded")
+        return ProxyError(503, "overloaded", "Claude Code's upstream is overloaded: " + shown,
+                          retry_after=5, retryable=True, code="overloaded")
     if status in (408, 504):
-        return ProxyError(504, "timeout", "Claude Code's upstream timed out: " + shown, retry_after=5,
-                          retryable=True)
+        return ProxyError(504, "timeout", "Claude Code's upstream timed out: " + shown,
+                          retry_after=5, retryable=True)
     return ProxyError(502, "upstream", "Claude Code failed: " + shown, retry_after=5,
                       retryable=status is None or status >= 500, code="upstream_error")
 
@@ -3797,7 +3888,8 @@ def claude_tool_note(name, tool_input):
     """'⏺ Bash(echo hi)': the CLI's own tool call as Claude Code's UI shows it."""
     summary = None
     if isinstance(tool_input, dict):
-        for field_name in ("command", "file_path", "path", "pattern", "url", "query", "description", "prompt"):
+        for field_name in ("command", "file_path", "path", "pattern", "url", "query",
+                           "description", "prompt"):
             if isinstance(tool_input.get(field_name), str) and tool_input[field_name].strip():
                 summary = tool_input[field_name]
                 break
@@ -3808,7 +3900,8 @@ def claude_tool_note(name, tool_input):
 
 def claude_result_note(content, is_error):
     if isinstance(content, list):
-        content = " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c) for c in content)
+        content = " ".join(str(c.get("text", "")) if isinstance(c, dict) else str(c)
+                           for c in content)
     text = _short(content or "", 200) or "(no output)"
     return "  \u23bf  %s%s\n" % ("error: " if is_error else "", text)
 
@@ -3953,7 +4046,8 @@ class ClaudeStreamDecoder:
         content = message.get("content") if isinstance(message.get("content"), list) else []
         if message.get("model") == "<synthetic>":
             self.synthetic_error = item.get("error") or "unknown"
-            self.synthetic_text = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+            self.synthetic_text = " ".join(b.get("text", "") for b in content
+                                           if isinstance(b, dict))
             return
         sub_agent = item.get("parent_tool_use_id") is not None
         message_id = message.get("id")
@@ -3968,8 +4062,8 @@ class ClaudeStreamDecoder:
                 continue
             kind = block.get("type")
             if kind == "tool_use":
-                self._note(out, ("  " if sub_agent else "") + claude_tool_note(block.get("name", "tool"),
-                                                                               block.get("input")))
+                self._note(out, ("  " if sub_agent else "")
+                           + claude_tool_note(block.get("name", "tool"), block.get("input")))
             elif sub_agent:
                 continue
             elif kind == "text":
@@ -4013,12 +4107,14 @@ class ClaudeStreamDecoder:
 def parent_death_prefix():
     """The argv prefix that has the kernel send a CLI child SIGTERM when the thread that started it
     ends, even when the proxy is SIGKILLed: util-linux `setpriv --pdeathsig` (Linux). Without it a
-    killed proxy's CLI works on until its next write fails; a normal exit always stops its children."""
+    killed proxy's CLI works on until its next write fails; a normal exit always stops its
+    children."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     if setpriv:
         try:
-            usage = subprocess.run([setpriv, "--help"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, timeout=5).stdout
+            usage = subprocess.run([setpriv, "--help"], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   timeout=5).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         if b"--pdeathsig" in usage:
@@ -4038,8 +4134,9 @@ class ClaudeProcess:
         self.lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
         self.threads = [threading.Thread(target=self._write, args=(stdin_data,), daemon=True),
                         threading.Thread(target=self._read_stdout, daemon=True),
@@ -4154,13 +4251,14 @@ class ClaudeCodeBackend:
         self.sessions.load()
         mode = self.config["claudePermissionMode"]
         if mode == "bypassPermissions":
-            log.warning("claudePermissionMode is bypassPermissions: every client can make Claude Code run any "
-                        "command and edit any file as this user, without asking")
+            log.warning("claudePermissionMode is bypassPermissions: every client can make Claude "
+                        "Code run any command and edit any file as this user, without asking")
             if hasattr(os, "geteuid") and os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
-                log.warning("running as root: the CLI refuses bypassPermissions as root unless IS_SANDBOX=1")
+                log.warning("running as root: the CLI refuses bypassPermissions as root unless "
+                            "IS_SANDBOX=1")
         if not self.config.get("apiKey"):
-            log.error("no apiKey is configured: every request will get 401 (start with `python3 proxy.py` once "
-                      "to generate one, or set API_KEY)")
+            log.error("no apiKey is configured: every request will get 401 (start with "
+                      "`python3 proxy.py` once to generate one, or set API_KEY)")
         threading.Thread(target=self._sweep, name="claude-sessions", daemon=True).start()
 
     def stop(self):
@@ -4198,19 +4296,21 @@ class ClaudeCodeBackend:
             if found:
                 self.cli_path = found
             else:
-                self.cli_error = ("Claude Code CLI %r not found on PATH: install it (npm install -g "
-                                  "@anthropic-ai/claude-code), log in once with `claude`, or set claudePath"
-                                  % configured)
+                self.cli_error = ("Claude Code CLI %r not found on PATH: install it (npm install "
+                                  "-g @anthropic-ai/claude-code), log in once with `claude`, "
+                                  "or set claudePath" % configured)
         if self.cli_path:
             try:
-                done = subprocess.run([self.cli_path, "--version"], env=claude_env(), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+                done = subprocess.run([self.cli_path, "--version"], env=claude_env(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=30)
                 output = done.stdout.decode("utf-8", "replace").strip()
                 if done.returncode == 0 and output:
                     self.cli_version = output.splitlines()[0].replace("(Claude Code)", "").strip()
                 else:
                     self.cli_error = "`%s --version` failed (exit %s): %s" % (
-                        self.cli_path, done.returncode, redact(done.stderr.decode("utf-8", "replace").strip())[:300])
+                        self.cli_path, done.returncode,
+                        redact(done.stderr.decode("utf-8", "replace").strip())[:300])
             except subprocess.TimeoutExpired:
                 self.cli_error = "`%s --version` did not answer within 30 s" % self.cli_path
             except OSError as e:
@@ -4224,14 +4324,16 @@ class ClaudeCodeBackend:
     def authenticate(self, headers):
         expected = (self.config.get("apiKey") or "").encode("utf-8")
         if not expected:
-            raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the operator must set "
-                             "one (API_KEY) before clients can use it", code="invalid_api_key")
+            raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the "
+                             "operator must set one (API_KEY) before clients can use it",
+                             code="invalid_api_key")
         authorization = (headers.get("authorization") or "").strip()
         candidates = [headers.get("x-api-key") or "",
                       authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
         ok = False
         for given in candidates:   # both compared, so the time taken says nothing about either
-            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected)
+            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                      expected)
         if not ok:
             raise ProxyError(401, "authentication", "invalid or missing API key: " + self.auth_hint,
                              code="invalid_api_key")
@@ -4250,8 +4352,9 @@ class ClaudeCodeBackend:
         request.model = model
         if request.tools:
             if request.tool_choice == "required" or isinstance(request.tool_choice, dict):
-                raise bad_request("the Claude Code backend runs its own tools and cannot call client-side tools; "
-                                  "a forced tool_choice cannot be honoured", "tool_choice")
+                raise bad_request("the Claude Code backend runs its own tools and cannot call "
+                                  "client-side tools; a forced tool_choice cannot be honoured",
+                                  "tool_choice")
             request.dropped_tools.extend(t["name"] for t in request.tools)
             request.tools = []
         request.options["claude"] = self.plan(request)
@@ -4260,7 +4363,8 @@ class ClaudeCodeBackend:
         """Where the CLI runs, what it is sent, and which session it continues."""
         named = request.working_dir
         allowed = allowed_dirs(self.config)
-        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"] or os.getcwd()))
+        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"]
+                                                          or os.getcwd()))
         messages = request.messages
         if named:
             cwd, reason = check_working_dir(named, allowed)
@@ -4275,8 +4379,8 @@ class ClaudeCodeBackend:
             return {"reply": reply}
         earlier, trailing = split_trailing_turn(messages)
         if not trailing:
-            raise bad_request("the last message must come from the user (the Claude Code backend cannot continue "
-                              "an assistant prefill)", "messages")
+            raise bad_request("the last message must come from the user (the Claude Code backend "
+                              "cannot continue an assistant prefill)", "messages")
         blocks = claude_user_blocks(trailing)
         if not blocks:
             raise bad_request("the last user message has no text or image content", "messages")
@@ -4288,14 +4392,16 @@ class ClaudeCodeBackend:
             lookup = conversation_key(cwd, normalised_turns(earlier), namespace=hint)
         else:
             lookup = None   # a new conversation: nothing to continue
-        return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing, "blocks": blocks,
-                "explicit": explicit, "hint": hint, "lookup": lookup, "messages": messages}
+        return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing,
+                "blocks": blocks, "explicit": explicit, "hint": hint, "lookup": lookup,
+                "messages": messages}
 
     # ---- the run ------------------------------------------------------------------------
     def stream(self, request, exchange):
         plan = request.options.get("claude") or self.plan(request)
         if plan["reply"] is not None:
-            yield [ModelUsed(request.model), TextDelta(plan["reply"]), UsageEvent(Usage()), Finish("stop")]
+            yield [ModelUsed(request.model), TextDelta(plan["reply"]), UsageEvent(Usage()),
+                   Finish("stop")]
             return
         tick = exchange.tick
         held = []            # (key, lock) pairs this request holds
@@ -4316,17 +4422,20 @@ class ClaudeCodeBackend:
                 if resume or not plan["earlier"]:
                     blocks = plan["blocks"]
                 else:   # a conversation the CLI never saw (or lost): its history as a transcript
-                    blocks = [{"type": "text", "text": claude_transcript(plan["earlier"])}] + plan["blocks"]
+                    blocks = ([{"type": "text", "text": claude_transcript(plan["earlier"])}]
+                              + plan["blocks"])
                 decoder = ClaudeStreamDecoder(use_deltas=request.stream,
                                               tool_notes=self.config["claudeToolNotes"])
                 proc = self._spawn(request, plan, session_id, resume, blocks)
                 procs.append(proc)
-                self.metrics.count("claude_runs_total", {"session": "resume" if resume else
-                                                         ("transcript" if plan["earlier"] else "new")})
+                self.metrics.count("claude_runs_total",
+                                   {"session": "resume" if resume else
+                                    ("transcript" if plan["earlier"] else "new")})
                 rc = yield from self._pump(proc, decoder, request, tick)
-                proc.natural = decoder.result is not None   # it printed its result: let it exit by itself
+                proc.natural = decoder.result is not None   # result out: let it exit by itself
                 if resume and not decoder.produced and self._resume_failed(decoder, rc):
-                    log.info("%s claude session %s is gone (cwd %s); replaying the history as a transcript",
+                    log.info("%s claude session %s is gone (cwd %s); "
+                             "replaying the history as a transcript",
                              exchange.request_id, session_id, plan["cwd"])
                     self.sessions.discard(plan["lookup"])
                     entry = None
@@ -4370,8 +4479,9 @@ class ClaudeCodeBackend:
         try:
             while not lock.acquire(timeout=tick):
                 if time.monotonic() >= deadline:
-                    raise ProxyError(429, "rate_limit", "this conversation is busy with an earlier request; retry "
-                                     "when it has finished", retry_after=5, code="session_busy")
+                    raise ProxyError(429, "rate_limit", "this conversation is busy with an earlier "
+                                     "request; retry when it has finished", retry_after=5,
+                                     code="session_busy")
                 yield []
         except BaseException:
             self.sessions.locks.leave(key)
@@ -4384,9 +4494,9 @@ class ClaudeCodeBackend:
         while not self.slots.acquire(min(tick, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 self.metrics.count("claude_busy_total", {})
-                raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy (claudeMaxProcesses); "
-                                 "retry shortly" % self.slots.limit, retry_after=max(1, int(wait) or 1),
-                                 code="cli_busy")
+                raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy "
+                                 "(claudeMaxProcesses); retry shortly" % self.slots.limit,
+                                 retry_after=max(1, int(wait) or 1), code="cli_busy")
             yield []
 
     def _spawn(self, request, plan, session_id, resume, blocks):
@@ -4399,20 +4509,23 @@ class ClaudeCodeBackend:
         argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
         line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
         try:
-            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(), line.encode("utf-8", "replace"),
+            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(),
+                                 line.encode("utf-8", "replace"),
                                  kill_grace=self.config["claudeKillGraceMs"] / 1000,
                                  exit_wait=self.config["claudeExitWaitMs"] / 1000)
         except FileNotFoundError:
             self._drop_file(system_file)
             self.cli_path = None
-            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0], code="cli_not_found")
+            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0],
+                             code="cli_not_found")
         except PermissionError:
             self._drop_file(system_file)
             raise ProxyError(502, "upstream", "Claude Code CLI at %s is not executable" % argv[0],
                              code="cli_not_found")
         except OSError as e:
             self._drop_file(system_file)
-            raise ProxyError(502, "upstream", "cannot start the Claude Code CLI: %s" % (e.strerror or e))
+            raise ProxyError(502, "upstream",
+                             "cannot start the Claude Code CLI: %s" % (e.strerror or e))
         proc.system_file = system_file
         with self.processes_lock:
             self.processes.add(proc)
@@ -4441,9 +4554,12 @@ class ClaudeCodeBackend:
     def _pump(self, proc, decoder, request, tick):
         """Lines -> batches until the result line (or EOF); [] while the CLI is silent.
         Returns the exit code when the CLI ended without a result, else None."""
-        held = decoder.held   # non-content events (the model) wait for content: a bare ModelUsed batch
-        wall = self.config["claudeTimeoutMs"] / 1000  # would commit the response before an error
-        idle = self.config["streamIdleTimeoutMs" if request.stream else "nonStreamIdleTimeoutMs"] / 1000
+        # non-content events (the model) wait for content: a bare ModelUsed batch would commit
+        # the response before an error
+        held = decoder.held
+        wall = self.config["claudeTimeoutMs"] / 1000
+        idle = self.config["streamIdleTimeoutMs" if request.stream
+                           else "nonStreamIdleTimeoutMs"] / 1000
         last_line = last_yield = time.monotonic()
         while True:
             now = time.monotonic()
@@ -4493,8 +4609,8 @@ class ClaudeCodeBackend:
     def _timeout(self, what, proc):
         self.metrics.count("claude_timeouts_total", {})
         proc.close()   # at once: the client must not wait for the grace periods twice
-        return ProxyError(504, "timeout", "the Claude Code CLI %s and was stopped" % what, retry_after=5,
-                          code="cli_timeout")
+        return ProxyError(504, "timeout", "the Claude Code CLI %s and was stopped" % what,
+                          retry_after=5, code="cli_timeout")
 
     @staticmethod
     def _resume_failed(decoder, rc):
@@ -4511,7 +4627,8 @@ class ClaudeCodeBackend:
         if result is None:
             stderr = proc.stderr_text()
             if rc:
-                raise ProxyError(502, "upstream", "the Claude Code CLI exited with status %s without an answer%s"
+                raise ProxyError(502, "upstream",
+                                 "the Claude Code CLI exited with status %s without an answer%s"
                                  % (rc, (": " + stderr) if stderr else ""), code="cli_crashed",
                                  retryable=not resume and not decoder.produced)
             raise ProxyError(502, "upstream", "the Claude Code CLI ended without a result%s"
@@ -4523,28 +4640,33 @@ class ClaudeCodeBackend:
             status = result.get("api_error_status")
             status = status if isinstance(status, int) and not isinstance(status, bool) else None
             if subtype in ("error_max_turns", "error_max_budget_usd"):
-                why = ("it reached the limit of %d agentic turns (claudeMaxTurns)" % self.config["claudeMaxTurns"]
+                why = ("it reached the limit of %d agentic turns (claudeMaxTurns)"
+                       % self.config["claudeMaxTurns"]
                        if subtype == "error_max_turns" else "it reached its cost budget")
-                decoder._text(out, "[cc-proxy: Claude Code stopped because %s; say \"continue\" to let it go "
-                              "on.]" % why, True)
+                decoder._text(out, "[cc-proxy: Claude Code stopped because %s; say \"continue\" to "
+                              "let it go on.]" % why, True)
                 finish = "length"
             elif decoder.synthetic_error == "max_output_tokens" and status is None:
-                decoder._text(out, "[cc-proxy: the answer was cut at the model's output token limit.]", True)
+                decoder._text(out, "[cc-proxy: the answer was cut at the model's output token "
+                              "limit.]", True)
                 finish = "length"
             elif subtype == "success" or decoder.synthetic_error:
                 err = classify_claude_error(status, decoder.synthetic_error,
-                                            result.get("result") or decoder.synthetic_text, decoder.retry_after)
+                                            result.get("result") or decoder.synthetic_text,
+                                            decoder.retry_after)
                 err.retryable = err.retryable and not resume and not decoder.produced
                 raise err
             else:
                 errors = result.get("errors") if isinstance(result.get("errors"), list) else []
                 stderr = proc.stderr_text()
                 detail = "; ".join(str(e) for e in errors) or stderr or subtype or "unknown error"
-                raise ProxyError(502, "upstream", "the Claude Code CLI failed: %s" % redact(detail)[:500],
+                raise ProxyError(502, "upstream",
+                                 "the Claude Code CLI failed: %s" % redact(detail)[:500],
                                  code="cli_error")
         if not decoder.answer:
             text = result.get("result") if isinstance(result.get("result"), str) else ""
-            decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)", True)
+            decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)",
+                          True)
         out.append(UsageEvent(claude_usage(result)))
         out.append(Finish(finish))
         return out
@@ -4555,10 +4677,12 @@ class ClaudeCodeBackend:
         if plan["explicit"] is not None:
             key = plan["lookup"]
         else:
-            answer = {"role": "assistant", "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
-            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]), namespace=plan["hint"])
+            answer = {"role": "assistant",
+                      "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
+            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]),
+                                   namespace=plan["hint"])
             if plan["lookup"] and plan["lookup"] != key:
-                self.sessions.discard(plan["lookup"])   # that history now continues under the new key
+                self.sessions.discard(plan["lookup"])   # that history continues under the new key
             if all(k != key for k, _ in held):
                 lock = self.sessions.locks.enter(key)
                 if lock.acquire(blocking=False):
@@ -4588,8 +4712,8 @@ class ClaudeCodeBackend:
         return models
 
     def health(self):
-        info = {"claude": self.cli_path, "claudeVersion": self.cli_version, "claudeProcesses": self.slots.count,
-                "claudeSessions": len(self.sessions)}
+        info = {"claude": self.cli_path, "claudeVersion": self.cli_version,
+                "claudeProcesses": self.slots.count, "claudeSessions": len(self.sessions)}
         if self.cli_error:
             info["claudeError"] = self.cli_error
         return info
@@ -4603,7 +4727,8 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 # =====================================================================================
 
 class Metrics:
-    """Counters, gauges and histograms in Prometheus text format. Labels never carry keys or prompts."""
+    """Counters, gauges and histograms in Prometheus text format. Labels never carry keys or
+    prompts."""
 
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -4659,8 +4784,10 @@ class Metrics:
                     lines.append("# TYPE %s histogram" % full)
                     seen.add(full)
                 for bound, count in zip(self.BUCKETS, buckets):
-                    lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", bound)]), count))
-                lines.append("%s_bucket%s %d" % (full, labels_text(labels, [("le", "+Inf")]), buckets[-2]))
+                    lines.append("%s_bucket%s %d"
+                                 % (full, labels_text(labels, [("le", bound)]), count))
+                lines.append("%s_bucket%s %d"
+                             % (full, labels_text(labels, [("le", "+Inf")]), buckets[-2]))
                 lines.append("%s_count%s %d" % (full, labels_text(labels), buckets[-2]))
                 lines.append("%s_sum%s %r" % (full, labels_text(labels), buckets[-1]))
         return "\n".join(lines) + "\n"
@@ -4838,8 +4965,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         if self.server.connections.draining:   # read after the drain began: an answer to retry on
             self.close_connection = True
-            self.send_failure(ProxyError(503, "api_error", "cc-proxy is shutting down; retry the request",
-                                        retry_after=1, code="shutting_down"))
+            self.send_failure(ProxyError(503, "api_error",
+                                         "cc-proxy is shutting down; retry the request",
+                                         retry_after=1, code="shutting_down"))
             return False
         return True
 
@@ -4866,8 +4994,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if origin:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers",
-                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, x-cc-proxy-dropped-tools, "
-                             "X-Claude-Cost-Usd")
+                             "X-Request-Id, Request-Id, Retry-After, x-should-retry, "
+                             "x-cc-proxy-dropped-tools, X-Claude-Cost-Usd")
             if origin != "*":
                 self.send_header("Vary", "Origin")
 
@@ -4889,10 +5017,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def send_json(self, status, obj, extra=None):
         headers = getattr(self, "headers", None)  # absent when the request line itself was bad
-        if not self.body_read and headers and (headers.get("content-length", "0").strip() not in ("", "0")
-                                               or headers.get("transfer-encoding")):
+        if not self.body_read and headers and (
+                headers.get("content-length", "0").strip() not in ("", "0")
+                or headers.get("transfer-encoding")):
             self.close_connection = True  # its unread body would be taken for the next request
-        self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"), extra)
+        self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"),
+                       extra)
 
     def send_body(self, status, content_type, data, extra=None):
         self._send_head(status, content_type, len(data), extra)
@@ -4960,14 +5090,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.route_name = path
         try:
             route = self.server.routes.get(path) or next(
-                (r for r in self.server.prefix_routes if path.startswith(r.path) and len(path) > len(r.path)),
+                (r for r in self.server.prefix_routes
+                 if path.startswith(r.path) and len(path) > len(r.path)),
                 None)
             if route is None:
                 raise ProxyError(404, "not_found", "no route for %s %s" % (self.command, path))
             handler = route.methods.get(method)
             if handler is None:
                 allow = ", ".join(m + (", HEAD" if m == "GET" else "") for m in route.methods)
-                raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path), allow=allow)
+                raise ProxyError(405, "invalid_request", "use %s for %s" % (allow, path),
+                                 allow=allow)
             handler(self, path[len(route.path):])
         except ProxyError as err:
             self.send_failure(err)
@@ -4976,8 +5108,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except Exception:
             log.exception("request %s failed", self.request_id)
             if not self.status_sent:
-                self.send_failure(ProxyError(500, "api_error", "internal proxy error (request id %s)"
-                                            % self.request_id))
+                self.send_failure(ProxyError(500, "api_error",
+                                             "internal proxy error (request id %s)"
+                                             % self.request_id))
             self.close_connection = True
 
     def authenticate(self):
@@ -5079,7 +5212,8 @@ def access_log(handler):
         return
     log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
              "tokens_in=%d cached=%d out=%d", handler.request_id, client_ip(
-                 handler.client_address[0], handler.headers and handler.headers.get("x-forwarded-for"),
+                 handler.client_address[0],
+                 handler.headers and handler.headers.get("x-forwarded-for"),
                  server.config["trustedProxies"]),
              handler.command, urllib.parse.urlsplit(handler.path).path, server.backend.name,
              handler.model_name, handler.status_sent, handler.bytes_sent,
@@ -5101,7 +5235,8 @@ _LEDGER_INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (
     ", ".join(LEDGER_FIELDS), ", ".join("?" * len(LEDGER_FIELDS)))
 
 # The client's family from its User-Agent: first match wins.
-CLIENT_FAMILIES = (("claude-cli/", "claude-cli"), ("codex", "codex"), ("openai/python", "openai-python"),
+CLIENT_FAMILIES = (("claude-cli/", "claude-cli"), ("codex", "codex"),
+                   ("openai/python", "openai-python"),
                    ("anthropic/python", "anthropic-python"), ("openai/js", "openai-node"),
                    ("anthropic/js", "anthropic-node"), ("opencode", "opencode"), ("aider", "aider"),
                    ("curl/", "curl"), ("python-requests", "python-requests"),
@@ -5119,7 +5254,8 @@ def ledger_path(config):
     path = os.path.expanduser(config["usageDb"])
     if not path:
         return None
-    return path if os.path.isabs(path) else os.path.join(os.path.dirname(config["configPath"]), path)
+    return (path if os.path.isabs(path)
+            else os.path.join(os.path.dirname(config["configPath"]), path))
 
 
 def open_ledger(path, readonly=False):
@@ -5132,7 +5268,8 @@ def open_ledger(path, readonly=False):
     with contextlib.suppress(OSError):   # fingerprints are for the operator's eyes only
         os.chmod(path, 0o600)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")   # WAL: no fsync per batch; a crash keeps the file whole
+    # WAL: no fsync per batch; a crash keeps the file whole
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("CREATE TABLE IF NOT EXISTS requests (%s)"
                  % ", ".join("%s %s" % column for column in LEDGER_COLUMNS))
     conn.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
@@ -5739,7 +5876,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         host = config["host"]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         path = ledger_path(config)
-        self.ledger = UsageLedger(path, config["usageRetentionDays"], self.metrics) if path else None
+        self.ledger = (UsageLedger(path, config["usageRetentionDays"], self.metrics)
+                       if path else None)
         super().__init__((host, config["port"]), ProxyHandler)
         self.backend.start()
         if self.ledger is not None:
@@ -5747,7 +5885,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def health(self):
         return {"status": "ok", "version": __version__, "backend": self.backend.name,
-                "uptime_s": round(time.time() - self.started_at, 1), "in_flight": self.pipeline.inflight.count,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "in_flight": self.pipeline.inflight.count,
                 **self.backend.health()}
 
     def shutdown_request(self, request):
@@ -5873,13 +6012,15 @@ LAUNCHD_LABEL = "com.cc-proxy"
 
 
 def systemd_quote(arg):
-    """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for specifiers)."""
+    """One ExecStart argument, quoted as systemd.syntax(7) reads it (and % escaped for
+    specifiers)."""
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return '"%s"' % escaped
 
 
 def service_command_line(config_path):
-    return [sys.executable, os.path.abspath(__file__), "start", "--config", os.path.abspath(config_path)]
+    return [sys.executable, os.path.abspath(__file__), "start",
+            "--config", os.path.abspath(config_path)]
 
 
 def systemd_unit(config_path):
@@ -5910,7 +6051,8 @@ def systemd_unit(config_path):
 def launchd_plist(config_path):
     logs = os.path.expanduser("~/Library/Logs/cc-proxy")
     return {"Label": LAUNCHD_LABEL, "ProgramArguments": service_command_line(config_path),
-            "RunAtLoad": True, "KeepAlive": True, "WorkingDirectory": os.path.dirname(os.path.abspath(__file__)),
+            "RunAtLoad": True, "KeepAlive": True,
+            "WorkingDirectory": os.path.dirname(os.path.abspath(__file__)),
             "StandardOutPath": os.path.join(logs, "cc-proxy.out.log"),
             "StandardErrorPath": os.path.join(logs, "cc-proxy.err.log"),
             "EnvironmentVariables": {"PYTHONUNBUFFERED": "1"}}
@@ -5919,8 +6061,8 @@ def launchd_plist(config_path):
 def _run_tool(argv):
     """Run systemctl/launchctl; their own error is shown. Returns the exit code."""
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=60)
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=60)
     except FileNotFoundError:
         print("cc-proxy: %s not found; is this a %s system? Run `python3 proxy.py start` instead."
               % (argv[0], "systemd" if argv[0] == "systemctl" else "launchd"), file=sys.stderr)
@@ -5932,7 +6074,8 @@ def _run_tool(argv):
     if output:
         print(output, file=sys.stderr if done.returncode else sys.stdout)
     if done.returncode:
-        print("cc-proxy: `%s` failed (exit %d)" % (" ".join(argv), done.returncode), file=sys.stderr)
+        print("cc-proxy: `%s` failed (exit %d)" % (" ".join(argv), done.returncode),
+              file=sys.stderr)
     return done.returncode
 
 
@@ -6016,7 +6159,8 @@ def command_service(args):
 
 
 def command_start(args):
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("backend", args.backend))
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("backend", args.backend))
                  if v is not None}
     try:
         config = load_config(args.config, overrides=overrides)
@@ -6029,8 +6173,8 @@ def command_start(args):
     try:
         server = make_server(config)
     except OSError as e:
-        print("cc-proxy: cannot listen on %s:%s: %s" % (config["host"], config["port"], e.strerror or e),
-              file=sys.stderr)
+        print("cc-proxy: cannot listen on %s:%s: %s"
+              % (config["host"], config["port"], e.strerror or e), file=sys.stderr)
         return 1
     except ConfigError as e:
         print("cc-proxy: %s" % e, file=sys.stderr)
@@ -6038,7 +6182,8 @@ def command_start(args):
     release_free_memory()
     host, port = server.server_address[:2]
     log.info("cc-proxy %s listening on http://%s:%s backend=%s config=%s", __version__,
-             host if ":" not in host else "[%s]" % host, port, config["backend"], config["configPath"])
+             host if ":" not in host else "[%s]" % host, port, config["backend"],
+             config["configPath"])
     stopping = threading.Event()
 
     def stop(signum, frame):
@@ -6051,8 +6196,8 @@ def command_start(args):
     # stop accepting, let requests in flight finish (up to a grace period), then stop the backend
     server.socket.close()
     if server.pipeline.inflight.count:
-        log.info("shutting down: waiting up to %d s for %d request(s) in flight", SHUTDOWN_GRACE_SECONDS,
-                 server.pipeline.inflight.count)
+        log.info("shutting down: waiting up to %d s for %d request(s) in flight",
+                 SHUTDOWN_GRACE_SECONDS, server.pipeline.inflight.count)
     server.connections.drain(server.pipeline.inflight, SHUTDOWN_GRACE_SECONDS)
     server.server_close()
     log.info("stopped")
@@ -6063,7 +6208,8 @@ SHUTDOWN_GRACE_SECONDS = 30
 
 
 def release_free_memory():
-    """Hand the heap left over from compiling this file back to the OS (glibc only; ~5 MB idle RSS)."""
+    """Hand the heap left over from compiling this file back to the OS (glibc only; ~5 MB idle
+    RSS)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -6123,23 +6269,27 @@ def command_version(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API in front of "
-                                     "Command Code or the Claude Code CLI")
-    commands = parser.add_subparsers(dest="command", metavar="{start,config,service,usage,version,help}")
+    parser = argparse.ArgumentParser(prog="proxy.py", description="cc-proxy: OpenAI/Anthropic API "
+                                     "in front of Command Code or the Claude Code CLI")
+    commands = parser.add_subparsers(dest="command",
+                                     metavar="{start,config,service,usage,version,help}")
     start = commands.add_parser("start", help="run the server in the foreground (the default)")
-    start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json beside proxy.py)")
+    start.add_argument("--config", help="config file (default: $CC_PROXY_CONFIG or config.json "
+                       "beside proxy.py)")
     start.add_argument("--host")
     start.add_argument("--port", type=int)
     start.add_argument("--backend", choices=("commandcode", "claude-code"))
     start.set_defaults(func=command_start)
-    config = commands.add_parser("config", help="show or edit the config file: set/get/list/reset/path/help")
+    config = commands.add_parser("config", help="show or edit the config file: "
+                                 "set/get/list/reset/path/help")
     config.add_argument("action", choices=tuple(CONFIG_ACTIONS))
     config.add_argument("rest", nargs="*", metavar="KEY [VALUE]")
     config.add_argument("--config", help="config file to edit")
     config.set_defaults(func=command_config)
-    service = commands.add_parser("service", help="systemd user unit / LaunchAgent: install, uninstall, start, "
-                                  "stop, restart, status")
-    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart", "status"))
+    service = commands.add_parser("service", help="systemd user unit / LaunchAgent: install, "
+                                  "uninstall, start, stop, restart, status")
+    service.add_argument("action", choices=("install", "uninstall", "start", "stop", "restart",
+                                            "status"))
     service.add_argument("--config", help="config file the service runs with")
     service.set_defaults(func=command_service)
     usage = commands.add_parser("usage", help="requests, tokens, cache hits, errors and latency "
@@ -6150,7 +6300,8 @@ def build_parser():
     usage.add_argument("--config", help="config file whose usageDb to read")
     usage.set_defaults(func=command_usage)
     commands.add_parser("version", help="print the version").set_defaults(func=command_version)
-    commands.add_parser("help", help="show this help").set_defaults(func=lambda a: parser.print_help() or 0)
+    commands.add_parser("help", help="show this help").set_defaults(
+        func=lambda a: parser.print_help() or 0)
     return parser
 
 
@@ -6158,8 +6309,8 @@ def main(argv=None, platform=sys.platform):
     """The command line; `platform` picks the service manager (systemd on linux, launchd on
     darwin)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["start"]
-    # argparse cannot take an option between nargs="*" positionals (config set --config F KEY VALUE):
-    # move "--config F" (or --config=F) right behind the command word.
+    # argparse cannot take an option between nargs="*" positionals (config set --config F
+    # KEY VALUE): move "--config F" (or --config=F) right behind the command word.
     for i, arg in enumerate(argv[1:], 1):
         if arg == "--config" and i + 1 < len(argv):
             argv[1:1] = [argv.pop(i), argv.pop(i)]

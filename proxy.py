@@ -849,6 +849,40 @@ def estimate_request_tokens(request):
     return max(1, total)
 
 
+class TokenCalibration:
+    """Per-model correction of the local estimate from real usage: each finished answer whose
+    backend counts the prompt as sent (Command Code) gives the ratio of its input tokens to our
+    estimate of that request; the factor is their running mean, smoothed and bounded. In memory
+    only, keyed by model id: nothing of a prompt is kept."""
+
+    SMOOTHING = 0.2          # weight of each new observation once warmed up
+    BOUNDS = (0.5, 2.0)      # a factor outside this is an outlier, not a tokenizer
+    MIN_ESTIMATE = 50        # tiny requests say more about overheads than about the tokenizer
+
+    def __init__(self, models=256):
+        self.lock = threading.Lock()
+        self.factors = collections.OrderedDict()   # model -> (factor, observations)
+        self.models = models
+
+    def observe(self, model, estimate, actual):
+        if estimate < self.MIN_ESTIMATE or actual <= 0:
+            return
+        ratio = min(self.BOUNDS[1], max(self.BOUNDS[0], actual / estimate))
+        with self.lock:
+            factor, seen = self.factors.pop(model, (1.0, 0))
+            weight = max(self.SMOOTHING, 1.0 / (seen + 1))   # a plain mean until warmed up
+            self.factors[model] = (factor + (ratio - factor) * weight, seen + 1)
+            while len(self.factors) > self.models:
+                self.factors.popitem(last=False)
+
+    def factor(self, model):
+        with self.lock:
+            return self.factors.get(model, (1.0, 0))[0]
+
+    def estimate(self, request):
+        return max(1, int(round(estimate_request_tokens(request) * self.factor(request.model))))
+
+
 class Slots:
     """A counted limit shared by request threads: model requests in flight, CLI processes
     running."""
@@ -2153,7 +2187,8 @@ class Exchange:
         self.trace_id = secrets.token_hex(16)   # shared by every attempt of this request
         self.tick = tick                       # a backend yields an empty batch at least this often
         self.credential = credential
-        self.input_estimate = 0
+        self.input_estimate = 0                # calibrated: what a client is told before usage
+        self.raw_estimate = 0                  # uncalibrated: what calibration compares with usage
         self.committed = False                 # status line sent: no more retries or HTTP statuses
         self.produced = False                  # any content event seen in the current attempt
         self.next_client_check = 0.0           # monotonic time of the next "is the client there"
@@ -2238,6 +2273,7 @@ class Pipeline:
     def __init__(self, config, backend, metrics):
         self.config, self.backend, self.metrics = config, backend, metrics
         self.inflight = Slots(config["maxInFlight"])
+        self.calibration = TokenCalibration()
         self.tick = min(CLIENT_CHECK_SECONDS, config["keepAliveIntervalMs"] / 1000)
 
     def exchange(self, frontend, request_id, credential):
@@ -2250,7 +2286,9 @@ class Pipeline:
                     503, "overloaded", "too many requests in flight (maxInFlight=%d); retry shortly"
                     % self.inflight.limit, retry_after=1), frontend)
             self.metrics.gauge("in_flight", {}, 1)
-            exchange.input_estimate = estimate_request_tokens(request)
+            exchange.raw_estimate = estimate_request_tokens(request)
+            exchange.input_estimate = max(1, int(round(
+                exchange.raw_estimate * self.calibration.factor(request.model))))
             kind = StreamedAnswer if request.stream else FoldedAnswer
             try:
                 self._answer(kind(self, frontend, request, exchange, client), exchange)
@@ -2349,6 +2387,8 @@ class Pipeline:
 
     def _account(self, request, exchange):
         usage = exchange.usage
+        if usage and usage.input and self.backend.prompt_counted_as_sent:
+            self.calibration.observe(request.model, exchange.raw_estimate, usage.input)
         if usage:
             for kind, value in (("input", usage.input), ("cached", usage.cache_read),
                                 ("output", usage.output)):
@@ -3195,6 +3235,7 @@ class CommandCodeBackend:
     name = "commandcode"
     auth_hint = "send your Command Code key (user_...) as Authorization: Bearer or x-api-key"
     open_model_list = True   # the catalog is listed without a key (with one, the account's too)
+    prompt_counted_as_sent = True   # its input tokens are our request's: they calibrate estimates
 
     def __init__(self, config, metrics):
         self.config = config
@@ -4230,6 +4271,7 @@ class ClaudeCodeBackend:
     name = "claude-code"
     auth_hint = "send the proxy's apiKey as Authorization: Bearer <key> or x-api-key"
     open_model_list = False  # the proxy's own key guards every route
+    prompt_counted_as_sent = False  # the CLI adds its own system prompt and tools to every turn
 
     def __init__(self, config, metrics):
         self.config = config

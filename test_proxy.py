@@ -17,6 +17,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import re
 import select
 import socket
@@ -7220,3 +7221,50 @@ class TestUsageLedgerClaudeCode(ClaudeCodeCase):
                          usage["prompt_tokens"])
         self.assertEqual(row["output"], usage["completion_tokens"])
         self.assertTrue(row["backend_model"].startswith("claude-"), row["backend_model"])
+
+
+# =======================================================================================
+# Token estimates calibrated from real usage
+# =======================================================================================
+
+class TestTokenCalibration(unittest.TestCase):
+    def test_a_noisy_series_converges_within_ten_percent_after_twenty_requests(self):
+        calibration = proxy.TokenCalibration()
+        rng = random.Random(11)
+        errors = []
+        for _ in range(20):
+            estimate = rng.randint(500, 50000)
+            actual = int(estimate * 1.3 * rng.uniform(0.92, 1.08))
+            errors.append(abs(estimate * calibration.factor("m") - actual) / actual)
+            calibration.observe("m", estimate, actual)
+        self.assertGreater(errors[0], 0.2)   # uncalibrated: ~30 % low
+        self.assertLess(abs(calibration.factor("m") - 1.3) / 1.3, 0.10)
+        self.assertEqual(calibration.factor("other-model"), 1.0)   # per model
+
+    def test_outliers_are_bounded_and_tiny_requests_ignored(self):
+        calibration = proxy.TokenCalibration()
+        calibration.observe("m", 10, 1000)          # below MIN_ESTIMATE: says nothing
+        self.assertEqual(calibration.factor("m"), 1.0)
+        calibration.observe("m", 1000, 1000000)
+        self.assertEqual(calibration.factor("m"), proxy.TokenCalibration.BOUNDS[1])
+
+
+class TestTokenEstimatesFollowRealUsage(ProxyTestCase):
+    body = {"model": "claude-sonnet-5", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "word " * 400}]}
+
+    def start_usage(self, upstream_input):
+        self.upstream.script(ok(text_parts("ok"), inp=upstream_input, cache_read=0,
+                                cache_write=0))
+        r = self.messages(stream=True, messages=self.body["messages"])
+        self.assertEqual(r.status, 200, r)
+        return r.typed_events()[0][1]["message"]["usage"]["input_tokens"]
+
+    def test_message_start_input_tokens_move_to_what_command_code_counts(self):
+        estimate = proxy.estimate_request_tokens(proxy.AnthropicMessages().decode(self.body, {}))
+        self.assertGreater(estimate, proxy.TokenCalibration.MIN_ESTIMATE)
+        counted = int(estimate * 1.6)   # what the upstream's tokenizer makes of the same prompt
+        self.assertEqual(self.start_usage(counted), estimate)   # nothing learned yet
+        for _ in range(3):
+            self.start_usage(counted)
+        self.assertLess(abs(self.start_usage(counted) - counted) / counted, 0.10)

@@ -5623,13 +5623,15 @@ background:var(--bg)}header{display:flex;flex-wrap:wrap;gap:.5em 1.5em;align-ite
 padding:12px 16px;background:var(--card);border-bottom:1px solid var(--line)}
 h1{font-size:18px;margin:0}h2{font-size:14px;margin:0 0 8px;color:var(--mute);font-weight:600}
 .state{color:var(--mute)}.state b{color:var(--fg);font-weight:600}
-main{padding:12px 16px;display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(320px,1fr))}
+main{padding:12px 16px;display:grid;gap:12px;
+grid-template-columns:repeat(auto-fit,minmax(320px,1fr))}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px;
 min-width:0}.wide{grid-column:1/-1}.cards{display:grid;gap:8px;
 grid-template-columns:repeat(auto-fit,minmax(120px,1fr))}.card b{display:block;font-size:20px}
 .card span{color:var(--mute);font-size:12px}select{font:inherit;padding:2px 4px}
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{padding:4px 6px;text-align:right;
-border-bottom:1px solid var(--line);white-space:nowrap}th:first-child,td:first-child{text-align:left}
+border-bottom:1px solid var(--line);white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
 th{color:var(--mute);font-weight:600}.scroll{overflow-x:auto}.bad{color:var(--bad)}
 .note{color:var(--mute);margin:4px 0}.legend span{display:inline-block;margin-right:10px;
 font-size:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;
@@ -5774,11 +5776,13 @@ function render(d) {
   table($("models"), ["model", "requests", "errors", "*input", "*cached", "*output", "*hit rate",
     "p50", "*p95"], L.models.map((g) => [g.model, g.requests, g.errors, num(g.input_uncached),
     num(g.cache_read), num(g.output), pct(g.cache_hit_rate), ms(g.p50_ms), ms(g.p95_ms)]));
+  const status = (r) => el("span", r.status + (r.error_kind ? " " + r.error_kind : ""),
+    r.status >= 400 || r.error_kind ? "bad" : "");
   table($("recent"), ["time", "*route", "model", "status", "*in", "*cached", "*out",
-    "*first byte", "total", "*client"], L.recent.map((r) => [new Date(r.ts * 1000).toLocaleTimeString(), r.route
-    + (r.stream ? " (stream)" : ""), r.client_model || "(no model)", el("span", r.status + (r.error_kind ? " " +
-    r.error_kind : ""), r.status >= 400 || r.error_kind ? "bad" : ""), num(r.input_uncached),
-    num(r.cache_read), num(r.output), ms(r.first_byte_ms), ms(r.total_ms), r.client]));
+    "*first byte", "total", "*client"], L.recent.map((r) => [
+    new Date(r.ts * 1000).toLocaleTimeString(), r.route + (r.stream ? " (stream)" : ""),
+    r.client_model || "(no model)", status(r), num(r.input_uncached), num(r.cache_read),
+    num(r.output), ms(r.first_byte_ms), ms(r.total_ms), r.client]));
 }
 async function refresh() {
   try {

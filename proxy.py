@@ -954,15 +954,19 @@ def openai_usage(usage):
             "completion_tokens_details": {"reasoning_tokens": usage.reasoning}}
 
 
-_OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+_OPENAI_ERROR_TYPES = {"invalid_request": "invalid_request_error",
+                       "authentication": "authentication_error",
                        "permission": "permission_error", "not_found": "not_found_error",
-                       "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
+                       "request_too_large": "invalid_request_error",
+                       "rate_limit": "rate_limit_error",
                        "insufficient_quota": "insufficient_quota", "overloaded": "server_error",
-                       "timeout": "timeout_error", "upstream": "api_error", "api_error": "api_error"}
+                       "timeout": "timeout_error", "upstream": "api_error",
+                       "api_error": "api_error"}
 
 
 def openai_error_body(err):
-    return {"error": {"message": err.message, "type": _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
+    return {"error": {"message": err.message,
+                      "type": _OPENAI_ERROR_TYPES.get(err.kind, "api_error"),
                       "param": err.param, "code": err.code or err.kind}}
 
 
@@ -982,7 +986,8 @@ def text_of_parts(content, where, allowed=("text", "input_text", "output_text"))
     for i, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type") in allowed and isinstance(part.get("text"), str):
+        elif (isinstance(part, dict) and part.get("type") in allowed
+              and isinstance(part.get("text"), str)):
             texts.append(part["text"])
         else:
             raise bad_request("'%s[%d]' must be a text part" % (where, i), "%s[%d]" % (where, i))
@@ -1070,8 +1075,9 @@ class ChatCompletions(FrontEnd):
         for i, message in enumerate(messages):
             self._decode_message(request, message, "messages[%d]" % i, tool_names)
         for i, tool in enumerate(f.get("tools", list, [])):
-            request.tools.append(tool_definition(tool.get("function") if isinstance(tool, dict) else None,
-                                                 "parameters", "tools[%d].function" % i))
+            request.tools.append(tool_definition(
+                tool.get("function") if isinstance(tool, dict) else None,
+                "parameters", "tools[%d].function" % i))
         for i, fn in enumerate(f.get("functions", list, [])):  # legacy function calling
             request.tools.append(tool_definition(fn, "parameters", "functions[%d]" % i))
         request.tool_choice = openai_tool_choice(body.get("tool_choice", body.get("function_call")))
@@ -1082,7 +1088,8 @@ class ChatCompletions(FrontEnd):
             raise bad_request("'stop' must be a string or an array of strings", "stop")
         effort = f.get("reasoning_effort", str)
         if effort is not None and effort not in EFFORTS:
-            raise bad_request("'reasoning_effort' must be one of " + ", ".join(EFFORTS), "reasoning_effort")
+            raise bad_request("'reasoning_effort' must be one of " + ", ".join(EFFORTS),
+                              "reasoning_effort")
         request.reasoning_effort = effort
         fmt = f.get("response_format", dict)
         fold_system_text(request, json_format_instruction(fmt))
@@ -1097,8 +1104,8 @@ class ChatCompletions(FrontEnd):
         role = message.get("role")
         decode = self.ROLES.get(role) if isinstance(role, str) else None
         if decode is None:
-            raise bad_request("'%s.role' must be system, developer, user, assistant or tool" % where,
-                              where + ".role")
+            raise bad_request("'%s.role' must be system, developer, user, assistant or tool"
+                              % where, where + ".role")
         decode(self, request, message, where, tool_names)
 
     def _system(self, request, message, where, tool_names):
@@ -1178,7 +1185,8 @@ class ChatCompletions(FrontEnd):
                     raise bad_request("'%s[%d].image_url.url' is required" % (where, i))
                 parts.append(data_url_image(url))
             else:
-                raise bad_request("'%s[%d]' has unsupported type %r (text and image_url are supported)"
+                raise bad_request("'%s[%d]' has unsupported type %r "
+                                  "(text and image_url are supported)"
                                   % (where, i, kind), "%s[%d]" % (where, i))
         return parts
 
@@ -1196,15 +1204,16 @@ class ChatCompletions(FrontEnd):
             message["tool_calls"] = [{"id": c.call_id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
                                      for c in calls]
-        return {"id": exchange.response_id, "object": "chat.completion", "created": exchange.created,
-                "model": completion.model or request.model,
+        return {"id": exchange.response_id, "object": "chat.completion",
+                "created": exchange.created, "model": completion.model or request.model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": CHAT_FINISH[completion.finish]}],
                 "usage": openai_usage(completion.usage), "system_fingerprint": None}
 
 
-CHAT_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "content_filter": "content_filter",
-               "stop_sequence": "stop", "refusal": "content_filter"}
+CHAT_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
+               "content_filter": "content_filter", "stop_sequence": "stop",
+               "refusal": "content_filter"}
 
 
 class StreamEncoder(EventConsumer):
@@ -1225,8 +1234,9 @@ class ChatStreamEncoder(StreamEncoder):
 
     def __init__(self, request, exchange, include_usage):
         self.head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-                     '"choices":[{"index":0,"delta":' % (json_dumps(exchange.response_id),
-                                                        exchange.created, json_dumps(request.model)))
+                     '"choices":[{"index":0,"delta":'
+                     % (json_dumps(exchange.response_id), exchange.created,
+                        json_dumps(request.model)))
         self.tail = ',"logprobs":null,"finish_reason":null}]}\n\n'
         self.include_usage = include_usage
         self.tools = {}        # call id -> [index, arguments streamed?]
@@ -1252,7 +1262,8 @@ class ChatStreamEncoder(StreamEncoder):
         index = len(self.tools)
         self.tools[event.call_id] = [index, False]
         self._delta('{"tool_calls":[{"index":%d,"id":%s,"type":"function","function":{"name":%s,'
-                    '"arguments":""}}]}' % (index, json_dumps(event.call_id), json_dumps(event.name)))
+                    '"arguments":""}}]}'
+                    % (index, json_dumps(event.call_id), json_dumps(event.name)))
 
     def _arguments(self, index, fragment):
         self._delta('{"tool_calls":[{"index":%d,"function":{"arguments":%s}}]}'
@@ -1290,15 +1301,22 @@ class ChatStreamEncoder(StreamEncoder):
 
 # ---- Anthropic Messages -----------------------------------------------------------
 
-_ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+_ANTHROPIC_ERROR_TYPES = {"invalid_request": "invalid_request_error",
+                          "authentication": "authentication_error",
                           "permission": "permission_error", "not_found": "not_found_error",
-                          "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
-                          "insufficient_quota": "rate_limit_error", "overloaded": "overloaded_error",
-                          "timeout": "api_error", "upstream": "api_error", "api_error": "api_error"}
+                          "request_too_large": "request_too_large",
+                          "rate_limit": "rate_limit_error",
+                          "insufficient_quota": "rate_limit_error",
+                          "overloaded": "overloaded_error",
+                          "timeout": "api_error", "upstream": "api_error",
+                          "api_error": "api_error"}
 ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                  "content_filter": "refusal", "stop_sequence": "stop_sequence", "refusal": "refusal"}
-_SESSION_IN_USER_ID = re.compile(r"session_?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
-# Anthropic server-side tools (web search, code execution, ...) carry a versioned type; no backend runs them.
+                  "content_filter": "refusal", "stop_sequence": "stop_sequence",
+                  "refusal": "refusal"}
+_SESSION_IN_USER_ID = re.compile(r"session_?([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                                 r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12})")
+# Anthropic server-side tools (web search, code execution, ...) carry a versioned type;
+# no backend runs them.
 _CUSTOM_TOOL_TYPES = (None, "custom", "function")
 
 
@@ -1310,7 +1328,8 @@ def anthropic_error_body(err):
 
 def anthropic_usage(usage):
     return {"input_tokens": usage.uncached_input, "output_tokens": usage.output,
-            "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_write}
+            "cache_read_input_tokens": usage.cache_read,
+            "cache_creation_input_tokens": usage.cache_write}
 
 
 def thinking_signature(text):
@@ -1364,7 +1383,8 @@ class AnthropicMessages(FrontEnd):
     name = "messages"
     route = "/v1/messages"
     id_prefix = "msg_"
-    overloaded_status = 529   # what Anthropic answers, and what Claude Code and the SDK retry as overloaded
+    # what Anthropic answers, and what Claude Code and the SDK retry as overloaded
+    overloaded_status = 529
     keepalive = b'event: ping\ndata: {"type":"ping"}\n\n'
     error_body = staticmethod(anthropic_error_body)
     request_id_header = "request-id"
@@ -1436,7 +1456,8 @@ class AnthropicMessages(FrontEnd):
             elif kind in ("auto", "any", "none"):
                 request.tool_choice = {"auto": "auto", "any": "required", "none": "none"}[kind]
             else:
-                raise bad_request("'tool_choice.type' must be auto, any, tool or none", "tool_choice.type")
+                raise bad_request("'tool_choice.type' must be auto, any, tool or none",
+                                  "tool_choice.type")
             if choice.get("disable_parallel_tool_use"):
                 request.parallel_tool_calls = False
         f.get("top_k", int)  # validated, then ignored: no backend takes it
@@ -1444,7 +1465,8 @@ class AnthropicMessages(FrontEnd):
         if not all(isinstance(s, str) for s in stops):
             raise bad_request("'stop_sequences' must be an array of strings", "stop_sequences")
         request.stop = stops
-        request.reasoning_effort = thinking_effort(f.get("thinking", dict), f.get("output_config", dict))
+        request.reasoning_effort = thinking_effort(f.get("thinking", dict),
+                                                   f.get("output_config", dict))
         request.session_id = (headers.get("x-session-id") or headers.get("x-claude-code-session-id")
                               or anthropic_session_id(f.get("metadata", dict)))
         return request
@@ -1461,14 +1483,16 @@ class AnthropicMessages(FrontEnd):
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
-            raise bad_request("'%s.content' must be a string or an array of blocks" % where, where + ".content")
+            raise bad_request("'%s.content' must be a string or an array of blocks" % where,
+                              where + ".content")
         parts, results = [], []
         for i, block in enumerate(content):
             here = "%s.content[%d]" % (where, i)
             kind = block.get("type") if isinstance(block, dict) else None
             decode = self.BLOCKS.get((role, kind)) if isinstance(kind, str) else None
             if decode is None:
-                raise bad_request("'%s' has unsupported type %r for role %s" % (here, kind, role), here)
+                raise bad_request("'%s' has unsupported type %r for role %s"
+                                  % (here, kind, role), here)
             part = decode(self, request, block, here)
             if part is not None:
                 (results if part["type"] == "tool_result" else parts).append(part)
@@ -1514,7 +1538,8 @@ class AnthropicMessages(FrontEnd):
         if not isinstance(source, dict):
             raise bad_request("'%s.source' is required" % where, where + ".source")
         if source.get("type") == "base64" and isinstance(source.get("data"), str):
-            return {"type": "image", "media_type": source.get("media_type") or "image/png", "data": source["data"]}
+            return {"type": "image", "media_type": source.get("media_type") or "image/png",
+                    "data": source["data"]}
         if source.get("type") == "url" and isinstance(source.get("url"), str):
             return data_url_image(source["url"])
         raise bad_request("'%s.source' must be base64 data or a url" % where, where + ".source")
@@ -1541,8 +1566,9 @@ class AnthropicMessages(FrontEnd):
             for part in message["parts"]:
                 if part["type"] == "tool_call" and part["id"] == call_id:
                     name = part["name"]
-        return {"type": "tool_result", "call_id": call_id, "name": name, "content": "\n".join(texts),
-                "is_error": bool(block.get("is_error")), "images": images}
+        return {"type": "tool_result", "call_id": call_id, "name": name,
+                "content": "\n".join(texts), "is_error": bool(block.get("is_error")),
+                "images": images}
 
     BLOCKS = {("user", "image"): _image_block, ("user", "tool_result"): _tool_result,
               ("assistant", "thinking"): _thinking_block,
@@ -1573,11 +1599,13 @@ class AnthropicMessages(FrontEnd):
                                 "input": decoded_arguments(block.arguments)})
         return {"id": exchange.response_id, "type": "message", "role": "assistant",
                 "model": completion.model or request.model, "content": content,
-                "stop_reason": ANTHROPIC_STOP[completion.finish], "stop_sequence": completion.stop_sequence,
+                "stop_reason": ANTHROPIC_STOP[completion.finish],
+                "stop_sequence": completion.stop_sequence,
                 "usage": anthropic_usage(completion.usage)}
 
     def count_tokens(self, body, headers):
-        return {"input_tokens": estimate_request_tokens(self.decode(dict(body, stream=False), headers))}
+        return {"input_tokens": estimate_request_tokens(
+            self.decode(dict(body, stream=False), headers))}
 
 
 def decoded_arguments(text):
@@ -1680,7 +1708,8 @@ class AnthropicStreamEncoder(StreamEncoder):
         self._close()
         self.out.append(_sse_event("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": ANTHROPIC_STOP[event.reason], "stop_sequence": event.stop_sequence},
+            "delta": {"stop_reason": ANTHROPIC_STOP[event.reason],
+                      "stop_sequence": event.stop_sequence},
             "usage": anthropic_usage(self.usage or Usage())}))
         self.out.append('event: message_stop\ndata: {"type":"message_stop"}\n\n')
 
@@ -1738,7 +1767,8 @@ class ResponseStore:
     def __init__(self, limit=1000, ttl=3600.0):
         self.limit, self.ttl = limit, ttl
         self.lock = threading.Lock()
-        self.items = collections.OrderedDict()  # id -> (expires, response object, canonical messages)
+        # id -> (expires, response object, canonical messages)
+        self.items = collections.OrderedDict()
 
     def put(self, response_id, response, messages):
         with self.lock:
@@ -1788,8 +1818,8 @@ class OpenAIResponses(FrontEnd):
         handler.authenticate()
         item = self.store.get(response_id)
         if item is None:
-            raise ProxyError(404, "not_found", "response %r not found (kept for one hour, never with "
-                             "store: false)" % response_id)
+            raise ProxyError(404, "not_found", "response %r not found (kept for one hour, "
+                             "never with store: false)" % response_id)
         handler.send_json(200, item[1])
 
     def decode(self, body, headers):
@@ -1799,14 +1829,16 @@ class OpenAIResponses(FrontEnd):
         if previous_id:
             previous = self.store.get(previous_id)
             if previous is None:
-                raise bad_request("previous response %r is unknown or expired (responses are kept for one "
-                                  "hour, and never with store: false)" % previous_id, "previous_response_id")
+                raise bad_request("previous response %r is unknown or expired (responses are "
+                                  "kept for one hour, and never with store: false)"
+                                  % previous_id, "previous_response_id")
             request.messages.extend(previous[2])
         history_length = len(request.messages)
         items = f.get("input", (str, list), required=True)
         if isinstance(items, str):
             items = [{"type": "message", "role": "user", "content": items}]
-        tool_names = {p["id"]: p["name"] for m in request.messages for p in m["parts"] if p["type"] == "tool_call"}
+        tool_names = {p["id"]: p["name"] for m in request.messages for p in m["parts"]
+                      if p["type"] == "tool_call"}
         for i, item in enumerate(items):
             self._decode_item(request, item, "input[%d]" % i, tool_names)
         for i, tool in enumerate(f.get("tools", list, [])):
@@ -1816,22 +1848,27 @@ class OpenAIResponses(FrontEnd):
         reasoning = f.get("reasoning", dict, {})
         effort = reasoning.get("effort")
         if effort is not None and effort not in EFFORTS:
-            raise bad_request("'reasoning.effort' must be one of " + ", ".join(EFFORTS), "reasoning.effort")
+            raise bad_request("'reasoning.effort' must be one of " + ", ".join(EFFORTS),
+                              "reasoning.effort")
         request.reasoning_effort = effort
         text = f.get("text", dict, {})
         fold_system_text(request, json_format_instruction(text.get("format")))
         request.session_id = (headers.get("x-session-id") or headers.get("session-id")
                               or f.get("prompt_cache_key", str))
-        request.options.update(store=f.get("store", bool, True), history_length=history_length,
-                               previous_response_id=previous_id, metadata=f.get("metadata", dict, {}))
-        # a response object repeats the settings it was made with, as OpenAI's do (defaults included)
+        request.options.update(store=f.get("store", bool, True),
+                               history_length=history_length, previous_response_id=previous_id,
+                               metadata=f.get("metadata", dict, {}))
+        # a response object repeats the settings it was made with, as OpenAI's do
+        # (defaults included)
         request.options["echo"] = {
             "instructions": f.get("instructions", str), "tools": f.get("tools", list, []),
             "tool_choice": body.get("tool_choice") or "auto",
             "temperature": 1.0 if request.temperature is None else request.temperature,
-            "top_p": 1.0 if request.top_p is None else request.top_p, "max_output_tokens": request.max_tokens,
+            "top_p": 1.0 if request.top_p is None else request.top_p,
+            "max_output_tokens": request.max_tokens,
             "reasoning": {"effort": effort, "summary": reasoning.get("summary")},
-            "text": text or {"format": {"type": "text"}}, "truncation": f.get("truncation", str, "disabled"),
+            "text": text or {"format": {"type": "text"}},
+            "truncation": f.get("truncation", str, "disabled"),
             "user": f.get("user", str)}
         return request
 
@@ -1870,7 +1907,8 @@ class OpenAIResponses(FrontEnd):
         if isinstance(content, str):
             content = [{"type": "input_text", "text": content}]
         if not isinstance(content, list):
-            raise bad_request("'%s.content' must be a string or an array" % where, where + ".content")
+            raise bad_request("'%s.content' must be a string or an array" % where,
+                              where + ".content")
         parts = [self._content_part(part, role, "%s.content[%d]" % (where, j))
                  for j, part in enumerate(content)]
         parts = [part for part in parts if part is not None]
@@ -1910,7 +1948,8 @@ class OpenAIResponses(FrontEnd):
         output = item.get("output")
         append_parts(request, "tool", [{
             "type": "tool_result", "call_id": call_id, "name": tool_names.get(call_id, "unknown"),
-            "content": output if isinstance(output, str) else text_of_parts(output, where + ".output"),
+            "content": (output if isinstance(output, str)
+                        else text_of_parts(output, where + ".output")),
             "is_error": False, "images": []}])
 
     def _custom_call_item(self, request, item, where, tool_names):
@@ -1928,7 +1967,8 @@ class OpenAIResponses(FrontEnd):
         text = "\n".join(str(s.get("text", "")) for s in summary if isinstance(s, dict)) \
             if isinstance(summary, list) else ""
         if text:
-            append_parts(request, "assistant", [{"type": "reasoning", "text": text, "signature": None}])
+            append_parts(request, "assistant",
+                         [{"type": "reasoning", "text": text, "signature": None}])
 
     def _builtin_tool_item(self, request, item, where, tool_names):
         pass  # built-in tool traffic no backend here ran: nothing to replay
@@ -1945,7 +1985,8 @@ class OpenAIResponses(FrontEnd):
 
     ITEMS = {"message": _message_item, "function_call": _function_call_item,
              "function_call_output": _function_output_item, "reasoning": _reasoning_item,
-             "custom_tool_call": _custom_call_item, "custom_tool_call_output": _function_output_item,
+             "custom_tool_call": _custom_call_item,
+             "custom_tool_call_output": _function_output_item,
              "item_reference": _reference_item,
              **dict.fromkeys(("web_search_call", "file_search_call", "image_generation_call",
                               "local_shell_call", "local_shell_call_output", "mcp_list_tools",
@@ -1987,10 +2028,12 @@ class OpenAIResponses(FrontEnd):
                 "output_text": completion.text(),
                 "parallel_tool_calls": request.parallel_tool_calls is not False,
                 "previous_response_id": request.options.get("previous_response_id"),
-                "store": request.options.get("store", True), "metadata": request.options.get("metadata") or {},
+                "store": request.options.get("store", True),
+                "metadata": request.options.get("metadata") or {},
                 **request.options.get("echo", {}),
                 "usage": None if status == "in_progress" else {
-                    "input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cache_read},
+                    "input_tokens": usage.input,
+                    "input_tokens_details": {"cached_tokens": usage.cache_read},
                     "output_tokens": usage.output,
                     "output_tokens_details": {"reasoning_tokens": usage.reasoning},
                     "total_tokens": usage.input + usage.output}}
@@ -2002,11 +2045,13 @@ class OpenAIResponses(FrontEnd):
 
     def remember(self, request, completion, response):
         if request.options.get("store", True):
-            self.store.put(response["id"], response, request.messages + [completion_message(completion)])
+            self.store.put(response["id"], response,
+                           request.messages + [completion_message(completion)])
 
 
 def block_prefix(kind):
-    return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_", "custom_tool_call": "ctc_"}[kind]
+    return {"text": "msg_", "reasoning": "rs_", "tool_call": "fc_",
+            "custom_tool_call": "ctc_"}[kind]
 
 
 class OpenItem(NamedTuple):

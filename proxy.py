@@ -880,7 +880,9 @@ class TokenCalibration:
             return self.factors.get(model, (1.0, 0))[0]
 
     def estimate(self, request):
-        return max(1, int(round(estimate_request_tokens(request) * self.factor(request.model))))
+        """The calibrated estimate; models are known by the id the client used."""
+        raw = estimate_request_tokens(request)
+        return max(1, int(round(raw * self.factor(request.client_model or request.model))))
 
 
 class Slots:
@@ -1398,7 +1400,8 @@ class AnthropicMessages(FrontEnd):
     def _count_tokens_route(self, handler, _):
         raw = handler.read_body()
         handler.authenticate()
-        handler.send_json(200, self.count_tokens(parse_json_body(raw), handler.headers))
+        handler.send_json(200, self.count_tokens(parse_json_body(raw), handler.headers,
+                                                 handler.server.pipeline.calibration))
 
     @staticmethod
     def model_list(models, owner, query):
@@ -1603,9 +1606,10 @@ class AnthropicMessages(FrontEnd):
                 "stop_sequence": completion.stop_sequence,
                 "usage": anthropic_usage(completion.usage)}
 
-    def count_tokens(self, body, headers):
-        return {"input_tokens": estimate_request_tokens(
-            self.decode(dict(body, stream=False), headers))}
+    def count_tokens(self, body, headers, calibration=None):
+        request = self.decode(dict(body, stream=False), headers)
+        return {"input_tokens": calibration.estimate(request) if calibration
+                else estimate_request_tokens(request)}
 
 
 def decoded_arguments(text):
@@ -2332,8 +2336,8 @@ class Pipeline:
                     % self.inflight.limit, retry_after=1), frontend)
             self.metrics.gauge("in_flight", {}, 1)
             exchange.raw_estimate = estimate_request_tokens(request)
-            exchange.input_estimate = max(1, int(round(
-                exchange.raw_estimate * self.calibration.factor(request.model))))
+            factor = self.calibration.factor(request.client_model or request.model)
+            exchange.input_estimate = max(1, int(round(exchange.raw_estimate * factor)))
             kind = StreamedAnswer if request.stream else FoldedAnswer
             try:
                 self._answer(kind(self, frontend, request, exchange, client), exchange)
@@ -2433,7 +2437,8 @@ class Pipeline:
     def _account(self, request, exchange):
         usage = exchange.usage
         if usage and usage.input and self.backend.prompt_counted_as_sent:
-            self.calibration.observe(request.model, exchange.raw_estimate, usage.input)
+            self.calibration.observe(request.client_model or request.model, exchange.raw_estimate,
+                                     usage.input)
         if usage:
             for kind, value in (("input", usage.input), ("cached", usage.cache_read),
                                 ("output", usage.output)):

@@ -7268,3 +7268,6 @@ class TestTokenEstimatesFollowRealUsage(ProxyTestCase):
         for _ in range(3):
             self.start_usage(counted)
         self.assertLess(abs(self.start_usage(counted) - counted) / counted, 0.10)
+        r = self.request("POST", "/v1/messages/count_tokens", dict(self.body, stream=False),
+                         {"anthropic-version": "2023-06-01"}, key_header="x-api-key")
+        self.assertLess(abs(r.json()["input_tokens"] - counted) / counted, 0.10)

@@ -85,6 +85,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from dataclasses import dataclass, field, replace as dataclass_replace
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
@@ -1800,6 +1801,56 @@ class ResponseStore:
         return next((item for item in outputs if item.get("id") == item_id), None)
 
 
+class ReasoningSeal:
+    """encrypted_content of reasoning items, for clients that keep no server state (Codex sends
+    store: false and include: ["reasoning.encrypted_content"], then replays the items): our own
+    opaque token carrying what the upstream needs to replay the reasoning, its text and
+    signature. Versioned, compressed, size-bounded and authenticated (HMAC-SHA256, a key of this
+    server's); a forged, truncated, foreign or oversized token is ignored, never trusted. It is
+    sealed, not secret: it holds only what this client was already shown."""
+
+    PREFIX = "ccr1."
+    MAX_BYTES = 1 << 20
+    MAC_BYTES = 16
+
+    def __init__(self, key=None):
+        self.key = key or secrets.token_bytes(32)
+
+    def _mac(self, payload):
+        return hmac.new(self.key, payload, hashlib.sha256).digest()[:self.MAC_BYTES]
+
+    def seal(self, text, signature):
+        payload = zlib.compress(json_dumps({"text": text, "signature": signature}).encode())
+        if len(payload) > self.MAX_BYTES:
+            return None
+        token = base64.urlsafe_b64encode(self._mac(payload) + payload).decode()
+        return self.PREFIX + token.rstrip("=")
+
+    def open(self, token):
+        """(text, signature) from a token this server sealed, else None."""
+        if not isinstance(token, str) or not token.startswith(self.PREFIX) \
+                or len(token) > self.MAX_BYTES * 2:
+            return None
+        body = token[len(self.PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        mac, payload = raw[:self.MAC_BYTES], raw[self.MAC_BYTES:]
+        if len(mac) < self.MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
+            return None
+        try:
+            inflater = zlib.decompressobj()
+            doc = json.loads(inflater.decompress(payload, self.MAX_BYTES * 8))
+        except (zlib.error, ValueError):
+            return None
+        if inflater.unconsumed_tail or not isinstance(doc, dict) \
+                or not isinstance(doc.get("text"), str) \
+                or not isinstance(doc.get("signature"), (str, type(None))):
+            return None
+        return doc["text"], doc["signature"]
+
+
 RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "content_filter": ("incomplete", {"reason": "content_filter"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
@@ -1812,8 +1863,9 @@ class OpenAIResponses(FrontEnd):
     route = "/v1/responses"
     id_prefix = "resp_"
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, seal=None):
         self.store = store or ResponseStore(limit=256)
+        self.seal = seal or ReasoningSeal()
 
     def routes(self):
         return super().routes() + [(self.route + "/", "GET", self._stored_response_route)]
@@ -1859,6 +1911,8 @@ class OpenAIResponses(FrontEnd):
         fold_system_text(request, json_format_instruction(text.get("format")))
         request.session_id = (headers.get("x-session-id") or headers.get("session-id")
                               or f.get("prompt_cache_key", str))
+        include = f.get("include", list, [])
+        request.options["encrypted_reasoning"] = "reasoning.encrypted_content" in include
         request.options.update(store=f.get("store", bool, True),
                                history_length=history_length, previous_response_id=previous_id,
                                metadata=f.get("metadata", dict, {}))
@@ -1967,6 +2021,12 @@ class OpenAIResponses(FrontEnd):
                                              "arguments": {"input": item.get("input", "")}}])
 
     def _reasoning_item(self, request, item, where, tool_names):
+        opened = self.seal.open(item.get("encrypted_content"))
+        if opened is not None:   # ours, intact: the text and signature as the upstream gave them
+            if opened[0]:
+                append_parts(request, "assistant", [
+                    {"type": "reasoning", "text": opened[0], "signature": opened[1]}])
+            return
         summary = item.get("summary")
         text = "\n".join(str(s.get("text", "")) for s in summary if isinstance(s, dict)) \
             if isinstance(summary, list) else ""
@@ -2014,6 +2074,8 @@ class OpenAIResponses(FrontEnd):
             elif block.kind == "reasoning":
                 output.append({"id": item_id, "type": "reasoning",
                                "summary": [{"type": "summary_text", "text": block.text}]})
+                if request.options.get("encrypted_reasoning"):
+                    output[-1]["encrypted_content"] = self.seal.seal(block.text, block.signature)
             elif kind == "custom_tool_call":
                 output.append({"id": item_id, "type": "custom_tool_call", "status": item_status,
                                "call_id": block.call_id, "name": block.name,

@@ -35,6 +35,7 @@ import gc
 import tracemalloc
 from unittest import mock
 import atexit
+import base64
 import contextlib
 import io
 import plistlib
@@ -7271,3 +7272,56 @@ class TestTokenEstimatesFollowRealUsage(ProxyTestCase):
         r = self.request("POST", "/v1/messages/count_tokens", dict(self.body, stream=False),
                          {"anthropic-version": "2023-06-01"}, key_header="x-api-key")
         self.assertLess(abs(r.json()["input_tokens"] - counted) / counted, 0.10)
+
+
+class TestResponsesEncryptedReasoning(ProxyTestCase):
+    """store: false clients (Codex) get reasoning back as our sealed encrypted_content."""
+
+    def reason(self, **kw):
+        self.upstream.script(ok(reasoning_parts("I should ", "list the files."),
+                                text_parts("Listing.")))
+        r = self.responses(input="list the files", store=False, **kw)
+        self.assertEqual(r.status, 200, r)
+        return r
+
+    def test_reasoning_items_carry_a_token_only_when_asked(self):
+        item = self.reason(include=["reasoning.encrypted_content"]).json()["output"][0]
+        self.assertEqual(item["type"], "reasoning")
+        self.assertTrue(item["encrypted_content"].startswith("ccr1."))
+        self.assertNotIn("encrypted_content", self.reason().json()["output"][0])
+        events = self.reason(include=["reasoning.encrypted_content"], stream=True).typed_events()
+        done = [d["item"] for n, d in events if n == "response.output_item.done"]
+        self.assertTrue(done[0]["encrypted_content"].startswith("ccr1."))
+
+    def replayed(self, reasoning_item):
+        self.upstream.reset()
+        r = self.responses(store=False, input=[
+            {"role": "user", "content": "list the files"}, reasoning_item,
+            {"role": "assistant", "content": "Listing."}, {"role": "user", "content": "go on"}])
+        self.assertEqual(r.status, 200, r)
+        up = self.upstream_params()["messages"]
+        return [c for m in up for c in m["content"] if c.get("type") == "reasoning"]
+
+    def test_a_token_sent_back_replays_the_reasoning_even_without_its_summary(self):
+        item = self.reason(include=["reasoning.encrypted_content"]).json()["output"][0]
+        parts = self.replayed({"type": "reasoning", "summary": [],
+                               "encrypted_content": item["encrypted_content"]})
+        self.assertEqual([p["text"] for p in parts], ["I should list the files."])
+
+    def test_a_forged_truncated_or_foreign_token_is_ignored_never_trusted(self):
+        token = self.reason(include=["reasoning.encrypted_content"]).json()["output"][0][
+            "encrypted_content"]
+        foreign = proxy.ReasoningSeal().seal("injected thoughts", None)
+        forged = token[:-6] + ("A" if token[-6] != "A" else "B") + token[-5:]
+        for bad in (forged, token[:len(token) // 2], foreign, "ccr1.!!!", "x" * 50, 7):
+            with self.subTest(token=str(bad)[:20]):
+                parts = self.replayed({"type": "reasoning", "encrypted_content": bad,
+                                       "summary": [{"type": "summary_text", "text": "summary"}]})
+                self.assertEqual([p["text"] for p in parts], ["summary"])   # as without a token
+
+    def test_the_seal_keeps_a_signature_and_refuses_what_it_did_not_seal(self):
+        seal = proxy.ReasoningSeal()
+        self.assertEqual(seal.open(seal.seal("why", "sig-123")), ("why", "sig-123"))
+        self.assertIsNone(proxy.ReasoningSeal().open(seal.seal("why", "sig-123")))
+        incompressible = base64.b64encode(os.urandom(proxy.ReasoningSeal.MAX_BYTES)).decode()
+        self.assertIsNone(seal.seal(incompressible, None))   # too big to travel: no token

@@ -237,6 +237,8 @@ SETTINGS = [
             "client model id or * glob -> backend model id"),
     Setting("upstreamRetries", "UPSTREAM_RETRIES", 2, lambda v: parse_int(v, 0, 10), "int",
             "retries of failures that happen before any byte reached the client"),
+    Setting("upstreamIdleMs", "UPSTREAM_IDLE_MS", 50000, _ms(10), "ms",
+            "idle keep-alive upstream connections are closed after this long"),
     Setting("upstreamRetryBackoffMs", "UPSTREAM_RETRY_BACKOFF_MS", 250, _ms(0), "ms",
             "wait before the first retry, doubling for each next one, at most 2 s"),
     Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url",
@@ -2790,19 +2792,23 @@ class UpstreamHTTPSConnection(_WithoutNagle, http.client.HTTPSConnection):
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake."""
+    """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake.
+    A reaper thread (alive only while something is idle) closes a connection once it has been
+    idle `idle_seconds`, or at once when the upstream closes its side, so a burst leaves no
+    sockets behind (ESTABLISHED or CLOSE_WAIT)."""
 
     MAX_IDLE = 64
-    IDLE_SECONDS = 50
 
-    def __init__(self, base_url):
+    def __init__(self, base_url, idle_seconds=50.0):
         parts = urllib.parse.urlsplit(base_url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
+        self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
         self.idle = []  # (connection, released at)
+        self.reaping = False
 
     def acquire(self, timeout):
         """(connection, reused?)"""
@@ -2812,7 +2818,7 @@ class ConnectionPool:
         with self.lock:
             while self.idle:
                 conn, released = self.idle.pop()
-                if (now - released < self.IDLE_SECONDS and conn.sock is not None
+                if (now - released < self.idle_seconds and conn.sock is not None
                         and conn.sock.fileno() != -1):
                     reused = conn
                     break
@@ -2841,8 +2847,42 @@ class ConnectionPool:
         with self.lock:
             if len(self.idle) < self.MAX_IDLE and conn.sock is not None:
                 self.idle.append((conn, time.monotonic()))
+                start, self.reaping = not self.reaping, True
+                if start:
+                    threading.Thread(target=self._reap, name="upstream-reaper",
+                                     daemon=True).start()
                 return
         conn.close()
+
+    def _reap(self):
+        """Until nothing is idle: close what expired, and what the upstream closed (an idle
+        keep-alive socket turns readable only with EOF or unasked-for bytes)."""
+        while True:
+            with self.lock:
+                if not self.idle:
+                    self.reaping = False
+                    return
+                now = time.monotonic()
+                expired = [c for c, at in self.idle if now - at >= self.idle_seconds]
+                live = [(c, at) for c, at in self.idle if now - at < self.idle_seconds]
+                socks = {c.sock: c for c, _ in live if c.sock is not None}
+                wait = min([self.idle_seconds - (now - at) for _, at in live] or [0])
+            for conn in expired:
+                self._drop(conn)
+            try:
+                readable = select.select(list(socks), [], [], max(0.01, min(wait, 5.0)))[0]
+            except (OSError, ValueError):   # a socket closed under us: look again
+                readable = []
+            for sock in readable:
+                self._drop(socks[sock])
+
+    def _drop(self, conn):
+        with self.lock:
+            kept = [(c, at) for c, at in self.idle if c is not conn]
+            taken = len(kept) != len(self.idle)
+            self.idle = kept
+        if taken:   # not meanwhile acquired by a request
+            conn.close()
 
 
 class UpstreamCall:
@@ -3354,7 +3394,7 @@ class CommandCodeBackend:
         self.metrics = metrics
         self.sessions = UpstreamSessions()
         self.version = VersionWatcher(config["ccVersion"])
-        self.pool = ConnectionPool(config["apiBase"])
+        self.pool = ConnectionPool(config["apiBase"], config["upstreamIdleMs"] / 1000)
         self.models = ModelList(self)
         self.last_upstream_ok = None
 

@@ -245,6 +245,10 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def setup(self):
+        self.timeout = self.server.fake.idle_timeout   # None: keep-alive connections stay open
+        super().setup()
+
     # -- request intake -----------------------------------------------------------------
 
     def _read_body(self):
@@ -407,6 +411,7 @@ class FakeCommandCode:
         self.replies = deque()
         self.default_reply = lambda: ok(text_parts("Hello", " world"))
         self.model_list_delay = 0   # seconds before /provider/v1/models answers
+        self.idle_timeout = None    # seconds after which the fake closes an idle connection
         self.provider_models = {"object": "list", "data": [
             {"id": "fake/provider-model-x", "name": "Fake X", "context_length": 100000,
              "supported_endpoints": ["/v1/chat/completions"]},
@@ -7325,3 +7330,44 @@ class TestResponsesEncryptedReasoning(ProxyTestCase):
         self.assertIsNone(proxy.ReasoningSeal().open(seal.seal("why", "sig-123")))
         incompressible = base64.b64encode(os.urandom(proxy.ReasoningSeal.MAX_BYTES)).decode()
         self.assertIsNone(seal.seal(incompressible, None))   # too big to travel: no token
+
+
+# =======================================================================================
+# Idle upstream connections are not kept past their use
+# =======================================================================================
+
+class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
+    def burst(self, port, upstream, n=8):
+        upstream.default_reply = lambda: dripped(3, 0.05)   # long enough for n to overlap
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            statuses = list(pool.map(lambda _: http_request(
+                port, "POST", "/v1/chat/completions",
+                {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+                {"Authorization": "Bearer " + KEY}).status, range(n)))
+        self.assertEqual(statuses, [200] * n)
+
+    def serve(self, **overrides):
+        upstream = fake_upstream(self.addCleanup)
+        server, port = ops_start_server(self, apiBase=upstream.url, **overrides)
+        return server, port, upstream
+
+    def test_connections_idle_past_upstream_idle_ms_are_closed_and_fds_return_to_baseline(self):
+        server, port, upstream = self.serve(upstreamIdleMs=300)
+        http_request(port, "GET", "/health")
+        baseline = res_fd_count()
+        self.burst(port, upstream)
+        self.assertGreater(len(server.backend.pool.idle), 1)   # kept for reuse at first
+        self.assertTrue(wait_for(lambda: not server.backend.pool.idle, 3))
+        self.assertTrue(wait_for(lambda: res_fd_count() <= baseline, 3),
+                        (res_fd_count(), baseline))
+
+    def test_a_connection_the_upstream_closed_is_closed_at_once_not_left_in_close_wait(self):
+        server, port, upstream = self.serve(upstreamIdleMs=60000)
+        upstream.idle_timeout = 0.2
+        http_request(port, "GET", "/health")
+        baseline = res_fd_count()
+        self.burst(port, upstream)
+        self.assertTrue(wait_for(lambda: not server.backend.pool.idle, 3),
+                        len(server.backend.pool.idle))
+        self.assertTrue(wait_for(lambda: res_fd_count() <= baseline, 3))
+        self.burst(port, upstream)   # and the pool still serves afterwards

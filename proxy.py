@@ -5102,6 +5102,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cc-proxy/" + __version__
     sys_version = ""
+
+    def version_string(self):
+        return self.server_version   # http.server would append " " + sys_version
     timeout = 120   # a client that sends or reads nothing for this long is let go
 
     # ---- plumbing ---------------------------------------------------------------------

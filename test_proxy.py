@@ -2242,6 +2242,7 @@ class TestModelsAndHealth(ProxyTestCase):
         self.assertEqual(r.status, 200)
         self.assertEqual(r.json()["status"], "ok")
         self.assertTrue(r.header("X-Request-Id"))
+        self.assertEqual(r.header("Server"), "cc-proxy/" + proxy.__version__)   # no trailing space
 
     def test_models_list_in_openai_shape(self):
         r = self.request("GET", "/v1/models")
@@ -6799,6 +6800,26 @@ class TestResilienceConcurrency(ResilienceCase):
             words = ("echo: " + " ".join(texts)).split(" ")
             return ok(text_parts(*[w + " " for w in words[:-1]] + words[-1:]))
         fake._add, fake._next_reply = _add, _next_reply
+
+    def test_200_simultaneous_streams_are_byte_identical_to_the_same_stream_alone(self):
+        body = {"model": "claude-sonnet-5", "stream": True,
+                "messages": [{"role": "user", "content": "the same question for everyone"}]}
+
+        def normalised(r):   # ids and timestamps are each response's own
+            self.assertEqual(r.status, 200, r)
+            data = re.sub(rb'"id":"chatcmpl-[0-9a-f]+"', b'"id":"-"', r.data)
+            return re.sub(rb'"created":[0-9]+', b'"created":0', data)
+        alone = normalised(self.chat(**dict(body, key=unique_key())))
+        self.assertIn(b"data: [DONE]", alone)
+        n = 200
+        barrier = threading.Barrier(n)
+
+        def one(_):
+            barrier.wait(10)
+            return normalised(self.chat(**dict(body, key=unique_key())))
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(one, range(n), timeout=60))
+        self.assertEqual(sum(a == alone for a in answers), n)
 
     def test_200_simultaneous_streams_all_complete_correctly(self):
         n = 200

@@ -1085,6 +1085,18 @@ def print_table(f, args):
                 fmt(row["wall_s"] * 1000, digits=0), fmt(row["peak_rss_mb"], digits=1), fmt(row["proxy_cpu_s"])))
             if row["problems"]:
                 w("    problems: %s" % "; ".join(row["problems"]))
+    load = f.get("load")
+    if load:
+        w("")
+        w("Load: concurrent streams of %d events, %d ms apart, ms" % (args.load_events, args.load_ms))
+        w("%-22s %8s %9s %9s %9s %9s %12s %10s" % ("", "ok", "p50", "p99", "1st p50", "1st p99",
+                                                  "peak RSS MB", "proxy CPU s"))
+        for row in load:
+            w("%-22s %8s %9s %9s %9s %9s %12s %10s" % (
+                "  %s %d" % (row["via"], row["streams"]), "%d/%d" % (row["ok"], row["streams"]),
+                fmt(row["total"]["p50_ms"]), fmt(row["total"]["p99_ms"]),
+                fmt(row["first_byte"]["p50_ms"]), fmt(row["first_byte"]["p99_ms"]),
+                fmt(row["peak_rss_mb"], digits=1), fmt(row["proxy_cpu_s"])))
     ledger = f.get("ledger")
     if ledger:
         w("")
@@ -1176,6 +1188,10 @@ def parse_args(argv):
     p.add_argument("--relay-events", type=int, default=20000)
     p.add_argument("--relay-runs", type=int, default=5)
     p.add_argument("--concurrency", default="50,200", help="comma-separated stream counts")
+    p.add_argument("--load-streams", default="200",
+                   help="comma-separated stream counts of the load scenario ('' skips it)")
+    p.add_argument("--load-events", type=int, default=50)
+    p.add_argument("--load-ms", type=int, default=20)
     p.add_argument("--drip-events", type=int, default=20)
     p.add_argument("--drip-ms", type=int, default=10)
     p.add_argument("--startups", type=int, default=3, help="start-up time samples")
@@ -1277,6 +1293,13 @@ def main(argv=None):
                 row = bench_concurrency(t, n, args.drip_events, args.drip_ms, pid, log, direct=(via == "direct"))
                 row["via"] = via
                 figures["concurrency"].append(row)
+        figures["load"] = []   # issue 14's scenario: longer streams, events further apart
+        for n in [int(x) for x in args.load_streams.split(",") if x.strip()]:
+            for via in ("direct", "proxy"):
+                row = bench_concurrency(t, n, args.load_events, args.load_ms, pid, log,
+                                        direct=(via == "direct"))
+                row["via"] = via
+                figures["load"].append(row)
         if pid:
             time.sleep(1.0)
             rss, hwm = read_status(pid)

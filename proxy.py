@@ -1768,18 +1768,25 @@ def completion_message(completion):
     return {"role": "assistant", "parts": parts}
 
 
+class StoredResponse(NamedTuple):
+    expires: float          # monotonic time
+    response: dict          # the response object, as GET /v1/responses/{id} returns it
+    messages: list          # the canonical conversation up to and including its answer
+
+
 class ResponseStore:
     """Recent Responses (input + output) so previous_response_id chains work. Bounded, TTL'd."""
 
     def __init__(self, limit=1000, ttl=3600.0):
         self.limit, self.ttl = limit, ttl
         self.lock = threading.Lock()
-        # id -> (expires, response object, canonical messages)
+        # id -> StoredResponse
         self.items = collections.OrderedDict()
 
     def put(self, response_id, response, messages):
         with self.lock:
-            self.items[response_id] = (time.monotonic() + self.ttl, response, messages)
+            self.items[response_id] = StoredResponse(time.monotonic() + self.ttl, response,
+                                                     messages)
             self.items.move_to_end(response_id)
             while len(self.items) > self.limit:
                 self.items.popitem(last=False)
@@ -1787,7 +1794,7 @@ class ResponseStore:
     def get(self, response_id):
         with self.lock:
             item = self.items.get(response_id)
-            if item is None or item[0] < time.monotonic():
+            if item is None or item.expires < time.monotonic():
                 self.items.pop(response_id, None)
                 return None
             return item
@@ -1799,7 +1806,7 @@ class ResponseStore:
         if prefix + "_" not in ("msg_", "rs_", "fc_", "ctc_") or not response_hex:
             return None
         stored = self.get("resp_" + response_hex)
-        outputs = stored[1]["output"] if stored else ()
+        outputs = stored.response["output"] if stored else ()
         return next((item for item in outputs if item.get("id") == item_id), None)
 
 
@@ -1878,7 +1885,7 @@ class OpenAIResponses(FrontEnd):
         if item is None:
             raise ProxyError(404, "not_found", "response %r not found (kept for one hour, "
                              "never with store: false)" % response_id)
-        handler.send_json(200, item[1])
+        handler.send_json(200, item.response)
 
     def decode(self, body, headers):
         f, request = self.begin(body, ("max_output_tokens",))
@@ -1890,7 +1897,7 @@ class OpenAIResponses(FrontEnd):
                 raise bad_request("previous response %r is unknown or expired (responses are "
                                   "kept for one hour, and never with store: false)"
                                   % previous_id, "previous_response_id")
-            request.messages.extend(previous[2])
+            request.messages.extend(previous.messages)
         history_length = len(request.messages)
         items = f.get("input", (str, list), required=True)
         if isinstance(items, str):
@@ -2885,6 +2892,24 @@ class ConnectionPool:
             conn.close()
 
 
+class UpstreamHead(NamedTuple):     # the status line and headers (a body only for a non-200)
+    status: int
+    headers: list
+    body: Optional[bytes]
+
+
+class UpstreamChunk(NamedTuple):
+    data: bytes
+
+
+class UpstreamEnd(NamedTuple):      # the body is complete
+    pass
+
+
+class UpstreamFailed(NamedTuple):   # the exchange broke (connect, reset, bad framing)
+    error: Exception
+
+
 class UpstreamCall:
     """One upstream HTTP exchange, read on its own thread into a small bounded queue: the request
     thread can then wait with a timeout (keep-alive ticks, idle limit, client checks) and abort at
@@ -2941,19 +2966,19 @@ class UpstreamCall:
                 return
             if response.status != 200:
                 body = response.read(65536)
-                self._put(("head", response.status, response.getheaders(), body))
+                self._put(UpstreamHead(response.status, response.getheaders(), body))
                 conn.close()
                 return
-            self._put(("head", 200, response.getheaders(), None))
+            self._put(UpstreamHead(200, response.getheaders(), None))
             read1 = response.read1
             while True:
                 chunk = read1(self.CHUNK)
                 if not chunk:
                     break
-                if not self._put(("chunk", chunk)):
+                if not self._put(UpstreamChunk(chunk)):
                     return
             response.close()  # body complete: the connection is free for the next request
-            self._put(("end",))
+            self._put(UpstreamEnd())
             with self.ownership:
                 if response.will_close or self.cancelled.is_set():
                     conn.close()
@@ -2965,7 +2990,7 @@ class UpstreamCall:
             if conn is not None:
                 conn.close()
             conn = None
-            self._put(("fail", e))
+            self._put(UpstreamFailed(e))
         finally:
             if conn is not None and self.cancelled.is_set():
                 conn.close()
@@ -3500,45 +3525,43 @@ class CommandCodeBackend:
                     yield []
                     continue
                 last_heard = now
-                kind = item[0]
-                if kind == "chunk":
-                    batch = decoder.feed(item[1])
-                    if decoder.finished:
-                        call.detached = True
-                        self._succeeded(key, decoder)
-                        yield batch
-                        return
-                    if batch:
-                        yield batch
-                elif kind == "head":
-                    if item[1] != 200:
-                        headers = {k.lower(): v for k, v in item[2]}
-                        message, code, rate_limit = parse_upstream_error(item[3])
-                        retry_after = headers.get("retry-after")
-                        raise classify_upstream_error(
-                            item[1], message, code, rate_limit,
-                            int(retry_after) if (retry_after or "").isdigit() else None)
-                    self.last_upstream_ok = time.time()
-                elif kind == "end":
+                if type(item) is UpstreamChunk:
+                    batch = decoder.feed(item.data)
+                elif type(item) is UpstreamHead:
+                    self._check_head(item)
+                    continue
+                elif type(item) is UpstreamEnd:
                     batch = decoder.close()
-                    if decoder.finished:
-                        self._succeeded(key, decoder)
-                        yield batch
-                        return
-                    if batch:
-                        yield batch
+                else:
+                    raise ProxyError(502, "upstream", "cannot reach Command Code (%s)"
+                                     % type(item.error).__name__, retryable=True, retry_after=2)
+                if decoder.finished:
+                    call.detached = True
+                    self._succeeded(key, decoder)
+                    yield batch
+                    return
+                if batch:
+                    yield batch
+                if type(item) is UpstreamEnd:
                     raise ProxyError(502, "upstream", "Command Code's stream ended before it "
                                      "finished the answer (no finish event)",
-                                     retryable=True, retry_after=2)
-                else:
-                    raise ProxyError(502, "upstream",
-                                     "cannot reach Command Code (%s)" % type(item[1]).__name__,
                                      retryable=True, retry_after=2)
         finally:
             if not decoder.finished:
                 call.abort()
             if decoder.skipped:
                 self.metrics.count("upstream_skipped_lines_total", {}, decoder.skipped)
+
+    def _check_head(self, head):
+        """A non-200 answer is the error it says; a 200 marks the upstream reachable."""
+        if head.status != 200:
+            headers = {k.lower(): v for k, v in head.headers}
+            message, code, rate_limit = parse_upstream_error(head.body)
+            retry_after = headers.get("retry-after")
+            raise classify_upstream_error(
+                head.status, message, code, rate_limit,
+                int(retry_after) if (retry_after or "").isdigit() else None)
+        self.last_upstream_ok = time.time()
 
     def _succeeded(self, key, decoder):
         self.sessions.note_success(key)
@@ -5482,6 +5505,7 @@ class UsageLedger:
     logged and counted, never felt by a request. stop() writes what is queued."""
 
     BATCH = 500
+    FLUSH_SECONDS = 0.25   # the writer wakes on a clock, not per row: no thread hand-off per request
 
     def __init__(self, path, retention_days, metrics, queue_size=10000):
         self.path, self.metrics = path, metrics
@@ -5489,6 +5513,7 @@ class UsageLedger:
         self.rows = queue.Queue(queue_size)
         self.secret = secrets.token_bytes(32)   # replaced by the database's own when it opens
         self.thread = threading.Thread(target=self._run, name="usage-ledger", daemon=True)
+        self.stopping = threading.Event()
         self.dropped = self.errors = 0
 
     def start(self):
@@ -5519,11 +5544,8 @@ class UsageLedger:
             self.metrics.count("usage_ledger_dropped_total", {})
 
     def stop(self, timeout=5.0):
+        self.stopping.set()
         if self.thread.is_alive():
-            try:
-                self.rows.put(None, timeout=timeout)
-            except queue.Full:
-                pass
             self.thread.join(timeout)
 
     def _failed(self, what, error):
@@ -5537,18 +5559,18 @@ class UsageLedger:
     def _run(self):
         conn, next_prune, stopping = None, time.monotonic() + 3600, False
         while not stopping:
-            try:
-                batch = [self.rows.get(timeout=60)]
-            except queue.Empty:
-                batch = []
-            while len(batch) < self.BATCH and not self.rows.empty():
-                batch.append(self.rows.get_nowait())
-            stopping = None in batch
-            rows = [tuple(row[f] for f in LEDGER_FIELDS) for row in batch if row is not None]
-            prune = time.monotonic() >= next_prune
-            if rows or prune:
-                conn = self._write(conn, rows, prune)
-                next_prune = next_prune + 3600 if prune else next_prune
+            stopping = self.stopping.wait(self.FLUSH_SECONDS)   # after stop(): one last drain
+            while True:
+                rows = []
+                while len(rows) < self.BATCH and not self.rows.empty():
+                    row = self.rows.get_nowait()
+                    rows.append(tuple(row.get(f) for f in LEDGER_FIELDS))
+                prune = time.monotonic() >= next_prune
+                if rows or prune:
+                    conn = self._write(conn, rows, prune)
+                    next_prune = next_prune + 3600 if prune else next_prune
+                if len(rows) < self.BATCH:
+                    break
         if conn is not None:
             conn.close()
 

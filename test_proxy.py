@@ -2684,6 +2684,21 @@ class TestAnthropicRequestTranslation(ProxyTestCase):
                       output_config={"effort": "medium"})
         self.assertEqual(self.upstream_params()["reasoning_effort"], "medium")
 
+    def test_context_management_and_output_config_travel_together_with_their_betas(self):
+        # as Claude Code sends them: both fields, with their anthropic-beta values
+        r = self.messages(model="claude-sonnet-5", thinking={"type": "adaptive"},
+                          output_config={"effort": "high"},
+                          context_management={"edits": [{"type": "clear_thinking_20251015",
+                                                         "keep": "all"}]},
+                          headers={"anthropic-beta": "claude-code-20250219,"
+                                   "context-management-2025-06-27,effort-2025-11-24"})
+        self.assertEqual(r.status, 200, r)
+        params = self.upstream_params()
+        self.assertEqual(params["reasoning_effort"], "high")
+        # neither is forwarded on its own: the envelope has no such fields, so no half pair
+        self.assertNotIn("context_management", params)
+        self.assertNotIn("output_config", params)
+
     def test_thinking_disabled_sends_no_effort(self):
         self.messages(model="claude-sonnet-5", thinking={"type": "disabled"})
         self.assertNotIn("reasoning_effort", self.upstream_params())

@@ -5672,13 +5672,25 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEY_NEEDED = "the dashboard needs its key: open /dashboard?key=... once, or send it as Bearer"
 
 
+def _is_ip_literal(host):
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def dashboard_refusal(handler):
     """Why this client may not see the dashboard, or None. Only the proxy's own host names are
     answered (DNS rebinding); with dashboardKey set, only a client presenting it (Bearer or the
     cookie set by ?key=), else only loopback clients (behind trustedProxies: the forwarded one)."""
     config, headers = handler.server.config, handler.headers
-    host = urllib.parse.urlsplit("//" + (headers.get("host") or "")).hostname or ""
-    if host not in _LOCAL_HOSTS + (config["host"].strip("[]"), handler.server.server_address[0]):
+    try:
+        host = urllib.parse.urlsplit("//" + (headers.get("host") or "")).hostname or ""
+    except ValueError:   # e.g. an unclosed [ of an IPv6 literal
+        host = ""
+    if not (host in _LOCAL_HOSTS + (config["host"].strip("[]"), handler.server.server_address[0])
+            or _is_ip_literal(host)):   # rebinding needs a name: an address literal is safe
         return "this page is served only under the proxy's own address or localhost"
     key = config["dashboardKey"]
     if key:

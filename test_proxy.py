@@ -7211,7 +7211,10 @@ class TestDashboard(ProxyTestCase):
         for host in ("evil.example", "evil.example:%d" % self.port):
             self.assertEqual(self.get("/dashboard", {"Host": host}).status, 403)
             self.assertEqual(self.get("/dashboard/data", {"Host": host}).status, 403)
+        self.assertEqual(self.get("/dashboard", {"Host": "[::1"}).status, 403)
         self.assertEqual(self.get("/dashboard", {"Host": "localhost:%d" % self.port}).status, 200)
+        # an address literal cannot be rebound: a LAN address of a 0.0.0.0 server is fine
+        self.assertEqual(self.get("/dashboard", {"Host": "192.0.2.7:%d" % self.port}).status, 200)
 
 
 class TestDashboardBehindAFrontProxy(ProxyTestCase):

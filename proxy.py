@@ -506,6 +506,14 @@ class Usage:
         return max(0, self.input - self.cache_read - self.cache_write)
 
 
+def token_count(value):
+    """A token count from a backend's JSON: a number, else 0; bounded (sqlite holds 64 bits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        return 0
+    return max(0, min(int(value), 10 ** 12))
+
+
 # Events: what a backend yields, in batches (lists), and what every consumer takes. An empty
 # batch is a tick of upstream silence. A backend that fails raises ProxyError; once output has
 # reached the client, the pipeline gives the consumer an ErrorEvent in place of a Finish.
@@ -1410,7 +1418,7 @@ class AnthropicMessages(FrontEnd):
     def model_list(models, owner, query):
         """Anthropic's page: ?limit (1-1000, default 20), ?after_id or ?before_id."""
         limit = (query.get("limit") or ["20"])[0]
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not re.fullmatch(r"[0-9]{1,4}", limit) or not 1 <= int(limit) <= 1000:
             raise bad_request("'limit' must be an integer from 1 to 1000", "limit")
         ids = [m.id for m in models]
         after, before = ((query.get(name) or [None])[0] for name in ("after_id", "before_id"))
@@ -3130,12 +3138,12 @@ def cc_usage(raw):
         return None
     details = raw.get("inputTokenDetails") or {}
     output_details = raw.get("outputTokenDetails") or {}
-    number = lambda v: int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
-    return Usage(input=number(raw.get("inputTokens")),
-                 cache_read=number(details.get("cacheReadTokens", raw.get("cachedInputTokens"))),
-                 cache_write=number(details.get("cacheWriteTokens")),
-                 output=number(raw.get("outputTokens")),
-                 reasoning=number(output_details.get("reasoningTokens",
+    return Usage(input=token_count(raw.get("inputTokens")),
+                 cache_read=token_count(details.get("cacheReadTokens",
+                                                    raw.get("cachedInputTokens"))),
+                 cache_write=token_count(details.get("cacheWriteTokens")),
+                 output=token_count(raw.get("outputTokens")),
+                 reasoning=token_count(output_details.get("reasoningTokens",
                                                      raw.get("reasoningTokens"))))
 
 
@@ -3395,8 +3403,8 @@ class ModelList:
             body = response.read(4 * 1024 * 1024)
             data = json.loads(body).get("data") if response.status == 200 else None
             ids = ([m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-                   if data else None)
-        except (OSError, ValueError, AttributeError, http.client.HTTPException) as e:
+                   if isinstance(data, list) else None)
+        except (OSError, ValueError, AttributeError, TypeError, http.client.HTTPException) as e:
             log.debug("provider model list unavailable (%s); using the built-in catalog",
                       type(e).__name__)
             ids = None
@@ -3560,7 +3568,7 @@ class CommandCodeBackend:
             retry_after = headers.get("retry-after")
             raise classify_upstream_error(
                 head.status, message, code, rate_limit,
-                int(retry_after) if (retry_after or "").isdigit() else None)
+                int(retry_after) if re.fullmatch(r"[0-9]{1,9}", retry_after or "") else None)
         self.last_upstream_ok = time.time()
 
     def _succeeded(self, key, decoder):
@@ -4040,25 +4048,24 @@ def claude_argv(cli, config, request, session_id, resume, system_file=None):
 
 def claude_usage(result):
     """Usage of a whole run: modelUsage summed (result.usage can be zero or short)."""
-    number = lambda v: int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
     usage = Usage()
     per_model = result.get("modelUsage")
     if isinstance(per_model, dict) and per_model:
         for item in per_model.values():
             if not isinstance(item, dict):
                 continue
-            read, write = (number(item.get("cacheReadInputTokens")),
-                           number(item.get("cacheCreationInputTokens")))
-            usage.input += number(item.get("inputTokens")) + read + write
+            read, write = (token_count(item.get("cacheReadInputTokens")),
+                           token_count(item.get("cacheCreationInputTokens")))
+            usage.input += token_count(item.get("inputTokens")) + read + write
             usage.cache_read += read
             usage.cache_write += write
-            usage.output += number(item.get("outputTokens"))
+            usage.output += token_count(item.get("outputTokens"))
         return usage
     raw = result.get("usage") if isinstance(result.get("usage"), dict) else {}
-    read, write = (number(raw.get("cache_read_input_tokens")),
-                   number(raw.get("cache_creation_input_tokens")))
-    return Usage(input=number(raw.get("input_tokens")) + read + write, cache_read=read,
-                 cache_write=write, output=number(raw.get("output_tokens")))
+    read, write = (token_count(raw.get("cache_read_input_tokens")),
+                   token_count(raw.get("cache_creation_input_tokens")))
+    return Usage(input=token_count(raw.get("input_tokens")) + read + write, cache_read=read,
+                 cache_write=write, output=token_count(raw.get("output_tokens")))
 
 
 def classify_claude_error(status, kind, text, retry_after=None):
@@ -5505,7 +5512,7 @@ class UsageLedger:
     logged and counted, never felt by a request. stop() writes what is queued."""
 
     BATCH = 500
-    FLUSH_SECONDS = 0.25   # the writer wakes on a clock, not per row: no thread hand-off per request
+    FLUSH_SECONDS = 0.25   # the writer wakes on a clock, not per row: no hand-off per request
 
     def __init__(self, path, retention_days, metrics, queue_size=10000):
         self.path, self.metrics = path, metrics
@@ -5584,7 +5591,7 @@ class UsageLedger:
             if prune:
                 self._prune(conn)
             return conn
-        except (sqlite3.Error, OSError) as e:
+        except Exception as e:   # locked, read-only, full, a value sqlite refuses: never fatal
             self._failed("dropped %d row(s)" % len(rows), e)
             if conn is not None:
                 conn.close()
@@ -5777,7 +5784,7 @@ def dashboard_data(server, since):
         data["ledger"] = {"error": "the usage database cannot be read (%s)" % type(e).__name__}
         return data
     span = max(1.0, data["now"] - since)
-    bucket = next(b for b in (60, 300, 900, 3600, 21600, 86400, 604800) if span / b <= 96)
+    bucket = next((b for b in (60, 300, 900, 3600, 21600, 86400) if span / b <= 96), 604800)
     first = int(since // bucket * bucket)   # every bucket of the range, empty ones too
     series = collections.OrderedDict((t, {}) for t in range(first, int(data["now"]) + 1, bucket))
     for row in rows:

@@ -7412,3 +7412,23 @@ class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
                         len(server.backend.pool.idle))
         self.assertTrue(wait_for(lambda: res_fd_count() <= baseline, 3))
         self.burst(port, upstream)   # and the pool still serves afterwards
+
+
+class TestOutOfRangeInputsAreRefusedNot500(ProxyTestCase):
+    proxy_overrides = {"usageDb": os.path.join(ledger_dir(), "usage.sqlite3")}
+
+    def test_unicode_digits_in_limit_a_long_dashboard_range_and_absurd_usage(self):
+        r = self.request("GET", "/v1/models?limit=%C2%B2", key_header="x-api-key",
+                         headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual(r.status, 400, r)
+        r = http_request(self.port, "GET", "/dashboard/data?since=700d")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["ledger"]["bucket_s"], 604800)
+        self.upstream.script(http_error(429, {"error": {"message": "slow"}},
+                                        headers=[("Retry-After", "\u00b2")]))
+        self.assertEqual(self.chat().status, 429)
+        self.upstream.script(ok(text_parts("big"), inp=10 ** 19, cache_read=0, cache_write=0))
+        rid = "req-absurd-" + uuid.uuid4().hex[:8]
+        self.assertEqual(self.chat(headers={"X-Request-Id": rid}).status, 200)
+        self.assertEqual(ledger_row_for(self.proxy_overrides["usageDb"], rid)["input_uncached"],
+                         10 ** 12)   # bounded, and the writer lives on

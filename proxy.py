@@ -34,10 +34,14 @@ import sys
 # Python 3.9 no sys.orig_argv, -I/-P no working directory on sys.path: those run as scripts.)
 _REEXEC_CWD = "CC_PROXY_REEXEC_CWD"
 if __name__ == "__main__" and _REEXEC_CWD in os.environ:
-    os.chdir(os.environ.pop(_REEXEC_CWD))
+    try:
+        os.chdir(os.environ.pop(_REEXEC_CWD))
+    except OSError:
+        pass   # the caller's directory went away meanwhile: relative paths resolve from here
 elif (__name__ == "__main__" and globals().get("__spec__") is None
         and sys.modules["__main__"].__dict__ is globals()   # not run by cProfile, pdb, runpy
         and sys.argv[1:2] in ([], ["start"]) and __file__.endswith(".py") and os.name == "posix"
+        and os.path.basename(__file__)[:-3].isidentifier()   # -m needs a module name
         and sys.executable and hasattr(sys, "orig_argv")
         and not sys.flags.isolated and not getattr(sys.flags, "safe_path", False)):
     _caller_cwd = None

@@ -455,6 +455,22 @@ class ProxyError(Exception):
         return headers
 
 
+def bearer_token(headers):
+    """The token of an `Authorization: Bearer ...` header, else ""."""
+    authorization = (headers.get("authorization") or "").strip()
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+
+
+def key_matches(candidates, expected):
+    """Whether any non-empty candidate is the expected key. Every candidate is compared in
+    constant time, so the time taken says nothing about any of them."""
+    ok = False
+    for given in candidates:
+        ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                  expected.encode("utf-8"))
+    return ok
+
+
 def bad_request(message, param=None):
     return ProxyError(400, "invalid_request", message, param=param)
 
@@ -894,9 +910,10 @@ class TokenCalibration:
         with self.lock:
             return self.factors.get(model, (1.0, 0))[0]
 
-    def estimate(self, request):
-        """The calibrated estimate; models are known by the id the client used."""
-        raw = estimate_request_tokens(request)
+    def estimate(self, request, raw=None):
+        """The calibrated estimate (of `raw` when already counted); models are known by the id
+        the client used."""
+        raw = estimate_request_tokens(request) if raw is None else raw
         return max(1, int(round(raw * self.factor(request.client_model or request.model))))
 
 
@@ -2419,8 +2436,7 @@ class Pipeline:
                     % self.inflight.limit, retry_after=1), frontend)
             self.metrics.gauge("in_flight", {}, 1)
             exchange.raw_estimate = estimate_request_tokens(request)
-            factor = self.calibration.factor(request.client_model or request.model)
-            exchange.input_estimate = max(1, int(round(exchange.raw_estimate * factor)))
+            exchange.input_estimate = self.calibration.estimate(request, exchange.raw_estimate)
             kind = StreamedAnswer if request.stream else FoldedAnswer
             try:
                 self._answer(kind(self, frontend, request, exchange, client), exchange)
@@ -4550,19 +4566,12 @@ class ClaudeCodeBackend:
 
     # ---- before anything runs -----------------------------------------------------------
     def authenticate(self, headers):
-        expected = (self.config.get("apiKey") or "").encode("utf-8")
+        expected = self.config.get("apiKey") or ""
         if not expected:
             raise ProxyError(401, "authentication", "this proxy has no apiKey configured; the "
                              "operator must set one (API_KEY) before clients can use it",
                              code="invalid_api_key")
-        authorization = (headers.get("authorization") or "").strip()
-        candidates = [headers.get("x-api-key") or "",
-                      authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
-        ok = False
-        for given in candidates:   # both compared, so the time taken says nothing about either
-            ok |= bool(given) and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
-                                                      expected)
-        if not ok:
+        if not key_matches([headers.get("x-api-key") or "", bearer_token(headers)], expected):
             raise ProxyError(401, "authentication", "invalid or missing API key: " + self.auth_hint,
                              code="invalid_api_key")
         return "proxy-key"
@@ -4951,7 +4960,7 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 
 
 # =====================================================================================
-# 9. HTTP server: routing, auth, CORS, request ids, streaming writer, limits, metrics
+# 9. HTTP server: routing, auth, CORS, request ids, byte writer, metrics, usage ledger, dashboard
 # =====================================================================================
 
 class Metrics:
@@ -5347,6 +5356,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def authenticate(self):
         return self.server.backend.authenticate(self.headers)
 
+    def query(self):
+        """The request target's query parameters: name -> [values]."""
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+
+    def client_address_seen(self):
+        """The client's address, as trustedProxies let it be told (see client_ip)."""
+        headers = getattr(self, "headers", None)   # absent when the request line was bad
+        return client_ip(self.client_address[0], headers and headers.get("x-forwarded-for"),
+                         self.server.config["trustedProxies"])
+
     # ---- model requests: decode, then the pipeline answers through the methods below -----
     def model_request(self, frontend):
         server = self.server
@@ -5442,10 +5461,7 @@ def access_log(handler):
     if not log.isEnabledFor(logging.INFO):
         return
     log.info("%s %s %s %s backend=%s model=%s status=%s bytes=%d first_byte_ms=%s total_ms=%d "
-             "tokens_in=%d cached=%d out=%d", handler.request_id, client_ip(
-                 handler.client_address[0],
-                 handler.headers and handler.headers.get("x-forwarded-for"),
-                 server.config["trustedProxies"]),
+             "tokens_in=%d cached=%d out=%d", handler.request_id, handler.client_address_seen(),
              handler.command, urllib.parse.urlsplit(handler.path).path, server.backend.name,
              handler.model_name, handler.status_sent, handler.bytes_sent,
              "%d" % first if first is not None else "-", total * 1000, usage.input,
@@ -5708,19 +5724,11 @@ def dashboard_refusal(handler):
         cookies = http.cookies.SimpleCookie()
         with contextlib.suppress(http.cookies.CookieError):
             cookies.load(headers.get("cookie") or "")
-        authorization = headers.get("authorization") or ""
-        given = [urllib.parse.unquote(cookies[DASHBOARD_COOKIE].value)
-                 if DASHBOARD_COOKIE in cookies else "",
-                 authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""]
-        ok = False
-        for value in given:   # both compared: the time taken says nothing about either
-            ok |= bool(value) and hmac.compare_digest(value.encode("utf-8", "replace"),
-                                                      key.encode("utf-8"))
-        return None if ok else KEY_NEEDED
-    peer = client_ip(handler.client_address[0], headers.get("x-forwarded-for"),
-                     config["trustedProxies"])
+        cookie = (urllib.parse.unquote(cookies[DASHBOARD_COOKIE].value)
+                  if DASHBOARD_COOKIE in cookies else "")
+        return None if key_matches([cookie, bearer_token(headers)], key) else KEY_NEEDED
     with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(peer).is_loopback:
+        if ipaddress.ip_address(handler.client_address_seen()).is_loopback:
             return None
     return "the dashboard is served to loopback clients only (set dashboardKey to open it)"
 
@@ -5743,10 +5751,8 @@ def dashboard_route(handler, _):
 
 def dashboard_login(handler):
     """GET /dashboard?key=K: a cookie for the page, then the page without the key in its URL."""
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
-    given, key = (query.get("key") or [""])[0], handler.server.config["dashboardKey"]
-    if not (key and given and hmac.compare_digest(given.encode("utf-8", "replace"),
-                                                  key.encode("utf-8"))):
+    key = handler.server.config["dashboardKey"]
+    if not (key and key_matches([(handler.query().get("key") or [""])[0]], key)):
         return False
     cookie = "%s=%s; Path=/dashboard; HttpOnly; SameSite=Strict" % (
         DASHBOARD_COOKIE, urllib.parse.quote(key, safe=""))
@@ -5764,9 +5770,8 @@ PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY",
 def dashboard_data_route(handler, _):
     if not _dashboard_admit(handler):
         return
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
     try:
-        since = parse_since((query.get("since") or ["24h"])[0])
+        since = parse_since((handler.query().get("since") or ["24h"])[0])
     except ValueError as e:
         raise bad_request(str(e), "since") from None
     handler.send_json(200, dashboard_data(handler.server, since), PAGE_HEADERS)
@@ -6078,8 +6083,7 @@ def models_route(handler, model_id):
     frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers)
     if model_id is not None:
         return handler.send_json(200, frontend.model_object(models[0], backend.name))
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
-    return handler.send_json(200, frontend.model_list(models, backend.name, query))
+    return handler.send_json(200, frontend.model_list(models, backend.name, handler.query()))
 
 
 class Route(NamedTuple):
@@ -6158,7 +6162,7 @@ def make_server(config):
 
 
 # =====================================================================================
-# 10. Command line: start, config, service, version, help
+# 10. Command line: start, config, service, usage, version, help
 # =====================================================================================
 
 def _shown(setting, value, mask=True):

@@ -2246,10 +2246,11 @@ class ResponsesStreamEncoder(StreamEncoder):
     def feed(self, batch):
         """Each event is folded into the completion first: item ids, the arguments that end a
         tool call and the final response object all come from that one fold."""
-        blocks, dispatch = self.completion.blocks, self._dispatch
+        completion, dispatch = self.completion, self._dispatch
+        blocks, fold = completion.blocks, completion._dispatch
         for event in batch:
             before = len(blocks)
-            self.completion.feed((event,))
+            fold[type(event)](completion, event)
             self.grew = len(blocks) > before
             dispatch[type(event)](self, event)
 

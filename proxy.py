@@ -61,6 +61,7 @@ import argparse
 import base64
 import binascii
 import collections
+import concurrent.futures
 import contextlib
 import fnmatch
 import functools
@@ -291,6 +292,18 @@ SETTINGS = [
     Setting("claudeTools", "CLAUDE_TOOLS", "", _text, "text",
             "built-in tools offered to the CLI: empty = its default, none, "
             "or a list like Read,Grep"),
+    Setting("claudeWarmProcesses", "CLAUDE_WARM_PROCESSES", 4, lambda v: parse_int(v, 0), "int",
+            "idle CLI processes kept warm for their conversation's next turn "
+            "(0 = a process per request)"),
+    Setting("claudeIdleTimeoutMs", "CLAUDE_IDLE_TIMEOUT_MS", 600000, _ms(100), "ms",
+            "close a warm CLI process idle this long"),
+    Setting("claudeSpareProcesses", "CLAUDE_SPARE_PROCESSES", 1, lambda v: parse_int(v, 0), "int",
+            "CLI processes started ahead for a new conversation with the default settings"),
+    Setting("claudeClientTools", "CLAUDE_CLIENT_TOOLS", "auto", _enum("auto", "off"), "enum",
+            "the client's own tools: auto = offered to the CLI (answered as tool calls), "
+            "off = dropped"),
+    Setting("claudeToolResultTimeoutMs", "CLAUDE_TOOL_RESULT_TIMEOUT_MS", 300000, _ms(100), "ms",
+            "how long a CLI turn waits for the client's tool results"),
     Setting("sessionTtlMs", "SESSION_TTL_MS", 3600000, _ms(1000), "ms",
             "conversation -> CLI session mapping lifetime"),
     Setting("sessionFile", "SESSION_FILE", "", _text, "path",
@@ -524,6 +537,11 @@ class Usage:
     @property
     def uncached_input(self):
         return max(0, self.input - self.cache_read - self.cache_write)
+
+    def add(self, other, sign=1):
+        for name in ("input", "cache_read", "cache_write", "output", "reasoning"):
+            setattr(self, name, max(0, getattr(self, name) + sign * getattr(other, name)))
+        return self
 
 
 def token_count(value):
@@ -3628,11 +3646,14 @@ class CommandCodeBackend:
 # =====================================================================================
 # 8. Backend: Claude Code CLI (the local `claude` binary, stream-json in and out)
 #
-# One CLI process per request: `claude -p --input-format stream-json --output-format
-# stream-json --verbose --include-partial-messages ...`, the user turn written to stdin as one
-# JSON line, stdin closed. Conversations map to CLI sessions (--session-id, then --resume);
-# the CLI's own tool activity becomes short reasoning notes, never tool calls.
-# What the CLI prints in each case: testdata/captures/claude-cli/ (CLI 2.1.197).
+# `claude -p --input-format stream-json --output-format stream-json --verbose
+# --include-partial-messages ...`, each user turn one JSON line on stdin, stdin kept open: a
+# conversation's process stays warm for its next turn (ClaudeWorker, ClaudeWorkers), spares are
+# started ahead, and conversations map to CLI sessions (--session-id, then --resume) for when a
+# process has to be replaced. The client's own tools are an sdk MCP server answered over the same
+# pipes; a tools/call is held until the client's next request brings its result. Without client
+# tools the CLI's own tool activity becomes short reasoning notes, never tool calls.
+# What the CLI prints in each case: testdata/captures/claude-cli/ (CLI 2.1.197 and 2.1.330).
 # =====================================================================================
 
 CLAUDE_DEFAULT_MODEL = "sonnet"
@@ -4023,6 +4044,18 @@ def claude_user_blocks(messages):
     return blocks
 
 
+def claude_tool_choice_hint(request):
+    """A forced tool_choice, asked for in words: the CLI has no way to force a tool call."""
+    if not request.tools or request.tool_choice in (None, "auto", "none"):
+        return []
+    if isinstance(request.tool_choice, dict):
+        text = "the tool %s%s" % (CLAUDE_MCP_PREFIX, request.tool_choice.get("name"))
+    else:
+        text = "one of the %s tools" % CLAUDE_MCP_PREFIX
+    return [{"type": "text", "text": "[cc-proxy: the client asks for this turn to be answered "
+                                     "by calling %s.]" % text}]
+
+
 def claude_transcript(messages):
     """Earlier turns as one text block, for a conversation the CLI has no session of."""
     lines = ["[cc-proxy: this conversation began before this Claude Code session existed. "
@@ -4040,38 +4073,102 @@ def claude_transcript(messages):
     return "\n".join(lines)
 
 
-def claude_argv(cli, config, request, session_id, resume, system_file=None):
+CLAUDE_MCP_SERVER = "client"   # the proxy's sdk MCP server: the model sees mcp__client__<tool>
+CLAUDE_MCP_PREFIX = "mcp__%s__" % CLAUDE_MCP_SERVER
+
+
+class ClaudeSpawn(NamedTuple):
+    """What is fixed when a CLI process starts: a warm process serves only turns that agree."""
+    model: str
+    system: str
+    replace_system: bool
+    cwd: str
+    client_tools: str            # the client's tool definitions as JSON ("" = none)
+    builtin_tools: Optional[str]  # --tools, None = the CLI's default set
+    permission_mode: str
+    effort: Optional[str]
+    max_turns: int
+
+
+def claude_spawn(config, request, cwd):
+    tools = [{"name": t["name"], "description": t.get("description") or "",
+              "inputSchema": t.get("schema") or {"type": "object", "properties": {}}}
+             for t in request.tools]
+    configured = config["claudeTools"].strip()
+    if configured.lower() == "none":
+        builtin = ""
+    elif configured:
+        builtin = configured
+    else:   # with its own tools the client is the agent: the CLI's built-in ones are off
+        builtin = "" if tools else None
+    return ClaudeSpawn(request.model, "\n\n".join(p["text"] for p in request.system if p["text"]),
+                       config["claudeSystemPromptMode"] == "replace", cwd,
+                       json_dumps(tools) if tools else "", builtin, config["claudePermissionMode"],
+                       CLAUDE_EFFORTS.get(request.reasoning_effort or ""), config["claudeMaxTurns"])
+
+
+def claude_argv(cli, spawn, session_id, resume, system_file=None):
     argv = [cli, "-p", "--input-format", "stream-json", "--output-format", "stream-json",
             "--verbose", "--include-partial-messages"]
-    if request.model and request.model != "default":
-        argv += ["--model", request.model]
+    if spawn.model and spawn.model != "default":
+        argv += ["--model", spawn.model]
     argv += ["--resume", session_id] if resume else ["--session-id", session_id]
-    system = "\n\n".join(p["text"] for p in request.system if p["text"])
-    if system:
-        replace = config["claudeSystemPromptMode"] == "replace"
+    if spawn.system:
         if system_file:
-            argv += ["--system-prompt-file" if replace else "--append-system-prompt-file",
-                     system_file]
+            argv += ["--system-prompt-file" if spawn.replace_system
+                     else "--append-system-prompt-file", system_file]
         else:
-            argv += ["--system-prompt" if replace else "--append-system-prompt", system]
-    tools = config["claudeTools"].strip()
-    if tools:
-        argv += ["--tools", "" if tools.lower() == "none" else tools]
-    effort = CLAUDE_EFFORTS.get(request.reasoning_effort or "")
-    if effort:
-        argv += ["--effort", effort]
-    argv += ["--permission-mode", config["claudePermissionMode"],
-             "--max-turns", str(config["claudeMaxTurns"])]
+            argv += ["--system-prompt" if spawn.replace_system else "--append-system-prompt",
+                     spawn.system]
+    if spawn.builtin_tools is not None:
+        argv += ["--tools", spawn.builtin_tools]
+    if spawn.client_tools:
+        names = [CLAUDE_MCP_PREFIX + t["name"] for t in json.loads(spawn.client_tools)]
+        argv += ["--mcp-config", json_dumps({"mcpServers": {CLAUDE_MCP_SERVER: {
+                     "type": "sdk", "name": CLAUDE_MCP_SERVER}}}),
+                 "--strict-mcp-config", "--allowedTools", ",".join(names)]
+    if spawn.effort:
+        argv += ["--effort", spawn.effort]
+    argv += ["--permission-mode", spawn.permission_mode, "--max-turns", str(spawn.max_turns)]
     return argv
 
 
 # ---- CLI output -> canonical events -------------------------------------------------------
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def claude_turn_model_usage(result):
+    """The per-model usage of this turn alone: a warm process's modelUsage (and total_cost_usd)
+    counts every turn since it started; model_usage_since_last_result is the turn's own."""
+    for name in ("model_usage_since_last_result", "modelUsage"):
+        if isinstance(result.get(name), dict) and result[name]:
+            return name, result[name]
+    return None, {}
+
+
+def claude_turn_cost(result, worker):
+    """This turn's cost in USD, or None: the since-last-result costs, else the growth of the
+    process's running total."""
+    name, per_model = claude_turn_model_usage(result)
+    total = result.get("total_cost_usd")
+    if name == "model_usage_since_last_result":
+        costs = [m.get("costUSD") for m in per_model.values() if isinstance(m, dict)]
+        if costs and all(_is_number(c) for c in costs):
+            worker.cost_seen = total if _is_number(total) else worker.cost_seen
+            return sum(costs)
+    if not _is_number(total):
+        return None
+    cost, worker.cost_seen = max(0.0, total - worker.cost_seen), total
+    return cost
+
+
 def claude_usage(result):
-    """Usage of a whole run: modelUsage summed (result.usage can be zero or short)."""
+    """Usage of a turn: its per-model usage summed (result.usage can be zero or short)."""
     usage = Usage()
-    per_model = result.get("modelUsage")
-    if isinstance(per_model, dict) and per_model:
+    per_model = claude_turn_model_usage(result)[1]
+    if per_model:
         for item in per_model.values():
             if not isinstance(item, dict):
                 continue
@@ -4082,11 +4179,19 @@ def claude_usage(result):
             usage.cache_write += write
             usage.output += token_count(item.get("outputTokens"))
         return usage
-    raw = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+    return claude_message_usage(result.get("usage") if isinstance(result.get("usage"), dict)
+                                else {}, usage)
+
+
+def claude_message_usage(raw, into):
+    """An Anthropic usage object (snake_case, uncached input apart) added into a Usage."""
     read, write = (token_count(raw.get("cache_read_input_tokens")),
                    token_count(raw.get("cache_creation_input_tokens")))
-    return Usage(input=token_count(raw.get("input_tokens")) + read + write, cache_read=read,
-                 cache_write=write, output=token_count(raw.get("output_tokens")))
+    into.input += token_count(raw.get("input_tokens")) + read + write
+    into.cache_read += read
+    into.cache_write += write
+    into.output += token_count(raw.get("output_tokens"))
+    return into
 
 
 def classify_claude_error(status, kind, text, retry_after=None):
@@ -4155,9 +4260,18 @@ class ClaudeStreamDecoder:
     reconcile them with the per-block `assistant` lines; non-streaming ones take the `assistant`
     lines only (they are the truth when the CLI silently replaced a broken stream)."""
 
-    def __init__(self, use_deltas=True, tool_notes=True):
+    def __init__(self, use_deltas=True, tool_notes=True, client_prefix=None, client_calls=None):
         self.use_deltas = use_deltas
         self.tool_notes = tool_notes
+        # the client's own tools, served to the CLI as mcp__<server>__<name>: their tool_use
+        # blocks become tool calls (without the prefix), their results are not notes
+        self.client_prefix = client_prefix
+        self.client_calls = client_calls if client_calls is not None else set()
+        self.calls = []             # ToolCallStart of every client call in this answer
+        self.open_call = None       # [tool_use id, argument pieces] of the streaming client call
+        self.message_calls = 0      # client calls in the current assistant message
+        self.tool_stop = False      # that message stopped for them: the client's turn to act
+        self.streamed_usage = Usage()   # the messages' own usage, for an answer without a result
         self.answer = []            # every TextDelta emitted: what the client will echo back
         self.last_text = ""
         self.last_reasoning = ""
@@ -4209,6 +4323,19 @@ class ClaudeStreamDecoder:
                 text = "\n" + text
             self._reasoning(out, text)
 
+    def _client_tool(self, name):
+        prefix = self.client_prefix
+        if prefix and isinstance(name, str) and name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix):]
+        return None
+
+    def _call_start(self, out, call_id, name):
+        self.calls.append(ToolCallStart(call_id, name))
+        self.client_calls.add(call_id)
+        self.message_calls += 1
+        self.produced = True
+        out.append(ToolCallStart(call_id, name))
+
     def _model(self, out, model):
         if isinstance(model, str) and model and model != "<synthetic>":
             model = model.replace("[1m]", "")
@@ -4259,9 +4386,14 @@ class ClaudeStreamDecoder:
             self._model(out, message.get("model"))
             self.continuation = self.last_stop == "max_tokens"
             self.last_stop = None
+            self.message_calls = 0
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
-            if block.get("type") == "text":
+            name = self._client_tool(block.get("name")) if block.get("type") == "tool_use" else None
+            if name and self.use_deltas and isinstance(block.get("id"), str):
+                self.open_call = [block["id"], []]
+                self._call_start(out, block["id"], name)
+            elif block.get("type") == "text":
                 self.open_text = [self.message_id, ""]
                 self.block_started = True
             elif block.get("type") == "thinking" and self.use_deltas:
@@ -4280,10 +4412,20 @@ class ClaudeStreamDecoder:
             elif dtype == "signature_delta" and delta.get("signature"):
                 out.append(ReasoningSignature(delta["signature"]))
                 self.last_reasoning = "\n"
+            elif dtype == "input_json_delta" and self.open_call and delta.get("partial_json"):
+                self.open_call[1].append(delta["partial_json"])
+                out.append(ToolCallDelta(self.open_call[0], delta["partial_json"]))
         elif kind == "content_block_stop":
             self.open_text = None
+            if self.open_call:
+                out.append(ToolCallEnd(self.open_call[0], "".join(self.open_call[1]) or "{}"))
+                self.open_call = None
         elif kind == "message_delta":
             self.last_stop = (event.get("delta") or {}).get("stop_reason")
+            self.tool_stop = self.last_stop == "tool_use" and self.message_calls > 0
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                claude_message_usage(usage, self.streamed_usage)
 
     def _assistant(self, out, item):
         message = item.get("message") if isinstance(item.get("message"), dict) else {}
@@ -4305,7 +4447,10 @@ class ClaudeStreamDecoder:
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")
-            if kind == "tool_use":
+            client_name = None if sub_agent else self._client_tool(block.get("name"))
+            if kind == "tool_use" and client_name:
+                self._assistant_call(out, block, client_name)
+            elif kind == "tool_use":
                 self._note(out, ("  " if sub_agent else "")
                            + claude_tool_note(block.get("name", "tool"), block.get("input")))
             elif sub_agent:
@@ -4335,13 +4480,24 @@ class ClaudeStreamDecoder:
         else:       # a block that arrived without deltas (non-streaming fallback)
             self._text(out, text, True)
 
+    def _assistant_call(self, out, block, name):
+        """A client tool call seen whole: streamed already, or (without deltas) emitted now."""
+        call_id = block.get("id")
+        if not isinstance(call_id, str) or (self.use_deltas and call_id in self.client_calls):
+            return
+        arguments = json_dumps(block.get("input") if isinstance(block.get("input"), dict) else {})
+        self._call_start(out, call_id, name)
+        out.append(ToolCallDelta(call_id, arguments))
+        out.append(ToolCallEnd(call_id, arguments))
+
     def _user(self, out, item):
         message = item.get("message") if isinstance(item.get("message"), dict) else {}
         content = message.get("content")
         if not isinstance(content, list) or item.get("isReplay"):
             return
         for block in content:
-            if isinstance(block, dict) and block.get("type") == "tool_result":
+            if isinstance(block, dict) and block.get("type") == "tool_result" \
+                    and block.get("tool_use_id") not in self.client_calls:
                 self._note(out, ("  " if item.get("parent_tool_use_id") else "") +
                            claude_result_note(block.get("content"), block.get("is_error")))
 
@@ -4366,49 +4522,87 @@ def parent_death_prefix():
     return []
 
 
-class ClaudeProcess:
-    """One CLI child in its own process group; stdout lines arrive on a queue."""
+class ClaudeSpawner:
+    """Starts every CLI child from one long-lived thread: Linux sends the parent-death signal
+    when the *thread* that forked a child ends, and a warm process outlives the request that
+    started it."""
 
-    def __init__(self, argv, cwd, env, stdin_data, kill_grace=1.5, exit_wait=5.0):
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="claude-spawner")
+
+    def popen(self, argv, **kwargs):
+        return self.pool.submit(subprocess.Popen, argv, **kwargs).result()
+
+    def stop(self):
+        self.pool.shutdown(wait=False)
+
+
+class ClaudeProcess:
+    """One CLI child in its own process group, stdin kept open for more lines. stdout lines
+    arrive on a queue, except control requests (the CLI asking its host), which go to
+    on_control on the reader thread at once: the CLI waits for their answers."""
+
+    def __init__(self, argv, cwd, env, kill_grace=1.5, exit_wait=5.0, popen=subprocess.Popen,
+                 on_control=None):
         self.kill_grace = kill_grace   # SIGINT -> SIGTERM -> SIGKILL, this long between steps
-        self.exit_wait = exit_wait     # after the result line, time the CLI gets to exit by itself
+        self.exit_wait = exit_wait     # after stdin closes, time the CLI gets to exit by itself
+        self.on_control = on_control
         self.lines = queue.Queue()
         self.stderr_chunks = collections.deque()
         self.stderr_size = 0
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True, close_fds=True)
+        self.proc = popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
-        self.threads = [threading.Thread(target=self._write, args=(stdin_data,), daemon=True),
-                        threading.Thread(target=self._read_stdout, daemon=True),
+        self.threads = [threading.Thread(target=self._read_stdout, daemon=True),
                         threading.Thread(target=self._read_stderr, daemon=True)]
         for thread in self.threads:
             thread.start()
 
-    def _write(self, data):
-        try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-        finally:
+    @property
+    def alive(self):
+        return not self.closed and self.proc.poll() is None
+
+    def send(self, item):
+        """One JSON line to the CLI's stdin; False when the CLI no longer reads it."""
+        data = (json_dumps(item) + "\n").encode("utf-8", "replace")
+        with self.write_lock:
             try:
-                self.proc.stdin.close()   # the CLI waits for more input while stdin is open
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+                return True
+            except (OSError, ValueError):
+                return False
+
+    def close_stdin(self):
+        with self.write_lock:
+            try:
+                self.proc.stdin.close()   # the CLI exits after its result once stdin is closed
             except (OSError, ValueError):
                 pass
 
     def _read_stdout(self):
         try:
             for line in iter(self.proc.stdout.readline, b""):
-                if line.strip():
+                if line.startswith(b'{"type":"control_request"') and self.on_control:
+                    self._control(line)
+                elif line.strip():
                     self.lines.put(line)
         except (OSError, ValueError):
             pass
         finally:
             self.lines.put(None)
+
+    def _control(self, line):
+        try:
+            item = json.loads(line)
+            if isinstance(item, dict):
+                self.on_control(item)
+        except Exception:   # a bad request must not stop the reader: the turn goes on
+            log.exception("claude control request could not be answered")
 
     def _read_stderr(self):
         try:
@@ -4421,7 +4615,7 @@ class ClaudeProcess:
             pass
 
     def stderr_text(self):
-        self.threads[2].join(1.0)
+        self.threads[1].join(1.0)
         text = b"".join(self.stderr_chunks).decode("utf-8", "replace")
         return redact(text.strip())[-600:]
 
@@ -4440,14 +4634,15 @@ class ClaudeProcess:
             pass
 
     def close(self, natural=False):
-        """Stop the child and reap it: after its result it may exit by itself, otherwise
-        SIGINT (the CLI saves the session), SIGTERM, SIGKILL. Leftover members of its process
-        group (tool subprocesses) are killed too. Idempotent and thread-safe."""
+        """Stop the child and reap it: after its result it may exit by itself once stdin is
+        closed, otherwise SIGINT (the CLI saves the session), SIGTERM, SIGKILL. Leftover members
+        of its process group (tool subprocesses) are killed too. Idempotent and thread-safe."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
         proc = self.proc
+        self.close_stdin()
         try:
             if natural:
                 self.wait(self.exit_wait)
@@ -4468,6 +4663,282 @@ class ClaudeProcess:
                     pass
 
 
+# ---- warm processes and the client's tools (an sdk MCP server on the CLI's own pipes) ------
+
+CLAUDE_INTERRUPT_WAIT = 3.0   # s an interrupted turn gets to print its result before signals
+
+
+def mcp_tool_result(part):
+    """A canonical tool_result part -> an MCP tools/call result."""
+    content = [{"type": "text", "text": part.get("content") or ""}]
+    for image in part.get("images") or []:
+        if image.get("data"):
+            content.append({"type": "image", "data": image["data"],
+                            "mimeType": image.get("media_type") or "image/png"})
+        elif image.get("url"):
+            content.append({"type": "text", "text": "[image: %s]" % image["url"]})
+    result = {"content": content}
+    if part.get("is_error"):
+        result["isError"] = True
+    return result
+
+
+def mcp_error_result(text):
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+class ClaudeWorker:
+    """One CLI process that lives across turns: stdin stays open, a turn is one more user line,
+    and the client's tools are an sdk MCP server answered over the same pipes. A tools/call is
+    held until the client sends that call's result in its next request."""
+
+    def __init__(self, spawn, session_id, argv, env, popen, config, system_file=None):
+        self.spawn = spawn
+        self.session_id = session_id
+        self.system_file = system_file
+        self.tools = json.loads(spawn.client_tools) if spawn.client_tools else []
+        self.lock = threading.Lock()
+        self.asked = {}          # tool_use id -> (control request id, JSON-RPC id): CLI waiting
+        self.answers = {}        # tool_use id -> MCP result the client sent before the CLI asked
+        self.awaiting = []       # tool_use ids the client was given and has not answered yet
+        self.awaiting_since = 0.0
+        self.client_calls = set()   # every client call id this process made (never notes)
+        self.turn_open = False   # a user line was sent whose result has not been read
+        self.turns = 0
+        self.reported = Usage()  # usage already reported for the open turn (tool-call answers)
+        self.cost_seen = 0.0     # the CLI's running total_cost_usd at its last result
+        self.key = None          # the conversation it continues
+        self.slot = False        # it holds a claudeMaxProcesses slot while awaiting results
+        self.idle_since = time.monotonic()
+        self.interrupts = 0
+        self.proc = ClaudeProcess(argv, spawn.cwd, env, config["claudeKillGraceMs"] / 1000,
+                                  config["claudeExitWaitMs"] / 1000, popen, self._control)
+        self.pid = self.proc.pid
+
+    @property
+    def alive(self):
+        return self.proc.alive
+
+    # -- the CLI asks (reader thread)
+    def _control(self, item):
+        request = item.get("request") if isinstance(item.get("request"), dict) else {}
+        request_id = item.get("request_id")
+        if request.get("subtype") != "mcp_message" or request.get("server_name") != \
+                CLAUDE_MCP_SERVER or not isinstance(request.get("message"), dict):
+            self.proc.send({"type": "control_response", "response": {
+                "subtype": "error", "request_id": request_id,
+                "error": "cc-proxy does not answer %r" % request.get("subtype")}})
+            return
+        message = request["message"]
+        method, rpc_id = message.get("method"), message.get("id")
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        if method == "tools/call":
+            return self._tool_call(request_id, rpc_id, params)
+        answer = self.MCP_METHODS.get(method)
+        if rpc_id is None:
+            reply = {"jsonrpc": "2.0", "result": {}}      # a notification
+        elif answer:
+            reply = {"jsonrpc": "2.0", "id": rpc_id, "result": answer(self, params)}
+        else:
+            reply = {"jsonrpc": "2.0", "id": rpc_id,
+                     "error": {"code": -32601, "message": "method not found: %s" % method}}
+        self._respond(request_id, reply)
+
+    def _initialize(self, params):
+        return {"protocolVersion": params.get("protocolVersion") or "2025-06-18",
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": CLAUDE_MCP_SERVER, "version": __version__}}
+
+    def _tools_list(self, params):
+        return {"tools": self.tools}
+
+    MCP_METHODS = {"initialize": _initialize, "tools/list": _tools_list,
+                   "ping": lambda self, params: {}}
+
+    def _tool_call(self, request_id, rpc_id, params):
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        call_id = meta.get("claudecode/toolUseId")
+        with self.lock:
+            result = self.answers.pop(call_id, None) if call_id else mcp_error_result(
+                "cc-proxy cannot tell which tool call this is (no claudecode/toolUseId)")
+            if result is None:
+                self.asked[call_id] = (request_id, rpc_id)
+                return
+        self._respond(request_id, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
+
+    def _respond(self, request_id, reply):
+        self.proc.send({"type": "control_response", "response": {
+            "subtype": "success", "request_id": request_id, "response": {"mcp_response": reply}}})
+
+    # -- the proxy answers (request threads)
+    def answer(self, results, missing):
+        """The client's tool results (tool_use id -> MCP result), each given to the CLI when it
+        asks for it; a call the client left out gets an error result saying `missing`."""
+        ready = []
+        with self.lock:
+            for call_id in self.awaiting:
+                result = results.get(call_id) or mcp_error_result(missing)
+                if call_id in self.asked:
+                    ready.append((self.asked.pop(call_id), result))
+                else:
+                    self.answers[call_id] = result
+            self.awaiting = []
+        for (request_id, rpc_id), result in ready:
+            self._respond(request_id, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
+
+    def begin_turn(self, blocks):
+        self.turn_open = True
+        self.turns += 1
+        self.reported = Usage()
+        return self.proc.send({"type": "user", "message": {"role": "user", "content": blocks}})
+
+    def end_turn(self):
+        self.turn_open = False
+        with self.lock:
+            self.answers.clear()
+            self.asked.clear()
+
+    def interrupt(self, wait=CLAUDE_INTERRUPT_WAIT):
+        """Cancel the open turn without killing the process: a control_request interrupt, then
+        what is left of the turn read and dropped up to its result. False: not answered."""
+        self.interrupts += 1
+        if not self.proc.send({"type": "control_request", "request_id": "cc-proxy-interrupt-%d"
+                               % self.interrupts, "request": {"subtype": "interrupt"}}):
+            return False
+        deadline = time.monotonic() + wait
+        while self.turn_open:
+            try:
+                line = self.proc.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if line is None:
+                return False
+            if b'"type":"result"' in line and _json_type(line) == "result":
+                self.end_turn()
+        return True
+
+    def close(self):
+        try:
+            self.proc.close(natural=not self.turn_open)   # a finished turn: it exits by itself
+        finally:
+            if self.system_file:
+                try:
+                    os.unlink(self.system_file)
+                except OSError:
+                    pass
+
+
+def _json_type(line):
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    return item.get("type") if isinstance(item, dict) else None
+
+
+@dataclass
+class ClaudeRun:
+    """One request's hold on the backend: session locks, a slot, the worker and how it was
+    found (cold | resume | warm | spare | tools: a turn taken over with its tool results)."""
+    held: list = field(default_factory=list)   # (key, lock) pairs
+    slot: bool = False
+    worker: Any = None
+    how: str = "cold"
+    delivered: bool = False   # the last batch reached the pipeline: the client has the answer
+
+
+class ClaudeWorkers:
+    """The CLI processes kept between requests: warm ones by conversation key (the least
+    recently used closed first past the limit), ones awaiting the client's tool results by
+    call id, and spares started ahead for a new conversation."""
+
+    def __init__(self, warm_limit):
+        self.warm_limit = warm_limit
+        self.lock = threading.Lock()
+        self.warm = collections.OrderedDict()   # conversation key -> idle worker
+        self.waiting = {}                       # tool_use id -> worker awaiting its result
+        self.spares = []
+
+    def counts(self):
+        with self.lock:
+            return {"warm": len(self.warm), "spare": len(self.spares),
+                    "awaitingTools": len(set(map(id, self.waiting.values())))}
+
+    def park(self, worker):
+        """An idle worker back in the pool under its key; returns the ones to close."""
+        worker.idle_since = time.monotonic()
+        with self.lock:
+            out = [self.warm.pop(worker.key)] if worker.key in self.warm else []
+            self.warm[worker.key] = worker
+            while len(self.warm) > self.warm_limit:
+                out.append(self.warm.popitem(last=False)[1])
+        return [w for w in out if w is not worker]
+
+    def take(self, key, spawn):
+        """(the warm worker of this conversation when it can serve this turn, one to close)."""
+        with self.lock:
+            worker = self.warm.pop(key, None)
+        if worker is None:
+            return None, None
+        if worker.spawn != spawn or not worker.alive:
+            return None, worker
+        return worker, None
+
+    def hold(self, worker):
+        worker.awaiting_since = time.monotonic()
+        with self.lock:
+            for call_id in worker.awaiting:
+                self.waiting[call_id] = worker
+
+    def _unhold(self, worker):   # with self.lock held
+        for call_id in [c for c, w in self.waiting.items() if w is worker]:
+            del self.waiting[call_id]
+
+    def take_waiting(self, call_ids, key):
+        """The worker awaiting these tool results, else one awaiting results in this
+        conversation (which the client answered with something else)."""
+        with self.lock:
+            found = next((self.waiting[c] for c in call_ids if c in self.waiting), None)
+            if found is None and key is not None:
+                found = next((w for w in self.waiting.values() if w.key == key), None)
+            if found is not None:
+                self._unhold(found)
+        return found
+
+    def take_spare(self, spawn):
+        with self.lock:
+            for worker in self.spares:
+                if worker.spawn == spawn and worker.alive:
+                    self.spares.remove(worker)
+                    return worker
+        return None
+
+    def expired(self, idle_limit, result_limit):
+        """(idle warm workers past idle_limit, held workers past result_limit, dead spares)."""
+        now = time.monotonic()
+        with self.lock:
+            idle = [k for k, w in self.warm.items() if now - w.idle_since >= idle_limit
+                    or not w.alive]
+            idle = [self.warm.pop(k) for k in idle]
+            held = {id(w): w for w in self.waiting.values()
+                    if now - w.awaiting_since >= result_limit or not w.alive}
+            for worker in held.values():
+                self._unhold(worker)
+            dead = [w for w in self.spares if not w.alive]
+            for worker in dead:
+                self.spares.remove(worker)
+        return idle, list(held.values()), dead
+
+    def drain(self):
+        with self.lock:
+            everyone = list(self.warm.values()) + list(self.spares)
+            everyone += list({id(w): w for w in self.waiting.values()}.values())
+            self.warm.clear()
+            self.waiting.clear()
+            del self.spares[:]
+        return everyone
+
+
 # ---- the backend ------------------------------------------------------------------------
 
 class ClaudeCodeBackend:
@@ -4480,10 +4951,13 @@ class ClaudeCodeBackend:
         self.config = config
         self.metrics = metrics
         self.sessions = ClaudeSessions(config["sessionTtlMs"], config["sessionFile"])
-        self.slots = Slots(config["claudeMaxProcesses"])
-        self.processes = set()
+        self.slots = Slots(config["claudeMaxProcesses"])   # turns running (or awaiting tools)
+        self.workers = ClaudeWorkers(config["claudeWarmProcesses"])
+        self.spawner = ClaudeSpawner()
+        self.processes = set()   # every live worker, whatever it is doing
         self.processes_lock = threading.Lock()
         self.stop_event = threading.Event()
+        self.wake = threading.Event()   # the sweeper: a spare was taken, or stop
         self.cli_path = None
         self.cli_version = None
         self.cli_error = None
@@ -4504,26 +4978,83 @@ class ClaudeCodeBackend:
         if not self.config.get("apiKey"):
             log.error("no apiKey is configured: every request will get 401 (start with "
                       "`python3 proxy.py` once to generate one, or set API_KEY)")
-        threading.Thread(target=self._sweep, name="claude-sessions", daemon=True).start()
+        self.metrics.sources.append(self._gauges)
+        threading.Thread(target=self._sweep, name="claude-sweeper", daemon=True).start()
 
     def stop(self):
         self.stop_event.set()
+        self.wake.set()
+        self.workers.drain()
         with self.processes_lock:
             running = list(self.processes)
-        threads = [threading.Thread(target=p.close, daemon=True) for p in running]
+        threads = [threading.Thread(target=self._reap, args=(w,), daemon=True) for w in running]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(3 * self.config["claudeKillGraceMs"] / 1000 + 5)
+        self.spawner.stop()
         self.sessions.save()
 
     def _sweep(self):
-        interval = max(1.0, min(60.0, self.sessions.ttl / 2))
-        while not self.stop_event.wait(interval):
+        """Sessions past their TTL, warm processes idle too long, turns whose client never sent
+        its tool results, and the spares topped up."""
+        config = self.config
+        idle, results = config["claudeIdleTimeoutMs"] / 1000, config["claudeToolResultTimeoutMs"]
+        interval = max(0.05, min(1.0, idle / 4, results / 4000))
+        next_sessions = 0.0
+        while not self.stop_event.is_set():
             try:
-                self.sessions.sweep()
+                if time.monotonic() >= next_sessions:
+                    self.sessions.sweep()
+                    next_sessions = time.monotonic() + max(1.0, min(60.0, self.sessions.ttl / 2))
+                self._sweep_workers(idle, results / 1000)
+                self._top_up_spares()
             except Exception:   # never let the sweeper die
-                log.exception("session sweep failed")
+                log.exception("claude sweep failed")
+            self.wake.wait(interval)
+            self.wake.clear()
+
+    def _sweep_workers(self, idle, results):
+        closing, held, dead = self.workers.expired(idle, results)
+        for worker in held:
+            log.info("claude pid %s: no tool result within claudeToolResultTimeoutMs; "
+                     "the turn is interrupted", worker.pid)
+            self.metrics.count("claude_tool_result_timeouts_total", {})
+            worker.answer({}, "the client did not send this tool call's result in time")
+            self._settle(ClaudeRun(slot=worker.slot, worker=worker, delivered=True, how="tools"))
+            worker.slot = False
+        for worker in closing + dead:
+            self._close_later(worker)
+
+    def _top_up_spares(self):
+        want = self.config["claudeSpareProcesses"]
+        if not want or not self.cli_path or self.stop_event.is_set():
+            return
+        spawn = self._spare_spawn()
+        while self.workers.counts()["spare"] < want and not self.stop_event.is_set():
+            try:
+                worker = self._spawn(spawn, str(uuid.uuid4()), False)
+            except ProxyError as err:
+                log.warning("cannot start a spare Claude Code process: %s", err.message)
+                return
+            self.metrics.count("claude_spawns_total", {"start": "spare"})
+            with self.workers.lock:
+                self.workers.spares.append(worker)
+
+    def _spare_spawn(self):
+        """A spare is started for a new conversation with the default settings: default model,
+        the default working directory, no system text, no client tools."""
+        request = Request(model=self._model_name(""))
+        return claude_spawn(self.config, request, self._default_dir())
+
+    def _default_dir(self):
+        return os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"] or os.getcwd()))
+
+    def _gauges(self):
+        counts = self.workers.counts()
+        return {"claude_warm_processes": counts["warm"], "claude_spare_processes": counts["spare"],
+                "claude_awaiting_tool_results": counts["awaitingTools"],
+                "claude_turns_running": self.slots.count}
 
     def check_cli(self):
         """Find the CLI and ask its version, with errors a new user can act on."""
@@ -4577,32 +5108,35 @@ class ClaudeCodeBackend:
                              code="invalid_api_key")
         return "proxy-key"
 
-    def prepare(self, request):
-        config = self.config
-        default = config["defaultModel"] or CLAUDE_DEFAULT_MODEL
-        model = map_model(request.model, config["modelMap"], default)
+    def _model_name(self, asked):
+        default = self.config["defaultModel"] or CLAUDE_DEFAULT_MODEL
+        model = map_model(asked, self.config["modelMap"], default)
         if model.lower() in CLAUDE_ALIASES or model.lower() == "default":
             model = model.lower()
         elif model.lower() in ("claude", "claude-code"):
             model = default
         if not _CLAUDE_MODEL_NAME.match(model):
             raise bad_request("model %r is not a valid Claude model name" % model, "model")
-        request.model = model
-        if request.tools:
+        return model
+
+    def prepare(self, request):
+        request.model = self._model_name(request.model)
+        if request.tools and self.config["claudeClientTools"] == "off":
             if request.tool_choice == "required" or isinstance(request.tool_choice, dict):
-                raise bad_request("the Claude Code backend runs its own tools and cannot call "
-                                  "client-side tools; a forced tool_choice cannot be honoured",
+                raise bad_request("claudeClientTools is off: the Claude Code backend runs its own "
+                                  "tools, so a forced tool_choice cannot be honoured",
                                   "tool_choice")
             request.dropped_tools.extend(t["name"] for t in request.tools)
             request.tools = []
+        elif request.tool_choice == "none":
+            request.tools = []   # not offered this turn: the model answers in text
         request.options["claude"] = self.plan(request)
 
     def plan(self, request):
         """Where the CLI runs, what it is sent, and which session it continues."""
         named = request.working_dir
         allowed = allowed_dirs(self.config)
-        default_dir = os.path.realpath(os.path.expanduser(self.config["claudeWorkingDir"]
-                                                          or os.getcwd()))
+        default_dir = self._default_dir()
         messages = request.messages
         if named:
             cwd, reason = check_working_dir(named, allowed)
@@ -4622,17 +5156,20 @@ class ClaudeCodeBackend:
         blocks = claude_user_blocks(trailing)
         if not blocks:
             raise bad_request("the last user message has no text or image content", "messages")
+        results = {part["call_id"]: mcp_tool_result(part) for message in trailing
+                   for part in message["parts"] if part["type"] == "tool_result"}
+        hint = claude_tool_choice_hint(request)
         explicit = (request.explicit_session or "").strip() or None
-        hint = None if explicit else (request.session_id or "").strip() or None
+        session_hint = None if explicit else (request.session_id or "").strip() or None
         if explicit is not None:
             lookup = conversation_key(cwd, explicit=explicit)
         elif earlier:
-            lookup = conversation_key(cwd, normalised_turns(earlier), namespace=hint)
+            lookup = conversation_key(cwd, normalised_turns(earlier), namespace=session_hint)
         else:
             lookup = None   # a new conversation: nothing to continue
         return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing,
-                "blocks": blocks, "explicit": explicit, "hint": hint, "lookup": lookup,
-                "messages": messages}
+                "blocks": blocks + hint, "explicit": explicit, "hint": session_hint,
+                "lookup": lookup, "messages": messages, "results": results}
 
     # ---- the run ------------------------------------------------------------------------
     def stream(self, request, exchange):
@@ -4642,55 +5179,138 @@ class ClaudeCodeBackend:
                    Finish("stop")]
             return
         tick = exchange.tick
-        held = []            # (key, lock) pairs this request holds
-        procs = []
-        slot = False
+        run = ClaudeRun()
+        decoder = ClaudeStreamDecoder()
         try:
             if plan["lookup"]:
-                yield from self._lock_session(plan["lookup"], held, tick)
+                yield from self._lock_session(plan["lookup"], run.held, tick)
             self._require_cli()
-            yield from self._take_slot(tick)
-            slot = True
+            self._continue_waiting(plan, run)
+            if not run.slot:
+                yield from self._take_slot(tick)
+                run.slot = True
             entry = self.sessions.get(plan["lookup"]) if plan["lookup"] else None
             if entry is not None and entry["cwd"] != plan["cwd"]:
                 entry = None
             for _ in range(2):
-                resume = entry is not None
-                session_id = entry["session"] if resume else str(uuid.uuid4())
-                if resume or not plan["earlier"]:
-                    blocks = plan["blocks"]
-                else:   # a conversation the CLI never saw (or lost): its history as a transcript
-                    blocks = ([{"type": "text", "text": claude_transcript(plan["earlier"])}]
-                              + plan["blocks"])
-                decoder = ClaudeStreamDecoder(use_deltas=request.stream,
-                                              tool_notes=self.config["claudeToolNotes"])
-                proc = self._spawn(request, plan, session_id, resume, blocks)
-                procs.append(proc)
-                self.metrics.count("claude_runs_total",
-                                   {"session": "resume" if resume else
-                                    ("transcript" if plan["earlier"] else "new")})
-                rc = yield from self._pump(proc, decoder, request, tick)
-                proc.natural = decoder.result is not None   # result out: let it exit by itself
-                if resume and not decoder.produced and self._resume_failed(decoder, rc):
-                    log.info("%s claude session %s is gone (cwd %s); "
-                             "replaying the history as a transcript",
-                             exchange.request_id, session_id, plan["cwd"])
+                if run.worker is None:
+                    self._start_turn(request, plan, run, entry)
+                worker = run.worker
+                decoder = ClaudeStreamDecoder(
+                    use_deltas=request.stream, tool_notes=self.config["claudeToolNotes"],
+                    client_prefix=CLAUDE_MCP_PREFIX if worker.tools else None,
+                    client_calls=worker.client_calls)
+                rc = yield from self._pump(worker, decoder, request, tick)
+                if decoder.produced or decoder.result is not None and run.how != "resume":
+                    break
+                if run.how == "resume" and self._resume_failed(decoder, rc):
+                    log.info("%s claude session %s is gone (cwd %s); replaying the history as a "
+                             "transcript", exchange.request_id, worker.session_id, plan["cwd"])
                     self.sessions.discard(plan["lookup"])
                     entry = None
-                    continue
-                break
-            final = self._finish(decoder, rc, proc, request, resume)
-            self._remember(plan, request, decoder, session_id, held)
-            self._report(exchange, decoder.result, session_id, resume)
+                elif run.how not in ("warm", "spare") or rc is None:
+                    break
+                else:   # a warm process that died before answering: once more on a fresh one
+                    log.info("%s claude pid %s died between turns; starting a new process",
+                             exchange.request_id, worker.pid)
+                    entry = entry or {"session": worker.session_id, "cwd": plan["cwd"]}
+                self._reap(worker)
+                run.worker = None
+            if decoder.tool_stop:
+                final = self._tool_stop(worker, decoder)
+            else:
+                final = self._finish(decoder, rc, worker, request, run.how == "resume")
+                self._report(exchange, decoder.result, worker, run.how)
+            self._remember(plan, decoder, worker, run.held)
             yield final
+            run.delivered = True
         finally:
-            for proc in procs:
-                self._reap(proc, getattr(proc, "natural", False))
-            if slot:
-                self.slots.release()
-            for key, lock in reversed(held):
+            if not run.delivered and run.worker is not None and decoder.produced:
+                self._remember(plan, decoder, run.worker, run.held)   # what the client did see
+            self._settle(run)
+            for key, lock in reversed(run.held):
                 lock.release()
                 self.sessions.locks.leave(key)
+
+    def _continue_waiting(self, plan, run):
+        """A request that carries the tool results a held turn waits for takes that turn over
+        (and its slot). One that brings a new message instead cancels the held calls first."""
+        worker = self.workers.take_waiting(list(plan["results"]), plan["lookup"])
+        if worker is None:
+            return
+        run.slot, worker.slot = worker.slot, False
+        if set(plan["results"]) & set(worker.awaiting):
+            worker.answer(plan["results"], "the client sent no result for this tool call")
+            run.worker, run.how = worker, "tools"
+            self.metrics.count("claude_turns_total", {"process": "tools"})
+            return
+        worker.answer({}, "the client did not run this tool call; it sent a new message instead")
+        if worker.interrupt():
+            for old in self.workers.park(worker):   # the new turn finds it warm
+                self._close_later(old)
+        else:
+            self._reap(worker)
+
+    def _start_turn(self, request, plan, run, entry):
+        """The process for a new turn -- this conversation's warm one, a spare, or a new one
+        (resuming the session when there is one) -- and the turn's user line written to it."""
+        spawn = claude_spawn(self.config, request, plan["cwd"])
+        worker, how = None, "warm"
+        if plan["lookup"]:
+            worker, stale = self.workers.take(plan["lookup"], spawn)
+            if stale is not None:   # its fixed settings changed: a new process resumes its session
+                entry = entry or {"session": stale.session_id, "cwd": stale.spawn.cwd}
+                self._reap(stale)
+        if worker is None and entry is None and not plan["earlier"]:
+            worker, how = self.workers.take_spare(spawn), "spare"
+            self.wake.set()   # the sweeper starts the next spare
+        blocks = plan["blocks"]
+        if worker is None:
+            resume = entry is not None
+            if not resume and plan["earlier"]:   # a conversation the CLI never saw, or lost
+                blocks = [{"type": "text", "text": claude_transcript(plan["earlier"])}] + blocks
+            worker = self._spawn(spawn, entry["session"] if resume else str(uuid.uuid4()), resume)
+            how = "resume" if resume else "cold"
+            self.metrics.count("claude_runs_total", {"session": "resume" if resume else (
+                "transcript" if plan["earlier"] else "new")})
+            self.metrics.count("claude_spawns_total", {"start": how})
+        self.metrics.count("claude_turns_total", {"process": how})
+        run.worker, run.how = worker, how
+        worker.begin_turn(blocks)   # a CLI that stopped reading shows as the end of its output
+
+    def _tool_stop(self, worker, decoder):
+        """The answer ends at the client's tool calls; the CLI's turn waits for their results."""
+        worker.awaiting = [call.call_id for call in decoder.calls]
+        worker.reported.add(decoder.streamed_usage)
+        final = decoder.held + [UsageEvent(decoder.streamed_usage), Finish("tool_calls")]
+        del decoder.held[:]
+        return final
+
+    def _settle(self, run):
+        """After a request: a turn awaiting tool results is held for the client's next request;
+        an unfinished turn is interrupted; the process goes back warm, or is closed."""
+        worker = run.worker
+        if worker is not None and worker.awaiting and run.delivered and worker.alive:
+            worker.slot, run.slot = run.slot, False   # running a tool counts as running
+            self.workers.hold(worker)
+        elif worker is not None:
+            if worker.awaiting:
+                worker.answer({}, "the client went away before it got this tool call")
+            warm = self.workers.warm_limit > 0 and not self.stop_event.is_set()
+            if warm and worker.turn_open and worker.alive and not worker.interrupt():
+                log.warning("claude pid %s did not answer an interrupt; closing it", worker.pid)
+            if warm and worker.alive and not worker.turn_open and worker.key:
+                for old in self.workers.park(worker):
+                    self._close_later(old)
+            else:
+                self._reap(worker)
+        if run.slot:
+            run.slot = False
+            self.slots.release()
+
+    def _close_later(self, worker):
+        threading.Thread(target=self._reap, args=(worker,), name="claude-close",
+                         daemon=True).start()
 
     def _require_cli(self):
         if not self.cli_path:
@@ -4699,15 +5319,15 @@ class ClaudeCodeBackend:
                 raise ProxyError(502, "upstream", self.cli_error or "Claude Code CLI not found",
                                  code="cli_not_found")
 
-    def _report(self, exchange, result, session_id, resume):
-        """The run's cost to the client (X-Claude-Cost-Usd) and the metrics; a log line."""
-        cost = result.get("total_cost_usd")
-        if isinstance(cost, (int, float)) and not isinstance(cost, bool):
+    def _report(self, exchange, result, worker, how):
+        """The turn's cost to the client (X-Claude-Cost-Usd) and the metrics; a log line."""
+        cost = claude_turn_cost(result, worker)
+        if cost is not None:
             exchange.cost_usd = cost
             exchange.response_headers["X-Claude-Cost-Usd"] = "%.6f" % cost
             self.metrics.count("claude_cost_usd_total", {}, cost)
-        log.info("%s claude session=%s %s turns=%s cost_usd=%s duration_ms=%s", exchange.request_id,
-                 session_id, "resumed" if resume else "new", result.get("num_turns"), cost,
+        log.info("%s claude session=%s process=%s turns=%s cost_usd=%s duration_ms=%s",
+                 exchange.request_id, worker.session_id, how, result.get("num_turns"), cost,
                  result.get("duration_ms"))
 
     def _lock_session(self, key, held, tick):
@@ -4737,38 +5357,29 @@ class ClaudeCodeBackend:
                                  retry_after=max(1, int(wait) or 1), code="cli_busy")
             yield []
 
-    def _spawn(self, request, plan, session_id, resume, blocks):
+    def _spawn(self, spawn, session_id, resume):
         system_file = None
-        system = "\n\n".join(p["text"] for p in request.system if p["text"])
-        if len(system.encode("utf-8", "replace")) > CLAUDE_SYSTEM_ARG_LIMIT:
+        if len(spawn.system.encode("utf-8", "replace")) > CLAUDE_SYSTEM_ARG_LIMIT:
             fd, system_file = tempfile.mkstemp(prefix="cc-proxy-system-", suffix=".txt")
             with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
-                f.write(system)
-        argv = claude_argv(self.cli_path, self.config, request, session_id, resume, system_file)
-        line = json_dumps({"type": "user", "message": {"role": "user", "content": blocks}}) + "\n"
+                f.write(spawn.system)
+        argv = claude_argv(self.cli_path, spawn, session_id, resume, system_file)
         try:
-            proc = ClaudeProcess(self.spawn_prefix + argv, plan["cwd"], claude_env(),
-                                 line.encode("utf-8", "replace"),
-                                 kill_grace=self.config["claudeKillGraceMs"] / 1000,
-                                 exit_wait=self.config["claudeExitWaitMs"] / 1000)
-        except FileNotFoundError:
-            self._drop_file(system_file)
-            self.cli_path = None
-            raise ProxyError(502, "upstream", "Claude Code CLI not found at %s" % argv[0],
-                             code="cli_not_found")
-        except PermissionError:
-            self._drop_file(system_file)
-            raise ProxyError(502, "upstream", "Claude Code CLI at %s is not executable" % argv[0],
-                             code="cli_not_found")
+            worker = ClaudeWorker(spawn, session_id, self.spawn_prefix + argv, claude_env(),
+                                  self.spawner.popen, self.config, system_file)
         except OSError as e:
             self._drop_file(system_file)
-            raise ProxyError(502, "upstream",
-                             "cannot start the Claude Code CLI: %s" % (e.strerror or e))
-        proc.system_file = system_file
+            if isinstance(e, FileNotFoundError):
+                self.cli_path = None
+            why = {FileNotFoundError: "not found at %s", PermissionError: "at %s is not "
+                   "executable"}.get(type(e))
+            raise ProxyError(502, "upstream", "Claude Code CLI " + why % argv[0] if why else
+                             "cannot start the Claude Code CLI: %s" % (e.strerror or e),
+                             code="cli_not_found" if why else None)
         with self.processes_lock:
-            self.processes.add(proc)
+            self.processes.add(worker)
         self.metrics.gauge("claude_processes", {}, 1)
-        return proc
+        return worker
 
     @staticmethod
     def _drop_file(path):
@@ -4778,35 +5389,35 @@ class ClaudeCodeBackend:
             except OSError:
                 pass
 
-    def _reap(self, proc, natural):
+    def _reap(self, worker):
         try:
-            proc.close(natural)
+            worker.close()
         finally:
-            self._drop_file(getattr(proc, "system_file", None))
             with self.processes_lock:
-                if proc in self.processes:
-                    self.processes.discard(proc)
+                if worker in self.processes:
+                    self.processes.discard(worker)
                     self.metrics.gauge("claude_processes", {}, -1)
-            self.metrics.observe("claude_run_seconds", {}, time.monotonic() - proc.started)
+            self.metrics.observe("claude_run_seconds", {}, time.monotonic() - worker.proc.started)
 
-    def _pump(self, proc, decoder, request, tick):
-        """Lines -> batches until the result line (or EOF); [] while the CLI is silent.
-        Returns the exit code when the CLI ended without a result, else None."""
+    def _pump(self, worker, decoder, request, tick):
+        """Lines -> batches until the turn's result line, the client's tool calls, or EOF; []
+        while the CLI is silent. Returns the exit code when the CLI ended without a result."""
+        proc = worker.proc
         # non-content events (the model) wait for content: a bare ModelUsed batch would commit
         # the response before an error
         held = decoder.held
         wall = self.config["claudeTimeoutMs"] / 1000
         idle = self.config["streamIdleTimeoutMs" if request.stream
                            else "nonStreamIdleTimeoutMs"] / 1000
-        last_line = last_yield = time.monotonic()
+        started = last_line = last_yield = time.monotonic()
         while True:
             now = time.monotonic()
-            if now - proc.started >= wall:
+            if now - started >= wall:
                 raise self._timeout("did not finish within claudeTimeoutMs (%d s)" % wall, proc)
             if now - last_line >= idle:
                 raise self._timeout("printed nothing for %d s" % idle, proc)
             try:
-                line = proc.lines.get(timeout=max(0.01, min(tick, wall - (now - proc.started),
+                line = proc.lines.get(timeout=max(0.01, min(tick, wall - (now - started),
                                                             idle - (now - last_line))))
             except queue.Empty:
                 last_yield = time.monotonic()
@@ -4818,7 +5429,7 @@ class ClaudeCodeBackend:
                     ended = True
                     break
                 batch.extend(decoder.feed(line))
-                if decoder.result is not None:
+                if decoder.result is not None or decoder.tool_stop:
                     break
                 try:
                     line = proc.lines.get_nowait()
@@ -4831,7 +5442,9 @@ class ClaudeCodeBackend:
             elif held:
                 batch[:0] = held
                 del held[:]
-            if decoder.result is not None:
+            if decoder.result is not None or decoder.tool_stop:
+                if decoder.result is not None:
+                    worker.end_turn()
                 if batch:
                     yield batch
                 return None
@@ -4859,9 +5472,11 @@ class ClaudeCodeBackend:
             return result.get("subtype") == "error_during_execution" and not result.get("num_turns")
         return rc not in (None, 0) and not decoder.init_seen
 
-    def _finish(self, decoder, rc, proc, request, resume):
-        """The last batch of a run that ended: usage, finish reason, or the right ProxyError."""
+    def _finish(self, decoder, rc, worker, request, resume):
+        """The last batch of a turn that ended: usage (less what answers with tool calls already
+        reported), finish reason, or the right ProxyError."""
         result = decoder.result
+        proc = worker.proc
         if result is None:
             stderr = proc.stderr_text()
             if rc:
@@ -4905,18 +5520,20 @@ class ClaudeCodeBackend:
             text = result.get("result") if isinstance(result.get("result"), str) else ""
             decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)",
                           True)
-        out.append(UsageEvent(claude_usage(result)))
+        out.append(UsageEvent(claude_usage(result).add(worker.reported, -1)))
         out.append(Finish(finish))
         return out
 
-    def _remember(self, plan, request, decoder, session_id, held):
+    def _remember(self, plan, decoder, worker, held):
         """Store the session under the key the next turn will look it up by, before the client
-        can send that turn; hold that key's lock until this child is reaped."""
+        can send that turn; hold that key's lock until this request has settled its worker."""
         if plan["explicit"] is not None:
             key = plan["lookup"]
         else:
-            answer = {"role": "assistant",
-                      "parts": [{"type": "text", "text": "".join(decoder.answer)}]}
+            answer = {"role": "assistant", "parts": [
+                {"type": "text", "text": "".join(decoder.answer)}] + [
+                {"type": "tool_call", "id": call.call_id, "name": call.name, "arguments": {}}
+                for call in decoder.calls]}
             key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]),
                                    namespace=plan["hint"])
             if plan["lookup"] and plan["lookup"] != key:
@@ -4927,7 +5544,8 @@ class ClaudeCodeBackend:
                     held.append((key, lock))
                 else:
                     self.sessions.locks.leave(key)
-        self.sessions.put(key, session_id, plan["cwd"])
+        worker.key = key
+        self.sessions.put(key, worker.session_id, plan["cwd"])
 
     # ---- the rest of the interface ------------------------------------------------------
     def list_models(self, key):
@@ -4950,8 +5568,13 @@ class ClaudeCodeBackend:
         return models
 
     def health(self):
+        counts = self.workers.counts()
+        with self.processes_lock:
+            live = len(self.processes)
         info = {"claude": self.cli_path, "claudeVersion": self.cli_version,
-                "claudeProcesses": self.slots.count, "claudeSessions": len(self.sessions)}
+                "claudeProcesses": self.slots.count, "claudeSessions": len(self.sessions),
+                "claudeLiveProcesses": live, "claudeWarm": counts["warm"],
+                "claudeSpare": counts["spare"], "claudeAwaitingTools": counts["awaitingTools"]}
         if self.cli_error:
             info["claudeError"] = self.cli_error
         return info
@@ -4975,6 +5598,7 @@ class Metrics:
         self.counters = collections.defaultdict(float)
         self.gauges = collections.defaultdict(float)
         self.histograms = {}
+        self.sources = []   # callables -> {gauge name: value}, read at render time
 
     @staticmethod
     def _key(name, labels):
@@ -5006,8 +5630,15 @@ class Metrics:
             return "{" + ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
                                                 .replace("\n", " ")) for k, v in items) + "}"
         lines = []
+        read = {}
+        for source in self.sources:
+            read.update((self._key(name, {}), value) for name, value in source().items())
         with self.lock:
-            for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
+            gauges = self.gauges
+            if read:
+                gauges = dict(gauges)
+                gauges.update(read)
+            for kind, table in (("counter", self.counters), ("gauge", gauges)):
                 seen = set()
                 for (name, labels), value in sorted(table.items()):
                     full = "ccproxy_" + name

@@ -4984,7 +4984,7 @@ class ClaudeCodeCase(unittest.TestCase):
                      "claudeWorkingDir": self.work, "claudeAskWorkingDir": False, "upstreamRetries": 0,
                      "keepAliveIntervalMs": 1000, "upstreamRetryBackoffMs": 20,
                      "claudeKillGraceMs": 300, "claudeExitWaitMs": 2000,   # quicker stops of the fake
-                     "usageDb": ""}
+                     "usageDb": "", "claudeWarmProcesses": 0, "claudeSpareProcesses": 0}
         overrides.update(self.overrides)
         overrides.update(extra)
         return proxy_config(**overrides)
@@ -5225,7 +5225,9 @@ class TestClaudeCodeAnswers(ClaudeCodeCase):
         r = self.chat("x", model="--dangerously-skip-permissions")
         self.assertEqual(r.status, 400, r)
 
-    def test_client_tools_are_dropped_or_refused(self):
+    def test_with_client_tools_off_they_are_dropped_or_refused(self):
+        self.stop_server()
+        self.start_server(claudeClientTools="off")
         tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
         r = self.chat("weather?", tools=[tool])
         self.assertEqual(r.status, 200, r)
@@ -5667,6 +5669,349 @@ class TestClaudeCodeProcessLimits(ClaudeCodeCase):
 
 
 # =====================================================================================
+class ClaudeWarmCase(ClaudeCodeCase):
+    """The Claude Code backend with warm processes (its default), spares off unless a test
+    turns them on."""
+    overrides = {"claudeWarmProcesses": 4}
+
+    def turns(self):
+        return self.records("turn")
+
+    def health(self):
+        return self.request("GET", "/health").json()
+
+    def turn_text(self, turn):
+        return json.loads(turn["stdin"])["message"]["content"][-1]["text"]
+
+    def two_turns(self, first="hello", second="hello again", **fields):
+        r1 = self.chat_text(first, **fields)
+        history = [{"role": "user", "content": first}, {"role": "assistant", "content": r1},
+                   {"role": "user", "content": second}]
+        return r1, self.chat_text(history, **fields)
+
+
+class TestClaudeCodeWarmConversations(ClaudeWarmCase):
+    def test_the_next_turn_is_one_more_user_line_on_the_same_process(self):
+        r1, r2 = self.two_turns()
+        self.assertEqual((r1, r2), ("ECHO: hello", "ECHO: hello again"))
+        self.assertEqual(len(self.runs()), 1, "the second turn spawned a process")
+        turns = self.turns()
+        self.assertEqual([t["pid"] for t in turns], [turns[0]["pid"]] * 2)
+        self.assertEqual(self.turn_text(turns[1]), "hello again")   # no history, no --resume
+        self.assertTrue(alive(turns[0]["pid"]), "the warm process was closed")
+        self.assertEqual(self.health()["claudeWarm"], 1)
+
+    def test_each_turn_reports_its_own_usage_and_cost_not_the_process_total(self):
+        first = self.chat("hello")
+        history = [{"role": "user", "content": "hello"},
+                   {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+                   {"role": "user", "content": "hello again"}]
+        second = self.chat(history)
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual(second.json()["usage"], first.json()["usage"])
+        self.assertEqual(second.header("x-claude-cost-usd"), first.header("x-claude-cost-usd"))
+
+    def test_an_explicit_session_continues_on_its_warm_process(self):
+        headers = {"x-session-id": "conv-1"}
+        self.chat_text("one", headers=headers)
+        self.chat_text("two", headers=headers)
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual([self.turn_text(t) for t in self.turns()], ["one", "two"])
+
+    def test_a_changed_system_prompt_starts_a_new_process_that_resumes_the_session(self):
+        first = self.chat_text([{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hi"}])
+        self.chat_text([{"role": "system", "content": "be verbose"}, {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": first}, {"role": "user", "content": "more"}])
+        runs = self.runs()
+        self.assertEqual(len(runs), 2)
+        session = self.option(runs[0]["argv"], "--session-id")
+        self.assertEqual(self.option(runs[1]["argv"], "--resume"), session)
+        self.assertEqual(self.option(runs[1]["argv"], "--append-system-prompt"), "be verbose")
+        self.assertTrue(wait_for(lambda: not alive(runs[0]["pid"]), 10), "the stale process lives on")
+
+    def test_past_the_limit_the_least_recently_used_warm_process_is_closed(self):
+        self.stop_server()
+        self.start_server(claudeWarmProcesses=2)
+        for prompt in ("first", "second", "third"):
+            self.chat_text(prompt)
+        pids = {self.turn_text(t): t["pid"] for t in self.turns()}
+        self.assertTrue(wait_for(lambda: not alive(pids["first"]), 10))
+        self.assertTrue(alive(pids["second"]) and alive(pids["third"]))
+        self.assertEqual(self.health()["claudeWarm"], 2)
+
+    def test_a_warm_process_idle_past_the_idle_timeout_is_closed(self):
+        self.stop_server()
+        self.start_server(claudeIdleTimeoutMs=300)
+        self.chat_text("hello")
+        pid = self.turns()[0]["pid"]
+        self.assertTrue(wait_for(lambda: not alive(pid), 10), "an idle warm process was kept")
+        self.assertEqual(self.health()["claudeWarm"], 0)
+
+    def test_a_client_disconnect_interrupts_the_turn_and_the_process_stays_warm(self):
+        sock = send_request(self.port, "chat", {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "scenario:stall"}]}, key=CLAUDE_KEY, timeout=10)
+        self.assertIn(b"Hello!", read_until(sock, b"Hello!", 10))
+        sock.close()
+        self.assertTrue(wait_for(lambda: self.records("interrupt"), 10), "no interrupt was sent")
+        pid = self.turns()[0]["pid"]
+        self.assertTrue(wait_for(lambda: self.health()["claudeWarm"] == 1, 10))
+        history = [{"role": "user", "content": "scenario:stall"}, {"role": "assistant", "content": "Hello!"},
+                   {"role": "user", "content": "next"}]
+        self.assertEqual(self.chat_text(history), "ECHO: next")
+        self.assertEqual(self.turns()[-1]["pid"], pid)
+        self.assertEqual(self.signals(pid), [])
+
+    def test_an_unanswered_interrupt_escalates_to_signals(self):
+        sock = send_request(self.port, "chat", {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "scenario:deaf"}]}, key=CLAUDE_KEY, timeout=10)
+        self.assertTrue(wait_for(lambda: self.records("hanging"), 10))
+        sock.close()
+        pid = self.runs()[0]["pid"]
+        self.assertTrue(wait_for(lambda: not alive(pid), 15), "a deaf CLI outlived its request")
+        self.assertIn("SIGINT", self.signals(pid))
+        self.assertEqual(self.health()["claudeWarm"], 0)
+
+    def test_a_warm_process_that_died_is_replaced_by_one_resuming_the_session(self):
+        first = self.chat_text("hello")
+        dead = self.runs()[0]
+        os.kill(dead["pid"], signal.SIGKILL)
+        wait_for(lambda: not alive(dead["pid"]))
+        answer = self.chat_text([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                                 {"role": "user", "content": "still there?"}])
+        self.assertEqual(answer, "ECHO: still there?")
+        runs = self.runs()
+        self.assertEqual(len(runs), 2)
+        self.assertEqual(self.option(runs[1]["argv"], "--resume"), self.option(dead["argv"], "--session-id"))
+
+    def test_a_warm_process_that_exits_after_its_answer_is_replaced(self):
+        first = self.chat_text("scenario:exit_after_result")
+        history = [{"role": "user", "content": "scenario:exit_after_result"},
+                   {"role": "assistant", "content": first}, {"role": "user", "content": "again"}]
+        self.assertEqual(self.chat_text(history), "ECHO: again")
+        self.assertEqual(len(self.runs()), 2)
+        self.assertIn("--resume", self.runs()[1]["argv"])
+
+    def test_stopping_the_proxy_closes_every_warm_process(self):
+        self.chat_text("one")
+        self.chat_text("two")
+        pids = [t["pid"] for t in self.turns()]
+        self.assertTrue(all(alive(p) for p in pids))
+        self.stop_server()
+        self.assertTrue(wait_for(lambda: not any(alive(p) for p in pids), 10))
+
+    def test_health_and_metrics_count_warm_turns_and_spawns(self):
+        self.two_turns()
+        metrics = self.request("GET", "/metrics").data.decode()
+        self.assertIn('ccproxy_claude_turns_total{process="cold"} 1.0', metrics)
+        self.assertIn('ccproxy_claude_turns_total{process="warm"} 1.0', metrics)
+        self.assertIn('ccproxy_claude_spawns_total{start="cold"} 1.0', metrics)
+        self.assertIn("ccproxy_claude_warm_processes 1.0", metrics)
+        health = self.health()
+        self.assertEqual((health["claudeWarm"], health["claudeLiveProcesses"], health["claudeProcesses"]),
+                         (1, 1, 0))
+
+
+class TestClaudeCodeSpares(ClaudeWarmCase):
+    overrides = {"claudeWarmProcesses": 4, "claudeSpareProcesses": 1}
+
+    def turns_by(self, process):
+        metrics = self.request("GET", "/metrics").data.decode()
+        found = re.search(r'ccproxy_claude_turns_total\{process="%s"\} ([0-9.]+)' % process, metrics)
+        return float(found.group(1)) if found else 0
+
+    def run_of(self, pid):
+        return [r for r in self.runs() if r["pid"] == pid][0]
+
+    def test_a_spare_started_ahead_serves_a_new_conversation_and_is_replaced(self):
+        self.assertTrue(wait_for(lambda: self.health()["claudeSpare"] == 1, 10))
+        self.assertEqual(self.health()["claudeLiveProcesses"], 1)
+        self.assertEqual(self.chat_text("hello"), "ECHO: hello")
+        self.assertEqual(self.turns_by("spare"), 1)
+        self.assertEqual(self.turns_by("cold"), 0)
+        self.assertEqual(self.option(self.run_of(self.turns()[0]["pid"])["argv"], "--model"), "sonnet")
+        self.assertTrue(wait_for(lambda: self.health()["claudeSpare"] == 1, 10), "no new spare was started")
+        self.assertEqual(self.health()["claudeLiveProcesses"], 2)   # the conversation's, and the new spare
+
+    def test_a_request_whose_settings_differ_from_the_spare_gets_its_own_process(self):
+        self.assertTrue(wait_for(lambda: self.health()["claudeSpare"] == 1, 10))
+        self.chat_text([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+        run = self.run_of(self.turns()[0]["pid"])
+        self.assertEqual(self.option(run["argv"], "--append-system-prompt"), "be brief")
+        self.assertEqual((self.turns_by("spare"), self.turns_by("cold")), (0, 1))
+        self.assertEqual(self.health()["claudeSpare"], 1)
+
+
+CLAUDE_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "city": {"type": "string"}}}}}
+
+
+def claude_tool(name):
+    return dict(CLAUDE_TOOL, function=dict(CLAUDE_TOOL["function"], name=name))
+
+
+class TestClaudeCodeClientTools(ClaudeWarmCase):
+    def call_weather(self, stream=False, tools=(CLAUDE_TOOL,), prompt="scenario:client_tool call:get_weather"):
+        return self.chat(prompt, stream=stream, tools=list(tools))
+
+    def test_the_tools_are_an_sdk_mcp_server_and_the_cli_builtins_are_off(self):
+        r = self.call_weather()
+        self.assertEqual(r.status, 200, r)
+        argv = self.last_run()["argv"]
+        self.assertEqual(json.loads(self.option(argv, "--mcp-config")),
+                         {"mcpServers": {"client": {"type": "sdk", "name": "client"}}})
+        self.assertIn("--strict-mcp-config", argv)
+        self.assertEqual(self.option(argv, "--allowedTools"), "mcp__client__get_weather")
+        self.assertEqual(self.option(argv, "--tools"), "")
+        listed = self.records("mcp_tools")[0]["tools"]
+        self.assertEqual(listed, [{"name": "get_weather", "description": "Weather for a city",
+                                   "inputSchema": CLAUDE_TOOL["function"]["parameters"]}])
+        self.assertIsNone(r.header("x-cc-proxy-dropped-tools"))
+
+    def test_openai_chat_tool_round_trip_streamed(self):
+        r = self.call_weather(stream=True)
+        chunks = r.chunks()
+        calls = [c for ch in chunks if ch["choices"] for c in ch["choices"][0]["delta"].get("tool_calls") or []]
+        self.assertEqual(calls[0]["function"]["name"], "get_weather")
+        call_id = calls[0]["id"]
+        self.assertTrue(call_id.startswith("toolu_fake_"))
+        self.assertEqual("".join(c["function"].get("arguments") or "" for c in calls), '{"q": "get_weather 0"}')
+        self.assertEqual({c["index"] for c in calls}, {0})
+        self.assertEqual([ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1], "tool_calls")
+        self.assertTrue(r.done())
+        text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+        self.assertEqual(text, "I'll run that for you.")
+        self.assertEqual(self.records("tool_result"), [], "the CLI's tools/call was answered early")
+        history = [{"role": "user", "content": "scenario:client_tool call:get_weather"},
+                   {"role": "assistant", "content": text, "tool_calls": [
+                       {"id": call_id, "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"q": "get_weather 0"}'}}]},
+                   {"role": "tool", "tool_call_id": call_id, "content": "rainy in Paris"}]
+        r2 = self.chat(history, stream=True, tools=[CLAUDE_TOOL])
+        text2 = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in r2.chunks() if ch["choices"])
+        self.assertEqual(text2, "Tool results: rainy in Paris")
+        self.assertEqual([ch["choices"][0]["finish_reason"] for ch in r2.chunks() if ch["choices"]][-1], "stop")
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual(self.records("tool_result")[0]["id"], call_id)
+        self.assertTrue(wait_for(lambda: self.health()["claudeWarm"] == 1))
+
+    def test_openai_chat_tool_round_trip_non_streamed(self):
+        body = self.call_weather().json()
+        message = body["choices"][0]["message"]
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+        call = message["tool_calls"][0]
+        self.assertEqual((call["function"]["name"], json.loads(call["function"]["arguments"])),
+                         ("get_weather", {"q": "get_weather 0"}))
+        self.assertEqual(self.health()["claudeAwaitingTools"], 1)
+        history = [{"role": "user", "content": "scenario:client_tool call:get_weather"}, message,
+                   {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        body2 = self.chat(history, tools=[CLAUDE_TOOL]).json()
+        self.assertEqual(body2["choices"][0]["message"]["content"], "Tool results: sunny")
+        self.assertEqual(body2["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(self.health()["claudeAwaitingTools"], 0)
+
+    def test_anthropic_tool_use_round_trip_with_an_error_result(self):
+        tools = [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}]
+        prompt = "scenario:client_tool call:get_weather"
+        r = self.messages(prompt, stream=True, tools=tools)
+        events = [e for _, e in r.typed_events()]
+        start = [e for e in events if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use"]
+        self.assertEqual(start[0]["content_block"]["name"], "get_weather")
+        tool_id = start[0]["content_block"]["id"]
+        partial = "".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+                          and e["delta"]["type"] == "input_json_delta")
+        self.assertEqual(json.loads(partial), {"q": "get_weather 0"})
+        self.assertEqual([e for e in events if e["type"] == "message_delta"][-1]["delta"]["stop_reason"], "tool_use")
+        history = [{"role": "user", "content": prompt},
+                   {"role": "assistant", "content": [{"type": "text", "text": "I'll run that for you."},
+                                                     {"type": "tool_use", "id": tool_id, "name": "get_weather",
+                                                      "input": {"q": "get_weather 0"}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "is_error": True,
+                                                 "content": "no network"}]}]
+        body = self.messages(history, tools=tools).json()
+        self.assertEqual(body["content"][-1]["text"], "Tool results: error: no network")
+        self.assertEqual(body["stop_reason"], "end_turn")
+        self.assertTrue(self.records("tool_result")[0]["result"]["isError"])
+
+    def test_responses_function_call_round_trip(self):
+        tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+        prompt = "scenario:client_tool call:get_weather"
+        r = self.request("POST", "/v1/responses", {"model": "sonnet", "input": prompt, "tools": tools,
+                                                   "stream": True})
+        events = [e for _, e in r.typed_events()]
+        done = [e for e in events if e["type"] == "response.output_item.done"
+                and e["item"]["type"] == "function_call"]
+        self.assertEqual(done[0]["item"]["name"], "get_weather")
+        call_id = done[0]["item"]["call_id"]
+        self.assertEqual(events[-1]["type"], "response.completed")
+        body = self.request("POST", "/v1/responses", {
+            "model": "sonnet", "tools": tools, "input": [
+                {"role": "user", "content": prompt},
+                {"type": "function_call", "call_id": call_id, "name": "get_weather",
+                 "arguments": done[0]["item"]["arguments"]},
+                {"type": "function_call_output", "call_id": call_id, "output": "cloudy"}]}).json()
+        self.assertEqual(body["output"][-1]["content"][0]["text"], "Tool results: cloudy")
+        self.assertEqual(len(self.runs()), 1)
+
+    def test_parallel_calls_are_one_answer_and_results_go_back_in_turn(self):
+        tools = [claude_tool("alpha"), claude_tool("beta")]
+        prompt = "scenario:client_tool call:alpha call:beta"
+        body = self.chat(prompt, tools=tools).json()
+        calls = body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([c["function"]["name"] for c in calls], ["alpha", "beta"])
+        history = [{"role": "user", "content": prompt}, body["choices"][0]["message"],
+                   {"role": "tool", "tool_call_id": calls[0]["id"], "content": "A"},
+                   {"role": "tool", "tool_call_id": calls[1]["id"], "content": "B"}]
+        self.assertEqual(self.chat_text(history, tools=tools), "Tool results: A | B")
+        self.assertEqual([r["id"] for r in self.records("tool_result")], [calls[0]["id"], calls[1]["id"]])
+
+    def test_a_result_the_client_left_out_is_answered_as_an_error(self):
+        tools = [claude_tool("alpha"), claude_tool("beta")]
+        prompt = "scenario:client_tool call:alpha call:beta"
+        message = self.chat(prompt, tools=tools).json()["choices"][0]["message"]
+        history = [{"role": "user", "content": prompt}, message,
+                   {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "A"}]
+        answer = self.chat_text(history, tools=tools)
+        self.assertTrue(answer.startswith("Tool results: A | error: "), answer)
+        self.assertTrue(self.records("tool_result")[1]["result"]["isError"])
+
+    def test_a_new_message_instead_of_results_cancels_the_calls(self):
+        headers = {"x-session-id": "tools-1"}
+        r = self.chat("scenario:client_tool call:get_weather", tools=[CLAUDE_TOOL], headers=headers)
+        self.assertEqual(r.json()["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(self.chat_text("never mind", tools=[CLAUDE_TOOL], headers=headers), "ECHO: never mind")
+        self.assertTrue(self.records("tool_result")[0]["result"]["isError"])
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual(self.health()["claudeAwaitingTools"], 0)
+
+    def test_calls_the_client_abandons_time_out_and_the_process_goes_back_warm(self):
+        self.stop_server()
+        self.start_server(claudeToolResultTimeoutMs=300)
+        self.assertEqual(self.call_weather().json()["choices"][0]["finish_reason"], "tool_calls")
+        self.assertTrue(wait_for(lambda: self.records("tool_result"), 10), "the held call was never answered")
+        self.assertTrue(self.records("tool_result")[0]["result"]["isError"])
+        self.assertTrue(wait_for(lambda: self.health()["claudeWarm"] == 1, 10))
+        health = self.health()
+        self.assertEqual((health["claudeAwaitingTools"], health["claudeProcesses"]), (0, 0))
+
+    def test_a_turn_awaiting_tool_results_holds_its_process_slot(self):
+        self.stop_server()
+        self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=0)
+        self.assertEqual(self.call_weather().json()["choices"][0]["finish_reason"], "tool_calls")
+        r = self.chat("another conversation")
+        self.assertEqual(r.status, 429, r)
+        self.assertEqual(r.json()["error"]["code"], "cli_busy")
+
+    def test_tool_choice_none_offers_no_tools_and_a_forced_choice_is_asked_in_words(self):
+        self.chat("plain", tools=[CLAUDE_TOOL], tool_choice="none")
+        self.assertNotIn("--mcp-config", self.last_run()["argv"])
+        self.chat("scenario:client_tool call:get_weather", tools=[CLAUDE_TOOL],
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        texts = [b["text"] for b in json.loads(self.turns()[-1]["stdin"])["message"]["content"]]
+        self.assertIn("calling the tool mcp__client__get_weather", texts[-1])
+
+
 class TestClaudeCodeAuthAndModels(ClaudeCodeCase):
     def test_requests_without_the_api_key_are_401_and_never_run_the_cli(self):
         for key, extra in ((None, {}), ("wrong", {}), (None, {"x-api-key": "wrong"})):

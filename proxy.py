@@ -308,6 +308,9 @@ SETTINGS = [
             "conversation -> CLI session mapping lifetime"),
     Setting("sessionFile", "SESSION_FILE", "", _text, "path",
             "persist that mapping across restarts"),
+    Setting("codexInstructionsFile", "CODEX_INSTRUCTIONS_FILE", "", _text, "path",
+            "the system prompt Codex's model catalog gives every model, relative to the config "
+            "file's directory; empty = no catalog"),
 ]
 SETTINGS_BY_KEY = {s.key: s for s in SETTINGS}
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
@@ -393,6 +396,33 @@ def load_config(path=None, environ=None, overrides=None, sources=None):
     if sources is not None:
         sources.update(origin)
     return config
+
+
+def config_relative_path(config, name):
+    """A path setting, relative to the config file's directory; None when it is empty."""
+    path = os.path.expanduser(config[name])
+    if not path:
+        return None
+    return (path if os.path.isabs(path)
+            else os.path.join(os.path.dirname(config["configPath"]), path))
+
+
+def codex_instructions(config):
+    """codexInstructionsFile's text, or None when it is not set. Codex sends a catalog entry's
+    base_instructions as its whole system prompt, so an empty file is refused: it would leave
+    Codex with none."""
+    path = config_relative_path(config, "codexInstructionsFile")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("codexInstructionsFile %s cannot be read: %s" % (path, e)) from None
+    if not text.strip():
+        raise ConfigError("codexInstructionsFile %s is empty: Codex would send no system "
+                          "prompt at all" % path)
+    return text
 
 
 # =====================================================================================
@@ -1059,7 +1089,7 @@ class FrontEnd:
         """Errors for requests to this path are rendered in this protocol's shape."""
         return path == self.route or path.startswith(self.route + "/")
 
-    def spoken_by(self, headers):
+    def spoken_by(self, headers, query):
         """Does a request on a route no front end owns (models, 404s) speak this protocol?"""
         return False
 
@@ -1441,7 +1471,7 @@ class AnthropicMessages(FrontEnd):
     error_body = staticmethod(anthropic_error_body)
     request_id_header = "request-id"
 
-    def spoken_by(self, headers):
+    def spoken_by(self, headers, query):
         return bool(headers and headers.get("anthropic-version"))
 
     def routes(self):
@@ -1911,20 +1941,72 @@ RESPONSES_STATUS = {"length": ("incomplete", {"reason": "max_output_tokens"}),
                     "content_filter": ("incomplete", {"reason": "content_filter"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
 
+# Codex's model catalog (GET /v1/models?client_version=..., fetched when a provider sets
+# model_catalog_url): {"models": [ModelInfo, ...]}, each entry Codex's truth about that model.
+# What the model list does not know repeats Codex's own fallback metadata, so an entry changes
+# only what is known: context window, reasoning levels, image input, name. Except the prompt:
+# Codex requires base_instructions and sends it as its whole system prompt (an empty one leaves
+# it none), so the operator supplies it (codexInstructionsFile) and the proxy never makes one up.
+CODEX_FALLBACK_FIELDS = {
+    "shell_type": "default", "supported_in_api": True, "upgrade": None,
+    "support_verbosity": False, "default_verbosity": None, "apply_patch_tool_type": None,
+    "truncation_policy": {"mode": "bytes", "limit": 10000},
+    "supports_parallel_tool_calls": False, "experimental_supported_tools": []}
+# Each of our effort names is a value of Codex's ReasoningEffort; its picker shows the line.
+CODEX_EFFORTS = {"minimal": "Least reasoning, fastest answers",
+                 "low": "Light reasoning, quick answers",
+                 "medium": "Balanced reasoning depth and speed",
+                 "high": "Deeper reasoning for harder problems",
+                 "xhigh": "Extra deep reasoning for the hardest problems",
+                 "max": "The deepest reasoning the model offers"}
+
+
+def codex_model_entry(model, priority, owner, instructions):
+    """One ModelInfo of Codex's catalog, from a ModelInfo of ours."""
+    efforts = [e for e in model.efforts if e in CODEX_EFFORTS]
+    entry = dict(CODEX_FALLBACK_FIELDS, slug=model.id, display_name=model.label,
+                 description="%s through cc-proxy (%s)" % (model.label, owner),
+                 visibility="list", priority=priority, context_window=model.context,
+                 input_modalities=["text", "image"] if model.images else ["text"],
+                 supported_reasoning_levels=[{"effort": e, "description": CODEX_EFFORTS[e]}
+                                             for e in efforts],
+                 # older Codex sends reasoning.effort only to a model that has summaries
+                 supports_reasoning_summaries=bool(efforts), base_instructions=instructions)
+    if efforts:
+        entry["default_reasoning_level"] = clamp_effort("medium", efforts)
+    return entry
+
 
 class OpenAIResponses(FrontEnd):
-    """OpenAI Responses: POST /v1/responses, GET /v1/responses/{id} (what Codex CLI speaks)."""
+    """OpenAI Responses: POST /v1/responses, GET /v1/responses/{id} (what Codex CLI speaks), and
+    Codex's model catalog (GET /v1/models?client_version=...)."""
 
     name = "responses"
     route = "/v1/responses"
     id_prefix = "resp_"
 
-    def __init__(self, store=None, seal=None):
+    def __init__(self, store=None, seal=None, codex_instructions=None):
         self.store = store or ResponseStore(limit=256)
         self.seal = seal or ReasoningSeal()
+        self.codex_instructions = codex_instructions   # codexInstructionsFile's text, or None
 
     def routes(self):
         return super().routes() + [(self.route + "/", "GET", self._stored_response_route)]
+
+    def spoken_by(self, headers, query):
+        return "client_version" in query   # Codex asking for its model catalog
+
+    def model_list(self, models, owner, query):
+        """Codex's catalog, of the models whose metadata is known (a context window): Codex
+        takes a catalog URL's list as the whole truth, so one left out gets its fallback and
+        warning, as it would with no catalog."""
+        if self.codex_instructions is None:
+            raise ProxyError(404, "not_found", "Codex's model catalog is off: set "
+                             "codexInstructionsFile to the system prompt its entries give Codex "
+                             "(Codex sends it in place of its own)", code="codex_catalog_off")
+        known = [m for m in models if m.context]
+        return {"models": [codex_model_entry(m, i, owner, self.codex_instructions)
+                           for i, m in enumerate(known)]}
 
     def _stored_response_route(self, handler, response_id):
         handler.authenticate()
@@ -5683,6 +5765,13 @@ def request_head_problem(headers):
     return None
 
 
+def etag_matches(if_none_match, etag):
+    """Does an If-None-Match header name this entity tag? Weakly compared, as RFC 9110 (13.1.2)
+    has it for this header: W/"x" matches "x", and * matches any."""
+    tags = [tag.strip() for tag in (if_none_match or "").split(",")]
+    return "*" in tags or etag in (tag[2:] if tag.startswith("W/") else tag for tag in tags)
+
+
 def route_path(target):
     """The route a request target names: no query, no trailing slash, /v1 added when missing
     (clients configured without the /v1 suffix)."""
@@ -5692,11 +5781,12 @@ def route_path(target):
     return path
 
 
-def frontend_for(frontends, path, headers):
+def frontend_for(frontends, path, headers, query=None):
     """The front end whose shape an answer to this request takes: the one owning the route, else
-    the one the headers speak (anthropic-version), else the first (OpenAI Chat Completions)."""
+    the one the headers or query speak (anthropic-version, Codex's client_version), else the
+    first (OpenAI Chat Completions)."""
     return (next((f for f in frontends if f.owns(path)), None)
-            or next((f for f in frontends if f.spoken_by(headers)), frontends[0]))
+            or next((f for f in frontends if f.spoken_by(headers, query or {})), frontends[0]))
 
 
 def read_request_body(rfile, headers, limit):
@@ -5875,7 +5965,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Status line and headers, into the buffered wfile: they go out with the first flush."""
         self.send_response(status)
         self.status_sent = status
-        self.send_header("Content-Type", content_type)
+        if content_type is not None:   # None: a 304, which describes no body
+            self.send_header("Content-Type", content_type)
         if length is not None:
             self.send_header("Content-Length", str(length))
         self._common_headers()
@@ -5887,14 +5978,27 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
 
-    def send_json(self, status, obj, extra=None):
+    def _close_if_body_unread(self):
         headers = getattr(self, "headers", None)  # absent when the request line itself was bad
         if not self.body_read and headers and (
                 headers.get("content-length", "0").strip() not in ("", "0")
                 or headers.get("transfer-encoding")):
             self.close_connection = True  # its unread body would be taken for the next request
+
+    def send_json(self, status, obj, extra=None):
+        self._close_if_body_unread()
         self.send_body(status, "application/json", json_dumps(obj).encode("utf-8", "replace"),
                        extra)
+
+    def send_json_tagged(self, obj):
+        """200 with a strong ETag (a hash of the body), or 304 and no body when If-None-Match
+        names it already: a client keeping what it fetched revalidates for a few bytes."""
+        data = json_dumps(obj).encode("utf-8", "replace")
+        etag = '"%s"' % hashlib.sha256(data).hexdigest()[:32]
+        self._close_if_body_unread()
+        if etag_matches(self.headers.get("if-none-match"), etag):
+            return self._send_head(304, None, None, {"ETag": etag})
+        self.send_body(200, "application/json", data, {"ETag": etag})
 
     def send_body(self, status, content_type, data, extra=None):
         self._send_head(status, content_type, len(data), extra)
@@ -6130,11 +6234,7 @@ def client_family(user_agent):
 
 def ledger_path(config):
     """usageDb, relative to the config file's directory; None when the ledger is off."""
-    path = os.path.expanduser(config["usageDb"])
-    if not path:
-        return None
-    return (path if os.path.isabs(path)
-            else os.path.join(os.path.dirname(config["configPath"]), path))
+    return config_relative_path(config, "usageDb")
 
 
 def open_ledger(path, readonly=False):
@@ -6698,7 +6798,8 @@ def metrics_route(handler, _):
 
 
 def models_route(handler, model_id):
-    """GET /v1/models[/{id}], in the shape of the protocol the client speaks."""
+    """GET /v1/models[/{id}], in the shape of the protocol the client speaks, with a strong ETag
+    (Codex keeps its catalog's; If-None-Match gets a 304)."""
     model_id = urllib.parse.unquote(model_id) if model_id else None
     backend = handler.server.backend
     key = None
@@ -6712,10 +6813,11 @@ def models_route(handler, model_id):
         models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
         if not models:
             raise ProxyError(404, "not_found", "model %r not found" % model_id)
-    frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers)
+    query = handler.query()
+    frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers, query)
     if model_id is not None:
-        return handler.send_json(200, frontend.model_object(models[0], backend.name))
-    return handler.send_json(200, frontend.model_list(models, backend.name, handler.query()))
+        return handler.send_json_tagged(frontend.model_object(models[0], backend.name))
+    return handler.send_json_tagged(frontend.model_list(models, backend.name, query))
 
 
 class Route(NamedTuple):
@@ -6750,7 +6852,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.metrics = Metrics()
         self.connections = Connections()
         # each server its own front ends: the Responses store (previous_response_id) is per server
-        self.frontends = (ChatCompletions(), OpenAIResponses(), AnthropicMessages())
+        self.frontends = (ChatCompletions(),
+                          OpenAIResponses(codex_instructions=codex_instructions(config)),
+                          AnthropicMessages())
         self.routes, self.prefix_routes = route_table(self.frontends)
         self.backend = make_backend(config, self.metrics)
         self.pipeline = Pipeline(config, self.backend, self.metrics)

@@ -2389,6 +2389,181 @@ class TestProviderModels(ProxyTestCase):
         self.assertIn("/provider/v1/models", [p.split("?")[0] for p in paths])
 
 
+# What Codex's ModelInfo (codex-rs protocol/src/openai_models.rs) requires of a catalog entry, in
+# old versions and new: field -> accepted JSON types. One missing, or of another type, and Codex
+# refuses the whole catalog (newer ones take model_messages.instructions_template instead of
+# base_instructions).
+CODEX_REQUIRED_FIELDS = {
+    "slug": (str,), "display_name": (str,), "supported_reasoning_levels": (list,),
+    "shell_type": (str,), "visibility": (str,), "supported_in_api": (bool,), "priority": (int,),
+    "base_instructions": (str,), "supports_reasoning_summaries": (bool,),
+    "support_verbosity": (bool,), "truncation_policy": (dict,),
+    "supports_parallel_tool_calls": (bool,), "experimental_supported_tools": (list,)}
+CODEX_OPTIONAL_FIELDS = {
+    "description": (str, type(None)), "upgrade": (dict, type(None)),
+    "default_verbosity": (str, type(None)), "apply_patch_tool_type": (str, type(None)),
+    "context_window": (int,), "input_modalities": (list,), "default_reasoning_level": (str,)}
+CODEX_REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+CODEX_VERSION_QUERY = "?client_version=0.171.0"
+
+
+class TestCodexModelCatalog(ProxyTestCase):
+    """GET /v1/models?client_version=...: Codex's catalog, built from the same model list, with a
+    strong ETag and 304 for If-None-Match."""
+
+    instructions = "The operator's system prompt for Codex.\n"
+    proxy_overrides = {"modelMap": {"codex-sonnet": "claude-sonnet-5",
+                                    "mystery": "vendor/unknown-model"}}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.prompt_file = cls.write_prompt(cls.addClassCleanup, cls.instructions)
+        cls.proxy_overrides = dict(cls.proxy_overrides, codexInstructionsFile=cls.prompt_file)
+        super().setUpClass()
+
+    @staticmethod
+    def write_prompt(cleanup, text):
+        """A codexInstructionsFile holding `text`, removed through `cleanup`."""
+        folder = tempfile.mkdtemp(prefix="cc-proxy-codex-")
+        cleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "codex-prompt.md")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def catalog(self, port=None, headers=None):
+        h = {"Authorization": "Bearer " + KEY}
+        h.update(headers or {})
+        return http_request(port or self.port, "GET", "/v1/models" + CODEX_VERSION_QUERY,
+                            headers=h)
+
+    def entries(self):
+        r = self.catalog()
+        self.assertEqual(r.status, 200, r)
+        return {m["slug"]: m for m in r.json()["models"]}
+
+    def other_proxy(self, **overrides):
+        """A second proxy on the same fake upstream -> its port."""
+        config = dict(BASE_OVERRIDES, apiBase=self.upstream.url, **overrides)
+        server, stop = start_proxy(proxy_config(**config))
+        self.addCleanup(stop)
+        return server.server_address[1]
+
+    def test_every_entry_has_the_fields_and_types_codex_requires(self):
+        r = self.catalog()
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("Content-Type"), "application/json")
+        body = r.json()
+        self.assertEqual(list(body), ["models"])
+        for entry in body["models"]:
+            for name, types in CODEX_REQUIRED_FIELDS.items():
+                self.assertIn(name, entry, entry["slug"])
+                self.assertIn(type(entry[name]), types, (entry["slug"], name))
+            for name, types in CODEX_OPTIONAL_FIELDS.items():
+                if name in entry:
+                    self.assertIn(type(entry[name]), types, (entry["slug"], name))
+            self.assertIn(entry["shell_type"], ("default", "shell_command"))
+            self.assertIn(entry["visibility"], ("list", "hide", "none"))
+            self.assertIn(entry["truncation_policy"]["mode"], ("bytes", "tokens"))
+            self.assertIs(type(entry["truncation_policy"]["limit"]), int)
+            self.assertTrue(set(entry["input_modalities"]) <= {"text", "image"})
+            self.assertGreater(entry["context_window"], 0)
+            # Codex sends it as its whole system prompt: the operator's text, never another
+            self.assertEqual(entry["base_instructions"], self.instructions)
+        self.assertEqual(len({m["priority"] for m in body["models"]}), len(body["models"]))
+
+    def test_it_lists_the_same_models_as_the_plain_list_where_their_metadata_is_known(self):
+        slugs = set(self.entries())
+        plain = {m["id"] for m in self.request("GET", "/v1/models").json()["data"]}
+        self.assertEqual(slugs, {m.id for m in proxy.CC_CATALOG.values()} | {"codex-sonnet"})
+        self.assertIn("mystery", plain)          # an alias of a model nothing is known of:
+        self.assertNotIn("mystery", slugs)       # Codex keeps its fallback for it
+        self.assertEqual(slugs, plain - {"mystery"})
+
+    def test_each_model_offers_its_own_reasoning_levels_in_codex_names(self):
+        entries = self.entries()
+        for slug, entry in entries.items():
+            info = proxy.CC_CATALOG.get(slug.lower()) or proxy.CC_CATALOG["claude-sonnet-5"]
+            levels = [level["effort"] for level in entry["supported_reasoning_levels"]]
+            self.assertEqual(levels, list(info.efforts), slug)
+            self.assertTrue(set(levels) <= set(CODEX_REASONING_EFFORTS), slug)
+            self.assertTrue(all(isinstance(level["description"], str) and level["description"]
+                                for level in entry["supported_reasoning_levels"]), slug)
+            self.assertEqual(entry["supports_reasoning_summaries"], bool(levels), slug)
+            self.assertEqual(entry["input_modalities"],
+                             ["text", "image"] if info.images else ["text"], slug)
+            self.assertEqual(entry["context_window"], info.context, slug)
+        sonnet, flash = entries["claude-sonnet-5"], entries["deepseek/deepseek-v4-flash"]
+        self.assertEqual(sonnet["default_reasoning_level"], "medium")
+        self.assertEqual([lv["effort"] for lv in flash["supported_reasoning_levels"]],
+                         ["high", "max"])
+        self.assertEqual(flash["default_reasoning_level"], "high")   # nearest to medium it takes
+        kimi = entries["moonshotai/Kimi-K2.6"]
+        self.assertEqual(kimi["supported_reasoning_levels"], [])
+        self.assertNotIn("default_reasoning_level", kimi)
+        self.assertEqual(entries["codex-sonnet"]["supported_reasoning_levels"],
+                         sonnet["supported_reasoning_levels"])
+
+    def test_the_etag_is_strong_and_stable(self):
+        first, second = self.catalog(), self.catalog()
+        self.assertRegex(first.header("ETag") or "", r'^"[0-9a-f]{32}"$')   # strong: no W/
+        self.assertEqual(first.header("ETag"), second.header("ETag"))
+        self.assertEqual(first.data, second.data)
+
+    def test_if_none_match_naming_the_etag_gets_304_with_no_body(self):
+        etag = self.catalog().header("ETag")
+        for given in (etag, "W/" + etag, '"stale", ' + etag, "*"):
+            r = self.catalog(headers={"If-None-Match": given})
+            self.assertEqual(r.status, 304, given)
+            self.assertEqual(r.data, b"", given)
+            self.assertEqual(r.header("ETag"), etag, given)
+            self.assertIsNone(r.header("Content-Type"), given)
+        stale = self.catalog(headers={"If-None-Match": '"stale"'})
+        self.assertEqual(stale.status, 200)
+        self.assertEqual(stale.header("ETag"), etag)
+        self.assertTrue(stale.json()["models"])
+
+    def test_a_different_catalog_has_a_different_etag(self):
+        ours = self.catalog()
+        more = self.catalog(self.other_proxy(codexInstructionsFile=self.prompt_file, modelMap={
+            "codex-sonnet": "claude-sonnet-5", "codex-flash": "deepseek/deepseek-v4-flash"}))
+        prompt = self.write_prompt(self.addCleanup, "Another prompt.\n")
+        reworded = self.catalog(self.other_proxy(codexInstructionsFile=prompt,
+                                                 modelMap=self.config["modelMap"]))
+        self.assertIn("codex-flash", [m["slug"] for m in more.json()["models"]])
+        etags = {ours.header("ETag"), more.header("ETag"), reworded.header("ETag")}
+        self.assertEqual(len(etags), 3, etags)
+        self.assertEqual(self.catalog(headers={"If-None-Match": more.header("ETag")}).status, 200)
+
+    def test_the_plain_model_list_is_unchanged(self):
+        for path in ("/v1/models", "/v1/models?limit=5"):
+            r = self.request("GET", path)
+            self.assertEqual(r.status, 200, r)
+            body = r.json()
+            self.assertEqual(list(body), ["object", "data"])
+            self.assertEqual(body["data"][0], {"id": "claude-sonnet-5", "object": "model",
+                                               "created": 0, "owned_by": "commandcode"})
+        anthropic = self.request("GET", "/v1/models", key_header="x-api-key",
+                                 headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertEqual(anthropic["data"][0]["type"], "model")
+
+    def test_without_an_instructions_file_the_catalog_is_off(self):
+        port = self.other_proxy()
+        r = self.catalog(port)
+        error = self.assertOpenAIError(r, 404)
+        self.assertEqual(error["code"], "codex_catalog_off")
+        self.assertIn("codexInstructionsFile", error["message"])
+        self.assertEqual(http_request(port, "GET", "/v1/models").status, 200)
+
+    def test_an_empty_or_missing_instructions_file_stops_the_start(self):
+        for path in (self.write_prompt(self.addCleanup, " \n"), "/nonexistent/codex-prompt.md"):
+            config = proxy_config(**dict(BASE_OVERRIDES, apiBase=self.upstream.url,
+                                         codexInstructionsFile=path))
+            with self.assertRaises(proxy.ConfigError) as caught:
+                start_proxy(config)
+            self.assertIn("codexInstructionsFile", str(caught.exception))
+
+
 # =======================================================================================
 # Anthropic Messages front end
 # =======================================================================================

@@ -3040,113 +3040,129 @@ class UpstreamFailed(NamedTuple):   # the exchange broke (connect, reset, bad fr
 
 
 class UpstreamCall:
-    """One upstream HTTP exchange, read on its own thread into a small bounded queue: the request
-    thread can then wait with a timeout (keep-alive ticks, idle limit, client checks) and abort at
-    once, and a client that stops reading stops the upstream read too (TCP backpressure)."""
+    """One upstream HTTP exchange, read on the request's own thread: wait(timeout) returns the
+    next item (UpstreamHead, UpstreamChunk, UpstreamEnd, UpstreamFailed) or None after `timeout`
+    s of silence, so the request thread can tick (keep-alives, idle limit, client checks) between
+    reads. No reader thread, no queue: a client that stops reading stops the upstream read
+    (TCP backpressure), and abort() closes the connection at once."""
 
     CHUNK = 65536
-    QUEUE_CHUNKS = 16
 
     def __init__(self, pool, method, path, headers, body, socket_timeout):
         (self.pool, self.method, self.path,
          self.headers, self.body) = pool, method, path, headers, body
         self.socket_timeout = socket_timeout
-        self.items = queue.Queue(self.QUEUE_CHUNKS)
-        self.cancelled = threading.Event()
-        self.detached = False   # the consumer has what it needs; drain quietly for reuse
-        self.conn = None
-        self.ownership = threading.Lock()  # pool release and abort exclude each other
-        self.released = False
-        threading.Thread(target=self._run, name="upstream-read", daemon=True).start()
-
-    def _put(self, item):
-        while not self.cancelled.is_set():
-            if self.detached:
-                return True  # nobody reads any more: drain quietly so the connection can be reused
-            try:
-                self.items.put(item, timeout=0.25)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _exchange(self):
-        conn, reused = self.pool.acquire(self.socket_timeout)
-        self.conn = conn
-        try:
-            conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
-            return conn, conn.getresponse()
-        except (http.client.RemoteDisconnected, http.client.ImproperConnectionState,
-                ConnectionResetError, BrokenPipeError):
-            if not reused or self.cancelled.is_set():
-                raise
-            conn.close()  # a pooled connection the server had closed: once more on a fresh one
-            conn, _ = self.pool.acquire(self.socket_timeout)
-            conn.close()
-            self.conn = conn
-            conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
-            return conn, conn.getresponse()
-
-    def _run(self):
-        conn = None
-        try:
-            conn, response = self._exchange()
-            if self.cancelled.is_set():
-                return
-            if response.status != 200:
-                body = response.read(65536)
-                self._put(UpstreamHead(response.status, response.getheaders(), body))
-                conn.close()
-                return
-            self._put(UpstreamHead(200, response.getheaders(), None))
-            read1 = response.read1
-            while True:
-                chunk = read1(self.CHUNK)
-                if not chunk:
-                    break
-                if not self._put(UpstreamChunk(chunk)):
-                    return
-            response.close()  # body complete: the connection is free for the next request
-            self._put(UpstreamEnd())
-            with self.ownership:
-                if response.will_close or self.cancelled.is_set():
-                    conn.close()
-                else:
-                    self.released = True
-                    self.pool.release(conn)
-            conn = None
-        except Exception as e:
-            if conn is not None:
-                conn.close()
-            conn = None
-            self._put(UpstreamFailed(e))
-        finally:
-            if conn is not None and self.cancelled.is_set():
-                conn.close()
+        self.conn = self.response = None
+        self.done = False
+        self.reused = False     # the connection came from the pool (it may have been closed)
 
     def wait(self, timeout):
-        try:
-            return self.items.get(timeout=timeout)
-        except queue.Empty:
+        if self.done:
             return None
+        try:
+            if self.response is None:
+                return self._head(timeout)
+            if not self._buffered() and not self._readable(timeout):
+                return None
+            chunk = self.response.read1(self.CHUNK)
+            return UpstreamChunk(chunk) if chunk else self._end()
+        except Exception as e:   # connect, reset, bad framing: the attempt failed
+            self.abort()
+            return UpstreamFailed(e)
+
+    def _send(self, fresh=False):
+        self.conn, self.reused = self.pool.acquire(self.socket_timeout)
+        if fresh and self.reused:
+            self.conn.close()   # http.client reconnects a closed connection on request()
+            self.reused = False
+        try:
+            self.conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
+        except (http.client.ImproperConnectionState, ConnectionResetError, BrokenPipeError):
+            if not self.reused:
+                raise
+            self._send(fresh=True)   # a pooled connection the server had closed
+
+    def _head(self, timeout):
+        if self.conn is None:
+            self._send()
+        if not self._readable(timeout):
+            return None
+        try:
+            response = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError):
+            if not self.reused:
+                raise
+            self.conn.close()   # closed while idle: the request never reached the server
+            self._send(fresh=True)
+            return None
+        self.response = response
+        if response.status != 200:
+            body = response.read(65536)
+            self.abort()
+            self.done = True
+            return UpstreamHead(response.status, response.getheaders(), body)
+        return UpstreamHead(200, response.getheaders(), None)
+
+    def _readable(self, timeout):
+        sock = self.conn.sock
+        if sock is None:
+            return True   # closed: the read says how
+        return bool(select.select([sock], [], [], timeout)[0])
+
+    def _buffered(self):
+        """Whether the next read1 can return without waiting: the response already holds the
+        bytes (read with an earlier packet, or decrypted by TLS), a chunk-size line included at
+        a chunk boundary. A non-blocking peek, which never waits."""
+        response = self.response
+        fp, sock = response.fp, self.conn.sock
+        if fp is None or sock is None:
+            return True
+        sock.settimeout(0.0)
+        try:
+            data = fp.peek(1)
+        except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+            return False
+        finally:
+            sock.settimeout(self.socket_timeout)
+        if response.chunked and not response.chunk_left:   # the CRLF, then the next size line
+            return data.find(b"\n", 0 if response.chunk_left is None else 2) != -1
+        return bool(data)
+
+    def _end(self):
+        """The body is complete: the connection goes back to the pool for the next request."""
+        self.done = True
+        response, conn = self.response, self.conn
+        response.close()
+        self.conn = None
+        if response.will_close:
+            conn.close()
+        else:
+            self.pool.release(conn)
+        return UpstreamEnd()
+
+    def finish(self):
+        """The answer is complete though the body may not be: read the rest (briefly) so the
+        connection can be reused, else close it."""
+        deadline = time.monotonic() + 1.0
+        while not self.done and time.monotonic() < deadline:
+            item = self.wait(max(0.0, deadline - time.monotonic()))
+            if item is None or type(item) is UpstreamFailed:
+                break
+        if not self.done:
+            self.abort()
 
     def abort(self):
         """Close the upstream connection now: the upstream sees the client go away."""
-        with self.ownership:
-            self.cancelled.set()
-            if self.released:
-                return  # already back in the pool, whole: it belongs to the next request now
-        conn = self.conn
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.done = True
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            conn.close()
 
 
 def parse_upstream_error(body):
@@ -3665,7 +3681,6 @@ class CommandCodeBackend:
                     raise ProxyError(502, "upstream", "cannot reach Command Code (%s)"
                                      % type(item.error).__name__, retryable=True, retry_after=2)
                 if decoder.finished:
-                    call.detached = True
                     self._succeeded(key, decoder)
                     yield batch
                     return
@@ -3676,7 +3691,9 @@ class CommandCodeBackend:
                                      "finished the answer (no finish event)",
                                      retryable=True, retry_after=2)
         finally:
-            if not decoder.finished:
+            if decoder.finished:
+                call.finish()   # the rest of the body, so the connection can be reused
+            else:
                 call.abort()
             if decoder.skipped:
                 self.metrics.count("upstream_skipped_lines_total", {}, decoder.skipped)

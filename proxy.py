@@ -4189,6 +4189,9 @@ class ClaudeSpawn(NamedTuple):
     max_turns: int
 
 
+CLAUDE_CLIENT_LOOP_TURNS = 1000   # --max-turns when the client runs the tools: its loop decides
+
+
 def claude_spawn(config, request, cwd):
     tools = [{"name": t["name"], "description": t.get("description") or "",
               "inputSchema": t.get("schema") or {"type": "object", "properties": {}}}
@@ -4199,11 +4202,13 @@ def claude_spawn(config, request, cwd):
     elif configured:
         builtin = configured
     else:   # with its own tools the client is the agent: the CLI's built-in ones are off
-        builtin = "" if tools else None
+        builtin = "" if tools or request.options.get("claude_agent") else None
     return ClaudeSpawn(request.model, "\n\n".join(p["text"] for p in request.system if p["text"]),
                        config["claudeSystemPromptMode"] == "replace", cwd,
                        json_dumps(tools) if tools else "", builtin, config["claudePermissionMode"],
-                       CLAUDE_EFFORTS.get(request.reasoning_effort or ""), config["claudeMaxTurns"])
+                       CLAUDE_EFFORTS.get(request.reasoning_effort or ""),
+                       max(config["claudeMaxTurns"], CLAUDE_CLIENT_LOOP_TURNS) if tools
+                       else config["claudeMaxTurns"])
 
 
 def claude_argv(cli, spawn, session_id, resume, system_file=None):
@@ -4261,6 +4266,17 @@ def claude_turn_cost(result, worker):
         return None
     cost, worker.cost_seen = max(0.0, total - worker.cost_seen), total
     return cost
+
+
+def claude_turn_usage(result, worker):
+    """This turn's usage: the since-last-result figures, else the growth of the process's
+    running modelUsage (CLI 2.1.197 has only that)."""
+    if claude_turn_model_usage(result)[0] == "model_usage_since_last_result":
+        return claude_usage(result)
+    running = claude_usage(result)
+    turn = dataclass_replace(running).add(worker.usage_seen, -1)
+    worker.usage_seen = running
+    return turn
 
 
 def claude_usage(result):
@@ -4650,14 +4666,16 @@ class ClaudeProcess:
         self.stderr_chunks = collections.deque()
         self.stderr_size = 0
         self.lock = threading.Lock()
-        self.write_lock = threading.Lock()
+        self.outbox = queue.Queue()   # lines for stdin; None closes it
+        self.writing = True           # stdin still takes lines
         self.closed = False
         self.started = time.monotonic()
         self.proc = popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
         self.pid = self.proc.pid
         self.threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                        threading.Thread(target=self._read_stderr, daemon=True)]
+                        threading.Thread(target=self._read_stderr, daemon=True),
+                        threading.Thread(target=self._write_stdin, daemon=True)]
         for thread in self.threads:
             thread.start()
 
@@ -4666,29 +4684,38 @@ class ClaudeProcess:
         return not self.closed and self.proc.poll() is None
 
     def send(self, item):
-        """One JSON line to the CLI's stdin; False when the CLI no longer reads it."""
-        data = (json_dumps(item) + "\n").encode("utf-8", "replace")
-        with self.write_lock:
-            try:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-                return True
-            except (OSError, ValueError):
-                return False
+        """One JSON line for the CLI's stdin, written by the process's own writer thread, so a
+        CLI that is not reading never blocks a request, the reader or a close; False once stdin
+        is closed or broken."""
+        if not self.writing:
+            return False
+        self.outbox.put((json_dumps(item) + "\n").encode("utf-8", "replace"))
+        return True
 
     def close_stdin(self):
-        with self.write_lock:
+        self.outbox.put(None)   # after what is queued: the CLI exits after its result
+
+    def _write_stdin(self):
+        stdin = self.proc.stdin
+        try:
+            for data in iter(self.outbox.get, None):
+                stdin.write(data)
+                stdin.flush()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.writing = False
             try:
-                self.proc.stdin.close()   # the CLI exits after its result once stdin is closed
+                stdin.close()
             except (OSError, ValueError):
                 pass
 
     def _read_stdout(self):
         try:
             for line in iter(self.proc.stdout.readline, b""):
-                if line.startswith(b'{"type":"control_request"') and self.on_control:
-                    self._control(line)
-                elif line.strip():
+                if self.on_control and b'"control_request"' in line and self._control(line):
+                    continue
+                if line.strip():
                     self.lines.put(line)
         except (OSError, ValueError):
             pass
@@ -4696,12 +4723,18 @@ class ClaudeProcess:
             self.lines.put(None)
 
     def _control(self, line):
+        """A control request (the CLI asking its host) -> on_control; True when it was one."""
         try:
             item = json.loads(line)
-            if isinstance(item, dict):
-                self.on_control(item)
+        except ValueError:
+            return False
+        if not isinstance(item, dict) or item.get("type") != "control_request":
+            return False
+        try:
+            self.on_control(item)
         except Exception:   # a bad request must not stop the reader: the turn goes on
             log.exception("claude control request could not be answered")
+        return True
 
     def _read_stderr(self):
         try:
@@ -4741,6 +4774,7 @@ class ClaudeProcess:
                 return
             self.closed = True
         proc = self.proc
+        self.writing = False
         self.close_stdin()
         try:
             if natural:
@@ -4767,10 +4801,60 @@ class ClaudeProcess:
 CLAUDE_INTERRUPT_WAIT = 3.0   # s an interrupted turn gets to print its result before signals
 
 
+CLAUDE_TOOL_STOP_GRACE = 0.5  # s a tools/call waits for its message's end before the answer ends
+CLAUDE_WARM_FIRST_LINE = 10.0  # s a warm process gets to print its turn's first line
+
+
+class ClaudeCallAsked(NamedTuple):   # on a process's line queue: the CLI sent this tools/call
+    call_id: str
+
+
+class ClaudeSilent(Exception):
+    """A warm process printed nothing for its turn: taken for hung, replaced."""
+
+
+class ClaudeTurnLimits:
+    """The clocks of one answer: claudeTimeoutMs wall time, the idle limit, and for a warm
+    process the wait for its first line."""
+
+    def __init__(self, config, request, first_line_wait=None):
+        self.started = self.last_line = time.monotonic()
+        self.wall = config["claudeTimeoutMs"] / 1000
+        self.idle = config["streamIdleTimeoutMs" if request.stream
+                           else "nonStreamIdleTimeoutMs"] / 1000
+        self.first_line_wait = first_line_wait
+        self.silent = True
+
+    def heard(self):
+        self.last_line = time.monotonic()
+        self.silent = False
+
+    def overdue(self, now):
+        if now - self.started >= self.wall:
+            return "did not finish within claudeTimeoutMs (%d s)" % self.wall
+        if now - self.last_line >= self.idle:
+            return "printed nothing for %d s" % self.idle
+        if self.silent and self.first_line_wait and now - self.started >= self.first_line_wait:
+            return "silent"
+        return None
+
+    def wait(self, now, tick, stop_by=None):
+        limits = [tick, self.wall - (now - self.started), self.idle - (now - self.last_line)]
+        if self.silent and self.first_line_wait:
+            limits.append(self.first_line_wait - (now - self.started))
+        if stop_by is not None:
+            limits.append(stop_by - now)
+        return max(0.01, min(limits))
+
+
 def mcp_tool_result(part):
     """A canonical tool_result part -> an MCP tools/call result."""
-    content = [{"type": "text", "text": part.get("content") or ""}]
-    for image in part.get("images") or []:
+    text, images = part.get("content") or "", part.get("images") or []
+    # an empty text block is refused upstream: say so, or leave it out beside an image
+    content = [{"type": "text", "text": text}] if text or not images else []
+    if not text and not images:
+        content[0]["text"] = "(no output)"
+    for image in images:
         if image.get("data"):
             content.append({"type": "image", "data": image["data"],
                             "mimeType": image.get("media_type") or "image/png"})
@@ -4780,6 +4864,18 @@ def mcp_tool_result(part):
     if part.get("is_error"):
         result["isError"] = True
     return result
+
+
+def claude_results_with_text(results, call_ids, texts):
+    """The client's text beside its tool results (Claude Code puts reminders there) rides on
+    the last result the CLI will read, since the turn takes no new user line."""
+    if not texts:
+        return results
+    last = [c for c in call_ids if c in results][-1]
+    results = dict(results)
+    results[last] = dict(results[last], content=results[last]["content"] + [
+        {"type": "text", "text": text} for text in texts])
+    return results
 
 
 def mcp_error_result(text):
@@ -4806,6 +4902,7 @@ class ClaudeWorker:
         self.turns = 0
         self.reported = Usage()  # usage already reported for the open turn (tool-call answers)
         self.cost_seen = 0.0     # the CLI's running total_cost_usd at its last result
+        self.usage_seen = Usage()   # and its running modelUsage
         self.key = None          # the conversation it continues
         self.slot = False        # it holds a claudeMaxProcesses slot while awaiting results
         self.idle_since = time.monotonic()
@@ -4862,6 +4959,7 @@ class ClaudeWorker:
                 "cc-proxy cannot tell which tool call this is (no claudecode/toolUseId)")
             if result is None:
                 self.asked[call_id] = (request_id, rpc_id)
+                self.proc.lines.put(ClaudeCallAsked(call_id))   # in order with the stream
                 return
         self._respond(request_id, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
 
@@ -4886,10 +4984,22 @@ class ClaudeWorker:
             self._respond(request_id, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
 
     def begin_turn(self, blocks):
+        self._drop_stale()
         self.turn_open = True
         self.turns += 1
         self.reported = Usage()
         return self.proc.send({"type": "user", "message": {"role": "user", "content": blocks}})
+
+    def _drop_stale(self):
+        """What a parked process printed between turns belongs to no answer."""
+        while True:
+            try:
+                line = self.proc.lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:   # its output ended: the new turn's pump sees that too
+                self.proc.lines.put(None)
+                return
 
     def end_turn(self):
         self.turn_open = False
@@ -4912,7 +5022,7 @@ class ClaudeWorker:
                 return False
             if line is None:
                 return False
-            if b'"type":"result"' in line and _json_type(line) == "result":
+            if type(line) is bytes and b'"result"' in line and _json_type(line) == "result":
                 self.end_turn()
         return True
 
@@ -4990,8 +5100,15 @@ class ClaudeWorkers:
                 self.waiting[call_id] = worker
 
     def _unhold(self, worker):   # with self.lock held
-        for call_id in [c for c, w in self.waiting.items() if w is worker]:
+        calls = [c for c, w in self.waiting.items() if w is worker]
+        for call_id in calls:
             del self.waiting[call_id]
+        return bool(calls)
+
+    def unhold(self, worker):
+        """Take a held worker out of the waiting table; False when a request took it first."""
+        with self.lock:
+            return self._unhold(worker)
 
     def take_waiting(self, call_ids, key):
         """The worker awaiting these tool results, else one awaiting results in this
@@ -5021,8 +5138,6 @@ class ClaudeWorkers:
             idle = [self.warm.pop(k) for k in idle]
             held = {id(w): w for w in self.waiting.values()
                     if now - w.awaiting_since >= result_limit or not w.alive}
-            for worker in held.values():
-                self._unhold(worker)
             dead = [w for w in self.spares if not w.alive]
             for worker in dead:
                 self.spares.remove(worker)
@@ -5057,6 +5172,9 @@ class ClaudeCodeBackend:
         self.processes_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.wake = threading.Event()   # the sweeper: a spare was taken, or stop
+        self.spare_failures = 0
+        self.spare_retry_at = 0.0
+        self.warm_first_line = CLAUDE_WARM_FIRST_LINE
         self.cli_path = None
         self.cli_version = None
         self.cli_error = None
@@ -5116,18 +5234,43 @@ class ClaudeCodeBackend:
     def _sweep_workers(self, idle, results):
         closing, held, dead = self.workers.expired(idle, results)
         for worker in held:
-            log.info("claude pid %s: no tool result within claudeToolResultTimeoutMs; "
-                     "the turn is interrupted", worker.pid)
-            self.metrics.count("claude_tool_result_timeouts_total", {})
-            worker.answer({}, "the client did not send this tool call's result in time")
-            self._settle(ClaudeRun(slot=worker.slot, worker=worker, delivered=True, how="tools"))
-            worker.slot = False
+            self._give_up_waiting(worker)
         for worker in closing + dead:
             self._close_later(worker)
+        if dead:   # a spare that exits unused would otherwise be restarted every second
+            self.spare_failures += len(dead)
+            delay = min(300, 2 ** self.spare_failures)
+            self.spare_retry_at = time.monotonic() + delay
+            log.warning("a spare Claude Code process exited before it was used (%d in a row); "
+                        "the next one starts in %d s", self.spare_failures, delay)
+
+    def _give_up_waiting(self, worker):
+        """A turn whose client never sent its tool results: the calls are answered with an error
+        and the turn interrupted, under the conversation's lock, so a late request for it waits
+        and then finds the process warm."""
+        lock = self.sessions.locks.enter(worker.key)
+        try:
+            if not lock.acquire(blocking=False):
+                return   # a request for this conversation is running: it decides
+            try:
+                if not self.workers.unhold(worker):
+                    return
+                log.info("claude pid %s: no tool result within claudeToolResultTimeoutMs; the "
+                         "turn is interrupted", worker.pid)
+                self.metrics.count("claude_tool_result_timeouts_total", {})
+                worker.answer({}, "the client did not send this tool call's result in time")
+                run = ClaudeRun(slot=worker.slot, worker=worker, delivered=True, how="tools")
+                worker.slot = False
+                self._settle(run)
+            finally:
+                lock.release()
+        finally:
+            self.sessions.locks.leave(worker.key)
 
     def _top_up_spares(self):
-        want = self.config["claudeSpareProcesses"]
-        if not want or not self.cli_path or self.stop_event.is_set():
+        want = self.config["claudeSpareProcesses"] if self.workers.warm_limit else 0
+        if not want or not self.cli_path or self.stop_event.is_set() \
+                or time.monotonic() < self.spare_retry_at:
             return
         spawn = self._spare_spawn()
         while self.workers.counts()["spare"] < want and not self.stop_event.is_set():
@@ -5227,8 +5370,9 @@ class ClaudeCodeBackend:
                                   "tool_choice")
             request.dropped_tools.extend(t["name"] for t in request.tools)
             request.tools = []
-        elif request.tool_choice == "none":
-            request.tools = []   # not offered this turn: the model answers in text
+        elif request.tools and request.tool_choice == "none":
+            request.tools = []   # not offered this turn: the model answers in text, and
+            request.options["claude_agent"] = True   # the CLI's own tools stay off all the same
         request.options["claude"] = self.plan(request)
 
     def plan(self, request):
@@ -5257,6 +5401,8 @@ class ClaudeCodeBackend:
             raise bad_request("the last user message has no text or image content", "messages")
         results = {part["call_id"]: mcp_tool_result(part) for message in trailing
                    for part in message["parts"] if part["type"] == "tool_result"}
+        beside = [part["text"] for message in trailing for part in message["parts"]
+                  if part["type"] == "text" and part["text"].strip()] if results else []
         hint = claude_tool_choice_hint(request)
         explicit = (request.explicit_session or "").strip() or None
         session_hint = None if explicit else (request.session_id or "").strip() or None
@@ -5268,7 +5414,7 @@ class ClaudeCodeBackend:
             lookup = None   # a new conversation: nothing to continue
         return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing,
                 "blocks": blocks + hint, "explicit": explicit, "hint": session_hint,
-                "lookup": lookup, "messages": messages, "results": results}
+                "lookup": lookup, "messages": messages, "results": results, "beside": beside}
 
     # ---- the run ------------------------------------------------------------------------
     def stream(self, request, exchange):
@@ -5299,7 +5445,11 @@ class ClaudeCodeBackend:
                     use_deltas=request.stream, tool_notes=self.config["claudeToolNotes"],
                     client_prefix=CLAUDE_MCP_PREFIX if worker.tools else None,
                     client_calls=worker.client_calls)
-                rc = yield from self._pump(worker, decoder, request, tick)
+                try:
+                    rc = yield from self._pump(worker, decoder, request, tick, None if run.how in (
+                        "cold", "resume", "tools") else self.warm_first_line)
+                except ClaudeSilent:
+                    rc = -1   # as good as dead: replaced below
                 if decoder.produced or decoder.result is not None and run.how != "resume":
                     break
                 if run.how == "resume" and self._resume_failed(decoder, rc):
@@ -5309,9 +5459,9 @@ class ClaudeCodeBackend:
                     entry = None
                 elif run.how not in ("warm", "spare") or rc is None:
                     break
-                else:   # a warm process that died before answering: once more on a fresh one
-                    log.info("%s claude pid %s died between turns; starting a new process",
-                             exchange.request_id, worker.pid)
+                else:   # a warm process that died or hung before answering: once more, fresh
+                    log.info("%s claude pid %s died or hung between turns; starting a new "
+                             "process", exchange.request_id, worker.pid)
                     entry = entry or {"session": worker.session_id, "cwd": plan["cwd"]}
                 self._reap(worker)
                 run.worker = None
@@ -5324,12 +5474,14 @@ class ClaudeCodeBackend:
             yield final
             run.delivered = True
         finally:
-            if not run.delivered and run.worker is not None and decoder.produced:
-                self._remember(plan, decoder, run.worker, run.held)   # what the client did see
-            self._settle(run)
-            for key, lock in reversed(run.held):
-                lock.release()
-                self.sessions.locks.leave(key)
+            try:
+                if not run.delivered and run.worker is not None and decoder.produced:
+                    self._remember(plan, decoder, run.worker, run.held)   # what the client saw
+                self._settle(run)
+            finally:
+                for key, lock in reversed(run.held):
+                    lock.release()
+                    self.sessions.locks.leave(key)
 
     def _continue_waiting(self, plan, run):
         """A request that carries the tool results a held turn waits for takes that turn over
@@ -5339,7 +5491,9 @@ class ClaudeCodeBackend:
             return
         run.slot, worker.slot = worker.slot, False
         if set(plan["results"]) & set(worker.awaiting):
-            worker.answer(plan["results"], "the client sent no result for this tool call")
+            worker.answer(claude_results_with_text(plan["results"], worker.awaiting,
+                                                   plan["beside"]),
+                          "the client sent no result for this tool call")
             run.worker, run.how = worker, "tools"
             self.metrics.count("claude_turns_total", {"process": "tools"})
             return
@@ -5362,7 +5516,9 @@ class ClaudeCodeBackend:
                 self._reap(stale)
         if worker is None and entry is None and not plan["earlier"]:
             worker, how = self.workers.take_spare(spawn), "spare"
-            self.wake.set()   # the sweeper starts the next spare
+            if worker is not None:
+                self.spare_failures = 0
+                self.wake.set()   # the sweeper starts the next spare
         blocks = plan["blocks"]
         if worker is None:
             resume = entry is not None
@@ -5376,6 +5532,8 @@ class ClaudeCodeBackend:
         self.metrics.count("claude_turns_total", {"process": how})
         run.worker, run.how = worker, how
         worker.begin_turn(blocks)   # a CLI that stopped reading shows as the end of its output
+        if not self.workers.warm_limit and not worker.tools:
+            worker.proc.close_stdin()   # a process per request: it exits after this answer
 
     def _tool_stop(self, worker, decoder):
         """The answer ends at the client's tool calls; the CLI's turn waits for their results."""
@@ -5388,6 +5546,14 @@ class ClaudeCodeBackend:
     def _settle(self, run):
         """After a request: a turn awaiting tool results is held for the client's next request;
         an unfinished turn is interrupted; the process goes back warm, or is closed."""
+        try:
+            self._settle_worker(run)
+        finally:
+            if run.slot:
+                run.slot = False
+                self.slots.release()
+
+    def _settle_worker(self, run):
         worker = run.worker
         if worker is not None and worker.awaiting and run.delivered and worker.alive:
             worker.slot, run.slot = run.slot, False   # running a tool counts as running
@@ -5403,9 +5569,6 @@ class ClaudeCodeBackend:
                     self._close_later(old)
             else:
                 self._reap(worker)
-        if run.slot:
-            run.slot = False
-            self.slots.release()
 
     def _close_later(self, worker):
         threading.Thread(target=self._reap, args=(worker,), name="claude-close",
@@ -5457,6 +5620,8 @@ class ClaudeCodeBackend:
             yield []
 
     def _spawn(self, spawn, session_id, resume):
+        if self.stop_event.is_set():
+            raise ProxyError(503, "overloaded", "the proxy is shutting down", retry_after=1)
         system_file = None
         if len(spawn.system.encode("utf-8", "replace")) > CLAUDE_SYSTEM_ARG_LIMIT:
             fd, system_file = tempfile.mkstemp(prefix="cc-proxy-system-", suffix=".txt")
@@ -5478,6 +5643,9 @@ class ClaudeCodeBackend:
         with self.processes_lock:
             self.processes.add(worker)
         self.metrics.gauge("claude_processes", {}, 1)
+        if self.stop_event.is_set():   # stop() may have listed the processes before this one
+            self._reap(worker)
+            raise ProxyError(503, "overloaded", "the proxy is shutting down", retry_after=1)
         return worker
 
     @staticmethod
@@ -5498,43 +5666,36 @@ class ClaudeCodeBackend:
                     self.metrics.gauge("claude_processes", {}, -1)
             self.metrics.observe("claude_run_seconds", {}, time.monotonic() - worker.proc.started)
 
-    def _pump(self, worker, decoder, request, tick):
+    def _pump(self, worker, decoder, request, tick, first_line_wait=None):
         """Lines -> batches until the turn's result line, the client's tool calls, or EOF; []
-        while the CLI is silent. Returns the exit code when the CLI ended without a result."""
+        while the CLI is silent. Returns the exit code when the CLI ended without a result.
+        first_line_wait: a warm process that prints nothing this long is taken for hung."""
         proc = worker.proc
         # non-content events (the model) wait for content: a bare ModelUsed batch would commit
         # the response before an error
         held = decoder.held
-        wall = self.config["claudeTimeoutMs"] / 1000
-        idle = self.config["streamIdleTimeoutMs" if request.stream
-                           else "nonStreamIdleTimeoutMs"] / 1000
-        started = last_line = last_yield = time.monotonic()
+        limits = ClaudeTurnLimits(self.config, request, first_line_wait)
+        last_yield = time.monotonic()
+        stop_by = None   # a tools/call with no message_delta after it (a non-streamed message)
         while True:
             now = time.monotonic()
-            if now - started >= wall:
-                raise self._timeout("did not finish within claudeTimeoutMs (%d s)" % wall, proc)
-            if now - last_line >= idle:
-                raise self._timeout("printed nothing for %d s" % idle, proc)
-            try:
-                line = proc.lines.get(timeout=max(0.01, min(tick, wall - (now - started),
-                                                            idle - (now - last_line))))
-            except queue.Empty:
-                last_yield = time.monotonic()
-                yield []
-                continue
-            batch, ended = [], False
-            while True:
-                if line is None:
-                    ended = True
-                    break
-                batch.extend(decoder.feed(line))
-                if decoder.result is not None or decoder.tool_stop:
-                    break
+            overdue = limits.overdue(now)
+            if overdue:
+                raise self._timeout(overdue, proc) if overdue != "silent" else ClaudeSilent()
+            if stop_by is not None and now >= stop_by:
+                decoder.tool_stop = True
+                batch, ended = [], False
+            else:
                 try:
-                    line = proc.lines.get_nowait()
+                    line = proc.lines.get(timeout=limits.wait(now, tick, stop_by))
                 except queue.Empty:
-                    break
-            last_line = time.monotonic()
+                    last_yield = time.monotonic()
+                    yield []
+                    continue
+                batch, ended, asked = self._drain(decoder, proc, line)
+                limits.heard()
+                if asked and stop_by is None:
+                    stop_by = time.monotonic() + CLAUDE_TOOL_STOP_GRACE
             if not decoder.produced:
                 held.extend(batch)
                 batch = []
@@ -5552,9 +5713,29 @@ class ClaudeCodeBackend:
                     yield batch
                 rc = proc.wait(proc.exit_wait)
                 return rc if rc is not None else -1
-            if batch or last_line - last_yield >= tick:
-                last_yield = last_line
+            if batch or time.monotonic() - last_yield >= tick:
+                last_yield = time.monotonic()
                 yield batch
+
+    @staticmethod
+    def _drain(decoder, proc, line):
+        """`line` and what else is waiting, through the decoder -> (batch, ended, whether the CLI
+        asked for one of this answer's client tool calls)."""
+        batch, asked = [], False
+        while True:
+            if line is None:
+                return batch, True, asked
+            if type(line) is ClaudeCallAsked:
+                asked |= decoder.open_call is None and any(
+                    c.call_id == line.call_id for c in decoder.calls)
+            else:
+                batch.extend(decoder.feed(line))
+                if decoder.result is not None or decoder.tool_stop:
+                    return batch, False, asked
+            try:
+                line = proc.lines.get_nowait()
+            except queue.Empty:
+                return batch, False, asked
 
     def _timeout(self, what, proc):
         self.metrics.count("claude_timeouts_total", {})
@@ -5619,7 +5800,7 @@ class ClaudeCodeBackend:
             text = result.get("result") if isinstance(result.get("result"), str) else ""
             decoder._text(out, text.strip() or "(Claude Code finished without a text answer.)",
                           True)
-        out.append(UsageEvent(claude_usage(result).add(worker.reported, -1)))
+        out.append(UsageEvent(claude_turn_usage(result, worker).add(worker.reported, -1)))
         out.append(Finish(finish))
         return out
 

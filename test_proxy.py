@@ -5959,6 +5959,28 @@ class TestClaudeCodeWarmConversations(ClaudeWarmCase):
         self.assertEqual(len(runs), 2)
         self.assertEqual(self.option(runs[1]["argv"], "--resume"), self.option(dead["argv"], "--session-id"))
 
+    def test_a_warm_process_that_hangs_is_replaced_by_one_resuming_the_session(self):
+        first = self.chat_text("hello")
+        hung = self.runs()[0]["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        self.server.backend.warm_first_line = 0.5
+        try:
+            answer = self.chat_text([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                                     {"role": "user", "content": "still there?"}])
+        finally:
+            if alive(hung):
+                os.kill(hung, signal.SIGCONT)
+        self.assertEqual(answer, "ECHO: still there?")
+        self.assertIn("--resume", self.runs()[-1]["argv"])
+        self.assertTrue(wait_for(lambda: not alive(hung), 10))
+
+    def test_with_no_warm_processes_no_spare_is_started(self):
+        self.stop_server()
+        self.start_server(claudeWarmProcesses=0, claudeSpareProcesses=1)
+        self.assertEqual(self.chat_text("hello"), "ECHO: hello")
+        self.assertTrue(wait_for(lambda: not any(alive(r["pid"]) for r in self.runs())))
+        self.assertEqual((self.health()["claudeSpare"], len(self.runs())), (0, 1))
+
     def test_a_warm_process_that_exits_after_its_answer_is_replaced(self):
         first = self.chat_text("scenario:exit_after_result")
         history = [{"role": "user", "content": "scenario:exit_after_result"},
@@ -6039,6 +6061,7 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         self.assertIn("--strict-mcp-config", argv)
         self.assertEqual(self.option(argv, "--allowedTools"), "mcp__client__get_weather")
         self.assertEqual(self.option(argv, "--tools"), "")
+        self.assertEqual(self.option(argv, "--max-turns"), "1000")   # the client's loop decides
         listed = self.records("mcp_tools")[0]["tools"]
         self.assertEqual(listed, [{"name": "get_weather", "description": "Weather for a city",
                                    "inputSchema": CLAUDE_TOOL["function"]["parameters"]}])
@@ -6129,6 +6152,18 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         self.assertEqual(body["output"][-1]["content"][0]["text"], "Tool results: cloudy")
         self.assertEqual(len(self.runs()), 1)
 
+    def test_text_beside_the_results_reaches_the_cli_and_an_empty_result_is_no_output(self):
+        tools = [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}]
+        prompt = "scenario:client_tool call:get_weather"
+        body = self.messages(prompt, tools=tools).json()
+        self.assertEqual(body["stop_reason"], "tool_use")
+        tool_id = body["content"][-1]["id"]
+        history = [{"role": "user", "content": prompt}, {"role": "assistant", "content": body["content"]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": ""},
+                                                {"type": "text", "text": "also: PINEAPPLE"}]}]
+        answer = self.messages(history, tools=tools).json()["content"][-1]["text"]
+        self.assertEqual(answer, "Tool results: (no output)\nalso: PINEAPPLE")
+
     def test_parallel_calls_are_one_answer_and_results_go_back_in_turn(self):
         tools = [claude_tool("alpha"), claude_tool("beta")]
         prompt = "scenario:client_tool call:alpha call:beta"
@@ -6181,6 +6216,7 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
     def test_tool_choice_none_offers_no_tools_and_a_forced_choice_is_asked_in_words(self):
         self.chat("plain", tools=[CLAUDE_TOOL], tool_choice="none")
         self.assertNotIn("--mcp-config", self.last_run()["argv"])
+        self.assertEqual(self.option(self.last_run()["argv"], "--tools"), "")   # built-ins stay off
         self.chat("scenario:client_tool call:get_weather", tools=[CLAUDE_TOOL],
                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
         texts = [b["text"] for b in json.loads(self.turns()[-1]["stdin"])["message"]["content"]]

@@ -4832,10 +4832,11 @@ class ClaudeTurnLimits:
     def overdue(self, now):
         if now - self.started >= self.wall:
             return "did not finish within claudeTimeoutMs (%d s)" % self.wall
+        if self.silent and self.first_line_wait and \
+                now - self.started >= min(self.first_line_wait, self.idle):
+            return "silent"
         if now - self.last_line >= self.idle:
             return "printed nothing for %d s" % self.idle
-        if self.silent and self.first_line_wait and now - self.started >= self.first_line_wait:
-            return "silent"
         return None
 
     def wait(self, now, tick, stop_by=None):

@@ -5451,19 +5451,9 @@ class ClaudeCodeBackend:
                         "cold", "resume", "tools") else self.warm_first_line)
                 except ClaudeSilent:
                     rc = -1   # as good as dead: replaced below
-                if decoder.produced or decoder.result is not None and run.how != "resume":
+                retry, entry = self._retry(run, decoder, rc, plan, entry, exchange.request_id)
+                if not retry:
                     break
-                if run.how == "resume" and self._resume_failed(decoder, rc):
-                    log.info("%s claude session %s is gone (cwd %s); replaying the history as a "
-                             "transcript", exchange.request_id, worker.session_id, plan["cwd"])
-                    self.sessions.discard(plan["lookup"])
-                    entry = None
-                elif run.how not in ("warm", "spare") or rc is None:
-                    break
-                else:   # a warm process that died or hung before answering: once more, fresh
-                    log.info("%s claude pid %s died or hung between turns; starting a new "
-                             "process", exchange.request_id, worker.pid)
-                    entry = entry or {"session": worker.session_id, "cwd": plan["cwd"]}
                 self._reap(worker)
                 run.worker = None
             if decoder.tool_stop:
@@ -5483,6 +5473,24 @@ class ClaudeCodeBackend:
                 for key, lock in reversed(run.held):
                     lock.release()
                     self.sessions.locks.leave(key)
+
+    def _retry(self, run, decoder, rc, plan, entry, request_id):
+        """-> (once more on another process?, the session entry it continues). A --resume of
+        a session the CLI lost goes again as a transcript; a warm process that died or hung
+        before answering, again on a fresh process resuming the session."""
+        if decoder.produced or decoder.result is not None and run.how != "resume":
+            return False, entry
+        worker = run.worker
+        if run.how == "resume" and self._resume_failed(decoder, rc):
+            log.info("%s claude session %s is gone (cwd %s); replaying the history as a "
+                     "transcript", request_id, worker.session_id, plan["cwd"])
+            self.sessions.discard(plan["lookup"])
+            return True, None
+        if run.how not in ("warm", "spare") or rc is None:
+            return False, entry
+        log.info("%s claude pid %s died or hung between turns; starting a new process",
+                 request_id, worker.pid)
+        return True, entry or {"session": worker.session_id, "cwd": plan["cwd"]}
 
     def _continue_waiting(self, plan, run):
         """A request that carries the tool results a held turn waits for takes that turn over

@@ -5122,6 +5122,10 @@ class ClaudeWorkers:
                 self._unhold(found)
         return found
 
+    def oldest_held(self):
+        with self.lock:
+            return min(self.waiting.values(), key=lambda w: w.awaiting_since, default=None)
+
     def take_spare(self, spawn):
         with self.lock:
             for worker in self.spares:
@@ -5245,24 +5249,33 @@ class ClaudeCodeBackend:
             log.warning("a spare Claude Code process exited before it was used (%d in a row); "
                         "the next one starts in %d s", self.spare_failures, delay)
 
-    def _give_up_waiting(self, worker):
-        """A turn whose client never sent its tool results: the calls are answered with an error
-        and the turn interrupted, under the conversation's lock, so a late request for it waits
-        and then finds the process warm."""
+    def _preempt_held(self):
+        """Every slot is taken and a request has waited claudeQueueWaitMs: a turn that has
+        waited longest for its client's tool results gives its slot up, rather than a 429."""
+        worker = self.workers.oldest_held()
+        return worker is not None and self._give_up_waiting(
+            worker, "was waiting for tool results and its slot was needed", "preempted")
+
+    def _give_up_waiting(self, worker, why="got no tool result within claudeToolResultTimeoutMs",
+                         metric="tool_result_timeouts"):
+        """A turn whose client did not send its tool results: the calls are answered with an
+        error and the turn interrupted, under the conversation's lock, so a late request for it
+        waits and then finds the process warm. True when it was given up."""
         lock = self.sessions.locks.enter(worker.key)
         try:
             if not lock.acquire(blocking=False):
-                return   # a request for this conversation is running: it decides
+                return False   # a request for this conversation is running: it decides
             try:
                 if not self.workers.unhold(worker):
-                    return
-                log.info("claude pid %s: no tool result within claudeToolResultTimeoutMs; the "
-                         "turn is interrupted", worker.pid)
-                self.metrics.count("claude_tool_result_timeouts_total", {})
-                worker.answer({}, "the client did not send this tool call's result in time")
+                    return False
+                log.info("claude pid %s %s; the turn is interrupted", worker.pid, why)
+                self.metrics.count("claude_%s_total" % metric, {})
+                worker.answer({}, "cc-proxy: the client did not send this tool call's result "
+                              "in time")
                 run = ClaudeRun(slot=worker.slot, worker=worker, delivered=True, how="tools")
                 worker.slot = False
                 self._settle(run)
+                return True
             finally:
                 lock.release()
         finally:
@@ -5622,6 +5635,8 @@ class ClaudeCodeBackend:
         deadline = time.monotonic() + wait
         while not self.slots.acquire(min(tick, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
+                if self._preempt_held():
+                    continue   # its slot is free now: take it, if nobody was quicker
                 self.metrics.count("claude_busy_total", {})
                 raise ProxyError(429, "rate_limit", "all %d Claude Code processes are busy "
                                  "(claudeMaxProcesses); retry shortly" % self.slots.limit,

@@ -6205,13 +6205,15 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         health = self.health()
         self.assertEqual((health["claudeAwaitingTools"], health["claudeProcesses"]), (0, 0))
 
-    def test_a_turn_awaiting_tool_results_holds_its_process_slot(self):
+    def test_a_turn_awaiting_tool_results_holds_its_slot_until_a_waiting_request_needs_it(self):
         self.stop_server()
-        self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=0)
+        self.start_server(claudeMaxProcesses=1, claudeQueueWaitMs=300)
         self.assertEqual(self.call_weather().json()["choices"][0]["finish_reason"], "tool_calls")
-        r = self.chat("another conversation")
-        self.assertEqual(r.status, 429, r)
-        self.assertEqual(r.json()["error"]["code"], "cli_busy")
+        self.assertEqual(self.health()["claudeProcesses"], 1)   # running a tool counts as running
+        self.assertEqual(self.chat_text("another conversation"), "ECHO: another conversation")
+        self.assertTrue(self.records("tool_result")[0]["result"]["isError"])
+        metrics = self.request("GET", "/metrics").data.decode()
+        self.assertIn("ccproxy_claude_preempted_total 1.0", metrics)
 
     def test_tool_choice_none_offers_no_tools_and_a_forced_choice_is_asked_in_words(self):
         self.chat("plain", tools=[CLAUDE_TOOL], tool_choice="none")

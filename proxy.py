@@ -3886,6 +3886,11 @@ def conversation_key(cwd, turns=None, explicit=None, namespace=None):
     return digest.hexdigest()
 
 
+# An answer the client cut off (it disconnected) is remembered as this, whatever part of it the
+# client kept: it cannot say, and no text of its own normalises to it.
+CLAUDE_CUT_ANSWER = ["assistant", None]
+
+
 def split_trailing_turn(messages):
     """(earlier messages up to the last assistant turn, the user messages after it)."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
@@ -5420,15 +5425,20 @@ class ClaudeCodeBackend:
         hint = claude_tool_choice_hint(request)
         explicit = (request.explicit_session or "").strip() or None
         session_hint = None if explicit else (request.session_id or "").strip() or None
+        after_cut = None
         if explicit is not None:
             lookup = conversation_key(cwd, explicit=explicit)
         elif earlier:
             lookup = conversation_key(cwd, normalised_turns(earlier), namespace=session_hint)
+            if earlier[-1]["role"] == "assistant":   # maybe an answer the client cut off
+                after_cut = conversation_key(cwd, normalised_turns(earlier[:-1]) + [
+                    CLAUDE_CUT_ANSWER], namespace=session_hint)
         else:
             lookup = None   # a new conversation: nothing to continue
         return {"reply": None, "cwd": cwd, "earlier": earlier, "trailing": trailing,
                 "blocks": blocks + hint, "explicit": explicit, "hint": session_hint,
-                "lookup": lookup, "messages": messages, "results": results, "beside": beside}
+                "lookup": lookup, "after_cut": after_cut, "messages": messages,
+                "results": results, "beside": beside}
 
     # ---- the run ------------------------------------------------------------------------
     def stream(self, request, exchange):
@@ -5448,9 +5458,7 @@ class ClaudeCodeBackend:
             if not run.slot:
                 yield from self._take_slot(tick)
                 run.slot = True
-            entry = self.sessions.get(plan["lookup"]) if plan["lookup"] else None
-            if entry is not None and entry["cwd"] != plan["cwd"]:
-                entry = None
+            entry = self._session_entry(plan)
             for _ in range(2):
                 if run.worker is None:
                     self._start_turn(request, plan, run, entry)
@@ -5480,12 +5488,22 @@ class ClaudeCodeBackend:
         finally:
             try:
                 if not run.delivered and run.worker is not None and decoder.produced:
-                    self._remember(plan, decoder, run.worker, run.held)   # what the client saw
+                    self._remember(plan, decoder, run.worker, run.held, cut=True)
                 self._settle(run)
             finally:
                 for key, lock in reversed(run.held):
                     lock.release()
                     self.sessions.locks.leave(key)
+
+    def _session_entry(self, plan):
+        """The CLI session this request continues: by its history, else as the continuation of
+        an answer the client cut off (it kept some part of it)."""
+        for key in (plan["lookup"], plan["after_cut"]):
+            entry = self.sessions.get(key) if key else None
+            if entry is not None and entry["cwd"] == plan["cwd"]:
+                plan["found"] = key
+                return entry
+        return None
 
     def _retry(self, run, decoder, rc, plan, entry, request_id):
         """-> (once more on another process?, the session entry it continues). A --resume of
@@ -5531,8 +5549,9 @@ class ClaudeCodeBackend:
         (resuming the session when there is one) -- and the turn's user line written to it."""
         spawn = claude_spawn(self.config, request, plan["cwd"])
         worker, how = None, "warm"
-        if plan["lookup"]:
-            worker, stale = self.workers.take(plan["lookup"], spawn)
+        found = plan.get("found") or plan["lookup"]
+        if found:
+            worker, stale = self.workers.take(found, spawn)
             if stale is not None:   # its fixed settings changed: a new process resumes its session
                 entry = entry or {"session": stale.session_id, "cwd": stale.spawn.cwd}
                 self._reap(stale)
@@ -5828,20 +5847,24 @@ class ClaudeCodeBackend:
         out.append(Finish(finish))
         return out
 
-    def _remember(self, plan, decoder, worker, held):
+    def _remember(self, plan, decoder, worker, held, cut=False):
         """Store the session under the key the next turn will look it up by, before the client
-        can send that turn; hold that key's lock until this request has settled its worker."""
+        can send that turn; hold that key's lock until this request has settled its worker.
+        cut: the client went away during the answer and keeps some unknown part of it."""
         if plan["explicit"] is not None:
             key = plan["lookup"]
         else:
-            answer = {"role": "assistant", "parts": [
-                {"type": "text", "text": "".join(decoder.answer)}] + [
-                {"type": "tool_call", "id": call.call_id, "name": call.name, "arguments": {}}
-                for call in decoder.calls]}
-            key = conversation_key(plan["cwd"], normalised_turns(plan["messages"] + [answer]),
-                                   namespace=plan["hint"])
-            if plan["lookup"] and plan["lookup"] != key:
-                self.sessions.discard(plan["lookup"])   # that history continues under the new key
+            if cut:
+                turns = normalised_turns(plan["messages"]) + [CLAUDE_CUT_ANSWER]
+            else:
+                turns = normalised_turns(plan["messages"] + [{"role": "assistant", "parts": [
+                    {"type": "text", "text": "".join(decoder.answer)}] + [
+                    {"type": "tool_call", "id": c.call_id, "name": c.name, "arguments": {}}
+                    for c in decoder.calls]}])
+            key = conversation_key(plan["cwd"], turns, namespace=plan["hint"])
+            found = plan.get("found") or plan["lookup"]
+            if found and found != key:
+                self.sessions.discard(found)   # that history continues under the new key
             if all(k != key for k, _ in held):
                 lock = self.sessions.locks.enter(key)
                 if lock.acquire(blocking=False):

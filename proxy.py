@@ -4989,6 +4989,14 @@ class ClaudeWorker:
         for (request_id, rpc_id), result in ready:
             self._respond(request_id, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
 
+    def refuse(self, call_id):
+        """Answer, with an error, a tools/call for a call the client never saw."""
+        with self.lock:
+            asked = self.asked.pop(call_id, None)
+        if asked:
+            self._respond(asked[0], {"jsonrpc": "2.0", "id": asked[1], "result": mcp_error_result(
+                "cc-proxy: this tool runs in the client, which was not asked to run this call")})
+
     def begin_turn(self, blocks):
         self._drop_stale()
         self.turn_open = True
@@ -5735,7 +5743,7 @@ class ClaudeCodeBackend:
                     last_yield = time.monotonic()
                     yield []
                     continue
-                batch, ended, asked = self._drain(decoder, proc, line)
+                batch, ended, asked = self._drain(decoder, worker, line)
                 limits.heard()
                 if asked and stop_by is None:
                     stop_by = time.monotonic() + CLAUDE_TOOL_STOP_GRACE
@@ -5761,14 +5769,17 @@ class ClaudeCodeBackend:
                 yield batch
 
     @staticmethod
-    def _drain(decoder, proc, line):
+    def _drain(decoder, worker, line):
         """`line` and what else is waiting, through the decoder -> (batch, ended, whether the CLI
         asked for one of this answer's client tool calls)."""
-        batch, asked = [], False
+        batch, asked, proc = [], False, worker.proc
         while True:
             if line is None:
                 return batch, True, asked
-            if type(line) is ClaudeCallAsked:
+            if type(line) is ClaudeCallAsked and line.call_id not in decoder.client_calls:
+                # a call no client was given (a sub-agent's, say): its tool_use lines came first
+                worker.refuse(line.call_id)
+            elif type(line) is ClaudeCallAsked:
                 asked |= decoder.open_call is None and any(
                     c.call_id == line.call_id for c in decoder.calls)
             else:

@@ -6166,6 +6166,10 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         answer = self.messages(history, tools=tools).json()["content"][-1]["text"]
         self.assertEqual(answer, "Tool results: (no output)\nalso: PINEAPPLE")
 
+    def test_a_tools_call_the_client_was_never_given_is_answered_with_an_error(self):
+        self.assertEqual(self.chat_text("scenario:hidden_tool_call", tools=[CLAUDE_TOOL]),
+                         "hidden call answered, isError=True")
+
     def test_parallel_calls_are_one_answer_and_results_go_back_in_turn(self):
         tools = [claude_tool("alpha"), claude_tool("beta")]
         prompt = "scenario:client_tool call:alpha call:beta"

@@ -29,7 +29,7 @@ A prompt containing `scenario:<name>` picks the scenario for its turn (the last 
 
 Scenarios: echo (answers "ECHO: <prompt>"), text, thinking, tool, cut, sse_overloaded, max_turns,
 max_tokens, 400, 401, 403, 404, 429, 500, 529, nocreds, refused, malformed, crash, noresult,
-usage_error, slow, hang, stall, stubborn, grandchild, deaf (hangs, ignores stdin interrupts, obeys
+usage_error, slow, hang, stall, stubborn, grandchild, hidden_tool_call, deaf (hangs, ignores stdin interrupts, obeys
 signals), client_tool (calls the sdk MCP tools named by `call:` markers: after a text block
 "I'll run that for you.", one tool_use block per marker i = 0, 1, ... in one assistant message,
 id toolu_fake_<pid>_<turn>_<i>, name mcp__<server>__<tool>, input {"q": "<tool> <i>"}; then one
@@ -678,6 +678,8 @@ class Fake:
             self.hang(child)
         if scenario == "client_tool":
             return self.client_tool(prompt)
+        if scenario == "hidden_tool_call":
+            return self.hidden_tool_call()
         sys.stderr.write("fake claude: unknown scenario %r\n" % scenario)
         finish(2)
 
@@ -736,6 +738,25 @@ class Fake:
         self.account(result)
         self.out.emit(result, original)
         self.reset_stream()
+
+    def hidden_tool_call(self):
+        """A tools/call for a tool_use the host never saw streamed (as a sub-agent's would be),
+        then an echo answer saying what came back."""
+        name, server = next(((n, s) for n, s in self.servers.items() if s["tools"]), (None, None))
+        reply = {}
+        if name:
+            number = self.next_id(name)
+            reply = self.mcp_answer(self.mcp_request(name, {
+                "method": "tools/call", "jsonrpc": "2.0", "id": number, "params": {
+                    "name": server["tools"][0]["name"], "arguments": {},
+                    "_meta": {"claudecode/toolUseId": "toolu_hidden", "progressToken": number}}}))
+        result = reply.get("result") if isinstance(reply.get("result"), dict) else {}
+        record("tool_result", id="toolu_hidden", result=result)
+        lines = echo_lines("hidden call answered, isError=%s" % bool(result.get("isError")))
+        original = original_session(lines)
+        for item in lines:
+            self.say(item, original)
+        return 0
 
     def client_tool(self, prompt):
         """l_sdk_mcp_tool_call: a text block, one tool_use block per `call:<tool>` marker, the

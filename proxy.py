@@ -4905,7 +4905,6 @@ class ClaudeWorker:
         self.awaiting_since = 0.0
         self.client_calls = set()   # every client call id this process made (never notes)
         self.turn_open = False   # a user line was sent whose result has not been read
-        self.turns = 0
         self.reported = Usage()  # usage already reported for the open turn (tool-call answers)
         self.cost_seen = 0.0     # the CLI's running total_cost_usd at its last result
         self.usage_seen = Usage()   # and its running modelUsage
@@ -5000,7 +4999,6 @@ class ClaudeWorker:
     def begin_turn(self, blocks):
         self._drop_stale()
         self.turn_open = True
-        self.turns += 1
         self.reported = Usage()
         return self.proc.send({"type": "user", "message": {"role": "user", "content": blocks}})
 

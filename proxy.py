@@ -5089,11 +5089,12 @@ class ClaudeWorkers:
         """An idle worker back in the pool under its key; returns the ones to close."""
         worker.idle_since = time.monotonic()
         with self.lock:
-            out = [self.warm.pop(worker.key)] if worker.key in self.warm else []
+            old = self.warm.pop(worker.key, None)
+            out = [old] if old is not None and old is not worker else []
             self.warm[worker.key] = worker
-            while len(self.warm) > self.warm_limit:
+            while len(self.warm) > self.warm_limit:   # this worker too, with a limit of 0
                 out.append(self.warm.popitem(last=False)[1])
-        return [w for w in out if w is not worker]
+        return out
 
     def take(self, key, spawn):
         """(the warm worker of this conversation when it can serve this turn, one to close)."""
@@ -5544,7 +5545,7 @@ class ClaudeCodeBackend:
             self.metrics.count("claude_turns_total", {"process": "tools"})
             return
         worker.answer({}, "the client did not run this tool call; it sent a new message instead")
-        if worker.interrupt():
+        if self.workers.warm_limit and worker.interrupt():
             for old in self.workers.park(worker):   # the new turn finds it warm
                 self._close_later(old)
         else:

@@ -6201,6 +6201,16 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         self.assertEqual(len(self.runs()), 1)
         self.assertEqual(self.health()["claudeAwaitingTools"], 0)
 
+    def test_with_no_warm_processes_a_cancelled_tool_turn_leaves_no_process_behind(self):
+        self.stop_server()
+        self.start_server(claudeWarmProcesses=0)
+        headers = {"x-session-id": "tools-0"}
+        r = self.chat("scenario:client_tool call:get_weather", tools=[CLAUDE_TOOL], headers=headers)
+        self.assertEqual(r.json()["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(self.chat_text("never mind", tools=[CLAUDE_TOOL], headers=headers), "ECHO: never mind")
+        self.assertTrue(wait_for(lambda: self.health()["claudeLiveProcesses"] == 0, 10))
+        self.assertFalse(any(alive(r["pid"]) for r in self.runs()))
+
     def test_calls_the_client_abandons_time_out_and_the_process_goes_back_warm(self):
         self.stop_server()
         self.start_server(claudeToolResultTimeoutMs=300)

@@ -4284,33 +4284,33 @@ def claude_turn_usage(result, worker):
     return turn
 
 
+# Usage keys: the result's per-model usage (camelCase), an Anthropic usage object (snake_case).
+_CLAUDE_MODEL_USAGE_KEYS = ("inputTokens", "cacheReadInputTokens", "cacheCreationInputTokens",
+                            "outputTokens")
+_ANTHROPIC_USAGE_KEYS = ("input_tokens", "cache_read_input_tokens",
+                         "cache_creation_input_tokens", "output_tokens")
+
+
 def claude_usage(result):
     """Usage of a turn: its per-model usage summed (result.usage can be zero or short)."""
     usage = Usage()
     per_model = claude_turn_model_usage(result)[1]
     if per_model:
         for item in per_model.values():
-            if not isinstance(item, dict):
-                continue
-            read, write = (token_count(item.get("cacheReadInputTokens")),
-                           token_count(item.get("cacheCreationInputTokens")))
-            usage.input += token_count(item.get("inputTokens")) + read + write
-            usage.cache_read += read
-            usage.cache_write += write
-            usage.output += token_count(item.get("outputTokens"))
+            if isinstance(item, dict):
+                claude_message_usage(item, usage, _CLAUDE_MODEL_USAGE_KEYS)
         return usage
     return claude_message_usage(result.get("usage") if isinstance(result.get("usage"), dict)
                                 else {}, usage)
 
 
-def claude_message_usage(raw, into):
-    """An Anthropic usage object (snake_case, uncached input apart) added into a Usage."""
-    read, write = (token_count(raw.get("cache_read_input_tokens")),
-                   token_count(raw.get("cache_creation_input_tokens")))
-    into.input += token_count(raw.get("input_tokens")) + read + write
+def claude_message_usage(raw, into, keys=_ANTHROPIC_USAGE_KEYS):
+    """A usage object (uncached input apart, named by `keys`) added into a Usage."""
+    fresh, read, write, output = (token_count(raw.get(k)) for k in keys)
+    into.input += fresh + read + write
     into.cache_read += read
     into.cache_write += write
-    into.output += token_count(raw.get("output_tokens"))
+    into.output += output
     return into
 
 

@@ -5138,6 +5138,10 @@ class ClaudeWorkers:
         with self.lock:
             return min(self.waiting.values(), key=lambda w: w.awaiting_since, default=None)
 
+    def add_spare(self, worker):
+        with self.lock:
+            self.spares.append(worker)
+
     def take_spare(self, spawn):
         with self.lock:
             for worker in self.spares:
@@ -5306,8 +5310,7 @@ class ClaudeCodeBackend:
                 log.warning("cannot start a spare Claude Code process: %s", err.message)
                 return
             self.metrics.count("claude_spawns_total", {"start": "spare"})
-            with self.workers.lock:
-                self.workers.spares.append(worker)
+            self.workers.add_spare(worker)
 
     def _spare_spawn(self):
         """A spare is started for a new conversation with the default settings: default model,
@@ -5921,7 +5924,7 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 
 
 # =====================================================================================
-# 9. HTTP server: routing, auth, CORS, request ids, byte writer, metrics, usage ledger, dashboard
+# 9. HTTP server: routing, auth, CORS, request ids, byte writer, metrics, access log
 # =====================================================================================
 
 class Metrics:
@@ -6459,6 +6462,171 @@ def access_log(handler):
              usage.cache_read, usage.output)
 
 
+class Connections:
+    """The server's open client connections, for a graceful stop: when the drain begins, idle
+    keep-alive connections are closed, answers in flight end with `Connection: close`, and a
+    request read after it is answered 503; the process exits once every connection has closed."""
+
+    def __init__(self):
+        self.open = {}   # client socket -> its handler
+        self.changed = threading.Condition()
+        self.draining = False
+
+    def add(self, handler):
+        with self.changed:
+            self.open[handler.connection] = handler
+
+    def discard_socket(self, sock):
+        with self.changed:
+            self.open.pop(sock, None)
+            self.changed.notify_all()
+
+    def wait_for_request(self, handler):
+        """Mark the connection idle before it reads its next request line; False when draining."""
+        with self.changed:
+            handler.idle = not self.draining
+            return handler.idle
+
+    def request_started(self, handler):
+        """A request line was read: a drain no longer closes this connection under it."""
+        with self.changed:
+            handler.idle = False
+
+    def drain(self, inflight, grace, linger=2.0):
+        """Close idle connections, give model requests in flight up to `grace` s, then the last
+        answers (503s, short routes) up to `linger` s more to be written; True if all closed."""
+        with self.changed:
+            self.draining = True
+            idle = [h for h in self.open.values() if h.idle]
+        for handler in idle:
+            try:   # its blocked read for a request line sees end-of-file and the handler ends
+                handler.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        inflight.wait_idle(grace)
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.open, linger)
+
+
+# The server's own routes; each front end adds its own (FrontEnd.routes()).
+def index_route(handler, _):
+    handler.send_json(200, {"name": "cc-proxy", "version": __version__,
+                            "backend": handler.server.backend.name})
+
+
+def health_route(handler, _):
+    handler.send_json(200, handler.server.health())
+
+
+def metrics_route(handler, _):
+    data = handler.server.metrics.render().encode()
+    handler.send_body(200, "text/plain; version=0.0.4; charset=utf-8", data)
+
+
+def models_route(handler, model_id):
+    """GET /v1/models[/{id}], in the shape of the protocol the client speaks, with a strong ETag
+    (Codex keeps its catalog's; If-None-Match gets a 304)."""
+    model_id = urllib.parse.unquote(model_id) if model_id else None
+    backend = handler.server.backend
+    key = None
+    try:
+        key = handler.authenticate()
+    except ProxyError:
+        if not backend.open_model_list:
+            raise
+    models = backend.list_models(key)
+    if model_id is not None:
+        models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
+        if not models:
+            raise ProxyError(404, "not_found", "model %r not found" % model_id)
+    query = handler.query()
+    frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers, query)
+    if model_id is not None:
+        return handler.send_json_tagged(frontend.model_object(models[0], backend.name))
+    return handler.send_json_tagged(frontend.model_list(models, backend.name, query))
+
+
+class Route(NamedTuple):
+    path: str       # the whole path, or for prefix routes what comes before a path parameter
+    methods: dict   # method -> handler(request handler, the rest of the path)
+
+
+SERVER_ROUTES = [("/", "GET", index_route), ("/health", "GET", health_route),
+                 ("/metrics", "GET", metrics_route), ("/v1/models", "GET", models_route),
+                 ("/v1/models/", "GET", models_route)]
+UNVERSIONED_ROUTES = ("/", "/health", "/metrics", "/dashboard", "/dashboard/data")
+
+
+def route_table(frontends, more=()):
+    """The one routing table: the server's own routes, each front end's, and `more` (the
+    dashboard's, section 10) -> (exact, prefix)."""
+    table = {}
+    for frontend_routes in [SERVER_ROUTES, list(more)] + [f.routes() for f in frontends]:
+        for path, method, handler in frontend_routes:
+            table.setdefault(path, Route(path, {})).methods[method] = handler
+    exact = {p: r for p, r in table.items() if not p.endswith("/") or p == "/"}
+    return exact, tuple(r for p, r in table.items() if p not in exact)
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+    allow_reuse_address = True
+
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics()
+        self.connections = Connections()
+        # each server its own front ends: the Responses store (previous_response_id) is per server
+        self.frontends = (ChatCompletions(),
+                          OpenAIResponses(codex_instructions=codex_instructions(config)),
+                          AnthropicMessages())
+        self.routes, self.prefix_routes = route_table(self.frontends, DASHBOARD_ROUTES)
+        self.backend = make_backend(config, self.metrics)
+        self.pipeline = Pipeline(config, self.backend, self.metrics)
+        self.started_at = time.time()
+        host = config["host"]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        path = ledger_path(config)
+        self.ledger = (UsageLedger(path, config["usageRetentionDays"], self.metrics)
+                       if path else None)
+        super().__init__((host, config["port"]), ProxyHandler)
+        self.backend.start()
+        if self.ledger is not None:
+            self.ledger.start()
+
+    def health(self):
+        return {"status": "ok", "version": __version__, "backend": self.backend.name,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "in_flight": self.pipeline.inflight.count,
+                **self.backend.health()}
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)   # the socket is closed only here, after the handler
+        self.connections.discard_socket(request)
+
+    def server_close(self):
+        self.backend.stop()
+        if self.ledger is not None:
+            self.ledger.stop()   # what is queued is written before the process exits
+        super().server_close()
+
+
+def make_backend(config, metrics):
+    if config["backend"] not in BACKENDS:
+        raise ConfigError("backend %r is not available in this build" % config["backend"])
+    return BACKENDS[config["backend"]](config, metrics)
+
+
+def make_server(config):
+    """A bound server (port 0 = any free port); call serve_forever() to run it."""
+    return ProxyServer(config)
+
+
+# =====================================================================================
+# 10. Usage ledger and dashboard: one sqlite row per model request, and the page that reads it
+# =====================================================================================
+
 # ---- usage ledger: one sqlite row per model request, written off the hot path ----------
 
 LEDGER_COLUMNS = (
@@ -6764,6 +6932,10 @@ def dashboard_data_route(handler, _):
     handler.send_json(200, dashboard_data(handler.server, since), PAGE_HEADERS)
 
 
+DASHBOARD_ROUTES = (("/dashboard", "GET", dashboard_route),
+                    ("/dashboard/data", "GET", dashboard_data_route))
+
+
 def dashboard_data(server, since):
     """What the page draws: the server's state now, and the ledger since `since`."""
     health = server.health()
@@ -6991,169 +7163,8 @@ setInterval(refresh, 3000);
 """
 
 
-class Connections:
-    """The server's open client connections, for a graceful stop: when the drain begins, idle
-    keep-alive connections are closed, answers in flight end with `Connection: close`, and a
-    request read after it is answered 503; the process exits once every connection has closed."""
-
-    def __init__(self):
-        self.open = {}   # client socket -> its handler
-        self.changed = threading.Condition()
-        self.draining = False
-
-    def add(self, handler):
-        with self.changed:
-            self.open[handler.connection] = handler
-
-    def discard_socket(self, sock):
-        with self.changed:
-            self.open.pop(sock, None)
-            self.changed.notify_all()
-
-    def wait_for_request(self, handler):
-        """Mark the connection idle before it reads its next request line; False when draining."""
-        with self.changed:
-            handler.idle = not self.draining
-            return handler.idle
-
-    def request_started(self, handler):
-        """A request line was read: a drain no longer closes this connection under it."""
-        with self.changed:
-            handler.idle = False
-
-    def drain(self, inflight, grace, linger=2.0):
-        """Close idle connections, give model requests in flight up to `grace` s, then the last
-        answers (503s, short routes) up to `linger` s more to be written; True if all closed."""
-        with self.changed:
-            self.draining = True
-            idle = [h for h in self.open.values() if h.idle]
-        for handler in idle:
-            try:   # its blocked read for a request line sees end-of-file and the handler ends
-                handler.connection.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-        inflight.wait_idle(grace)
-        with self.changed:
-            return self.changed.wait_for(lambda: not self.open, linger)
-
-
-# The server's own routes; each front end adds its own (FrontEnd.routes()).
-def index_route(handler, _):
-    handler.send_json(200, {"name": "cc-proxy", "version": __version__,
-                            "backend": handler.server.backend.name})
-
-
-def health_route(handler, _):
-    handler.send_json(200, handler.server.health())
-
-
-def metrics_route(handler, _):
-    data = handler.server.metrics.render().encode()
-    handler.send_body(200, "text/plain; version=0.0.4; charset=utf-8", data)
-
-
-def models_route(handler, model_id):
-    """GET /v1/models[/{id}], in the shape of the protocol the client speaks, with a strong ETag
-    (Codex keeps its catalog's; If-None-Match gets a 304)."""
-    model_id = urllib.parse.unquote(model_id) if model_id else None
-    backend = handler.server.backend
-    key = None
-    try:
-        key = handler.authenticate()
-    except ProxyError:
-        if not backend.open_model_list:
-            raise
-    models = backend.list_models(key)
-    if model_id is not None:
-        models = [m for m in models if m.id == model_id or m.id.lower() == model_id.lower()]
-        if not models:
-            raise ProxyError(404, "not_found", "model %r not found" % model_id)
-    query = handler.query()
-    frontend = frontend_for(handler.server.frontends, "/v1/models", handler.headers, query)
-    if model_id is not None:
-        return handler.send_json_tagged(frontend.model_object(models[0], backend.name))
-    return handler.send_json_tagged(frontend.model_list(models, backend.name, query))
-
-
-class Route(NamedTuple):
-    path: str       # the whole path, or for prefix routes what comes before a path parameter
-    methods: dict   # method -> handler(request handler, the rest of the path)
-
-
-SERVER_ROUTES = [("/", "GET", index_route), ("/health", "GET", health_route),
-                 ("/metrics", "GET", metrics_route), ("/v1/models", "GET", models_route),
-                 ("/v1/models/", "GET", models_route), ("/dashboard", "GET", dashboard_route),
-                 ("/dashboard/data", "GET", dashboard_data_route)]
-UNVERSIONED_ROUTES = ("/", "/health", "/metrics", "/dashboard", "/dashboard/data")
-
-
-def route_table(frontends):
-    """The one routing table: the server's own routes and each front end's -> (exact, prefix)."""
-    table = {}
-    for frontend_routes in [SERVER_ROUTES] + [f.routes() for f in frontends]:
-        for path, method, handler in frontend_routes:
-            table.setdefault(path, Route(path, {})).methods[method] = handler
-    exact = {p: r for p, r in table.items() if not p.endswith("/") or p == "/"}
-    return exact, tuple(r for p, r in table.items() if p not in exact)
-
-
-class ProxyServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 512
-    allow_reuse_address = True
-
-    def __init__(self, config):
-        self.config = config
-        self.metrics = Metrics()
-        self.connections = Connections()
-        # each server its own front ends: the Responses store (previous_response_id) is per server
-        self.frontends = (ChatCompletions(),
-                          OpenAIResponses(codex_instructions=codex_instructions(config)),
-                          AnthropicMessages())
-        self.routes, self.prefix_routes = route_table(self.frontends)
-        self.backend = make_backend(config, self.metrics)
-        self.pipeline = Pipeline(config, self.backend, self.metrics)
-        self.started_at = time.time()
-        host = config["host"]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        path = ledger_path(config)
-        self.ledger = (UsageLedger(path, config["usageRetentionDays"], self.metrics)
-                       if path else None)
-        super().__init__((host, config["port"]), ProxyHandler)
-        self.backend.start()
-        if self.ledger is not None:
-            self.ledger.start()
-
-    def health(self):
-        return {"status": "ok", "version": __version__, "backend": self.backend.name,
-                "uptime_s": round(time.time() - self.started_at, 1),
-                "in_flight": self.pipeline.inflight.count,
-                **self.backend.health()}
-
-    def shutdown_request(self, request):
-        super().shutdown_request(request)   # the socket is closed only here, after the handler
-        self.connections.discard_socket(request)
-
-    def server_close(self):
-        self.backend.stop()
-        if self.ledger is not None:
-            self.ledger.stop()   # what is queued is written before the process exits
-        super().server_close()
-
-
-def make_backend(config, metrics):
-    if config["backend"] not in BACKENDS:
-        raise ConfigError("backend %r is not available in this build" % config["backend"])
-    return BACKENDS[config["backend"]](config, metrics)
-
-
-def make_server(config):
-    """A bound server (port 0 = any free port); call serve_forever() to run it."""
-    return ProxyServer(config)
-
-
 # =====================================================================================
-# 10. Command line: start, config, service, usage, version, help
+# 11. Command line: start, config, service, usage, version, help
 # =====================================================================================
 
 def _shown(setting, value, mask=True):

@@ -6170,6 +6170,17 @@ class TestClaudeCodeClientTools(ClaudeWarmCase):
         self.assertEqual(self.chat_text("scenario:hidden_tool_call", tools=[CLAUDE_TOOL]),
                          "hidden call answered, isError=True")
 
+    def test_responses_function_call_non_streamed(self):
+        tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+        body = self.request("POST", "/v1/responses", {
+            "model": "sonnet", "input": "scenario:client_tool call:get_weather", "tools": tools}).json()
+        calls = [item for item in body["output"] if item["type"] == "function_call"]
+        self.assertEqual([(c["name"], json.loads(c["arguments"])) for c in calls],
+                         [("get_weather", {"q": "get_weather 0"})])
+        self.assertTrue(calls[0]["call_id"].startswith("toolu_fake_"))
+        self.assertEqual(body["status"], "completed")
+        self.assertEqual(self.health()["claudeAwaitingTools"], 1)
+
     def test_parallel_calls_are_one_answer_and_results_go_back_in_turn(self):
         tools = [claude_tool("alpha"), claude_tool("beta")]
         prompt = "scenario:client_tool call:alpha call:beta"

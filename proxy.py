@@ -3039,20 +3039,92 @@ class UpstreamFailed(NamedTuple):   # the exchange broke (connect, reset, bad fr
     error: Exception
 
 
+class ChunkedBody:
+    """HTTP/1.1 chunked framing, undone as bytes arrive: feed(data) returns the payload bytes
+    they complete (every whole chunk at once, so a read that brought ten events yields one
+    piece), `done` once the last chunk and its trailers are in. Extensions and trailers are
+    skipped; a malformed size line is a ValueError (the attempt failed)."""
+
+    MAX_LINE = 4096
+
+    def __init__(self):
+        self.buffer = b""
+        self.left = 0           # payload bytes of the current chunk still to come
+        self.crlf = False       # the CRLF after a chunk's payload is still to come
+        self.trailers = False   # past the last chunk: trailer lines until an empty one
+        self.done = False
+
+    def feed(self, data):
+        buffer, pos, out = self.buffer + data if self.buffer else data, 0, []
+        while not self.done:
+            if self.left:
+                piece = buffer[pos:pos + self.left]
+                out.append(piece)
+                self.left -= len(piece)
+                pos += len(piece)
+                if self.left:
+                    break
+                self.crlf = True
+            if self.crlf:
+                if len(buffer) - pos < 2:
+                    break
+                if buffer[pos:pos + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                pos += 2
+                self.crlf = False
+            end = buffer.find(b"\r\n", pos)
+            if end == -1:
+                if len(buffer) - pos > self.MAX_LINE:
+                    raise ValueError("chunk size line too long")
+                break
+            line, pos = buffer[pos:end], end + 2
+            if self.trailers:
+                self.done = not line
+            else:
+                self.left = int(line.split(b";", 1)[0], 16)   # int() refuses what is not hex
+                self.trailers = self.left == 0
+        self.buffer = buffer[pos:]
+        return out[0] if len(out) == 1 else b"".join(out)
+
+
+class PlainBody:
+    """A body framed by Content-Length, or (length None) by the connection's close."""
+
+    def __init__(self, length):
+        self.left = length
+        self.buffer = b""       # bytes not yet fed; once done, bytes past the body
+        self.done = length == 0
+
+    def feed(self, data):
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        if self.left is None:
+            return data
+        piece, self.buffer = data[:self.left], data[self.left:]
+        self.left -= len(piece)
+        self.done = self.left == 0
+        return piece
+
+
 class UpstreamCall:
     """One upstream HTTP exchange, read on the request's own thread: wait(timeout) returns the
     next item (UpstreamHead, UpstreamChunk, UpstreamEnd, UpstreamFailed) or None after `timeout`
     s of silence, so the request thread can tick (keep-alives, idle limit, client checks) between
     reads. No reader thread, no queue: a client that stops reading stops the upstream read
-    (TCP backpressure), and abort() closes the connection at once."""
+    (TCP backpressure), and abort() closes the connection at once.
+
+    http.client sends the request and reads the head; the body is read here, from the socket
+    made non-blocking: select() waits, one recv takes all that arrived (whole chunks decoded at
+    once), so each wake-up costs two system calls however many events it brings."""
 
     CHUNK = 65536
+    WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError)
 
     def __init__(self, pool, method, path, headers, body, socket_timeout):
         (self.pool, self.method, self.path,
          self.headers, self.body) = pool, method, path, headers, body
         self.socket_timeout = socket_timeout
-        self.conn = self.response = None
+        self.conn = self.response = self.sock = self.framing = None
         self.done = False
         self.reused = False     # the connection came from the pool (it may have been closed)
 
@@ -3062,10 +3134,7 @@ class UpstreamCall:
         try:
             if self.response is None:
                 return self._head(timeout)
-            if not self._buffered() and not self._readable(timeout):
-                return None
-            chunk = self.response.read1(self.CHUNK)
-            return UpstreamChunk(chunk) if chunk else self._end()
+            return self._body(timeout)
         except Exception as e:   # connect, reset, bad framing: the attempt failed
             self.abort()
             return UpstreamFailed(e)
@@ -3081,11 +3150,12 @@ class UpstreamCall:
             if not self.reused:
                 raise
             self._send(fresh=True)   # a pooled connection the server had closed
+        self.sock = self.conn.sock   # kept: http.client drops it from a will-close connection
 
     def _head(self, timeout):
         if self.conn is None:
             self._send()
-        if not self._readable(timeout):
+        if not select.select([self.sock], [], [], timeout)[0]:
             return None
         try:
             response = self.conn.getresponse()
@@ -3101,43 +3171,55 @@ class UpstreamCall:
             self.abort()
             self.done = True
             return UpstreamHead(response.status, response.getheaders(), body)
+        self.framing = ChunkedBody() if response.chunked else PlainBody(response.length)
+        self.sock.settimeout(0.0)
+        try:   # what http.client read past the head is the body's start
+            self.framing.buffer = response.fp.read1(self.CHUNK) + self.framing.buffer
+        except self.WOULD_BLOCK:
+            pass
         return UpstreamHead(200, response.getheaders(), None)
 
-    def _readable(self, timeout):
-        sock = self.conn.sock
-        if sock is None:
-            return True   # closed: the read says how
-        return bool(select.select([sock], [], [], timeout)[0])
-
-    def _buffered(self):
-        """Whether the next read1 can return without waiting: the response already holds the
-        bytes (read with an earlier packet, or decrypted by TLS), a chunk-size line included at
-        a chunk boundary. A non-blocking peek, which never waits."""
-        response = self.response
-        fp, sock = response.fp, self.conn.sock
-        if fp is None or sock is None:
-            return True
-        sock.settimeout(0.0)
-        try:
-            data = fp.peek(1)
-        except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
-            return False
-        finally:
-            sock.settimeout(self.socket_timeout)
-        if response.chunked and not response.chunk_left:   # the CRLF, then the next size line
-            return data.find(b"\n", 0 if response.chunk_left is None else 2) != -1
-        return bool(data)
+    def _body(self, timeout):
+        framing = self.framing
+        if framing.buffer and not framing.done:   # bytes http.client had read past the head
+            data = framing.feed(b"")
+            if data:
+                return UpstreamChunk(data)
+        if framing.done:
+            return self._end()
+        sock = self.sock
+        while True:
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                if not select.select([sock], [], [], timeout)[0]:
+                    return None
+            try:
+                data = sock.recv(self.CHUNK)
+            except self.WOULD_BLOCK:
+                continue   # a TLS record only part here, or a spurious wake-up
+            if not data:
+                if framing.left is None:   # framed by the close: this is the end
+                    framing.done = True
+                    return self._end()
+                raise http.client.IncompleteRead(b"")
+            data = framing.feed(data)
+            if data:
+                return UpstreamChunk(data)
+            if framing.done:
+                return self._end()
 
     def _end(self):
-        """The body is complete: the connection goes back to the pool for the next request."""
+        """The body is complete: the connection goes back to the pool for the next request,
+        unless it is closing or the upstream sent more than the body."""
         self.done = True
         response, conn = self.response, self.conn
         response.close()
         self.conn = None
-        if response.will_close:
+        sock, self.sock = self.sock, None   # no longer ours to abort
+        if response.will_close or self.framing.buffer:
+            sock.close()
             conn.close()
         else:
-            self.pool.release(conn)
+            self.pool.release(conn)   # acquire() restores the socket's timeout
         return UpstreamEnd()
 
     def finish(self):
@@ -3155,13 +3237,16 @@ class UpstreamCall:
         """Close the upstream connection now: the upstream sees the client go away."""
         self.done = True
         conn, self.conn = self.conn, None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        if self.response is not None:
+            self.response.close()
         if conn is not None:
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             conn.close()
 
 
@@ -3300,6 +3385,7 @@ class CommandCodeStreamDecoder:
         self.pending_size = 0
         self.skipped = 0
         self.finished = False
+        self.failure = None        # an error line met after events of the same read
         self.step_usage = None
         self.tools = {}   # call id -> argument text streamed so far
         self.handlers = {"text-delta": self._text, "reasoning-delta": self._reasoning,
@@ -3321,20 +3407,29 @@ class CommandCodeStreamDecoder:
             complete = b"".join(self.pending) + complete
         self.pending = [rest] if rest else []
         self.pending_size = len(rest)
-        batch = []
         # one decode per chunk: a UTF-8 character never spans a newline
-        for line in complete.decode("utf-8", "replace").split("\n"):
-            if self.finished:
-                break
-            self._line(line, batch)
-        return batch
+        return self._lines(complete.decode("utf-8", "replace").split("\n"))
 
     def close(self):
         """The stream ended: a last line without a newline still counts."""
-        batch = []
-        if self.pending and not self.finished:
-            self._line(b"".join(self.pending).decode("utf-8", "replace"), batch)
+        lines = [b"".join(self.pending).decode("utf-8", "replace")] if self.pending else []
         self.pending = []
+        return self._lines(lines)
+
+    def _lines(self, lines):
+        """The batch of these lines' events. An error line after events in the same read is
+        held in `failure`: the events before it reach the client first, as they would had they
+        arrived in a read of their own."""
+        batch = []
+        try:
+            for line in lines:
+                if self.finished:
+                    break
+                self._line(line, batch)
+        except ProxyError as err:
+            if not batch:
+                raise
+            self.failure = err
         return batch
 
     def _line(self, line, batch):
@@ -3686,6 +3781,8 @@ class CommandCodeBackend:
                     return
                 if batch:
                     yield batch
+                if decoder.failure is not None:
+                    raise decoder.failure
                 if type(item) is UpstreamEnd:
                     raise ProxyError(502, "upstream", "Command Code's stream ended before it "
                                      "finished the answer (no finish event)",

@@ -644,7 +644,10 @@ def bench_latency(t, rounds, warmup, log):
              ("direct", lambda: t.direct_call(direct_c, "bench:short", mark)),
              ("plain", lambda: t.proxy_call(plain_c, "bench:short", False, mark))]
     log("latency: %d warm-up + %d interleaved rounds" % (warmup, rounds))
+    cpu0 = None
     for i in range(warmup + rounds):
+        if i == warmup:
+            cpu0 = cpu_seconds(t.pid)
         order = steps if i % 2 == 0 else steps[::-1]
         for name, call in order:
             try:
@@ -659,9 +662,13 @@ def bench_latency(t, rounds, warmup, log):
                 continue
             if i >= warmup:
                 sample[name].append(r)
+    cpu1 = cpu_seconds(t.pid)
     for c in (direct_c, stream_c, plain_c):
         c.close()
-    out = {"rounds": rounds, "warmup": warmup, "errors": len(errors), "first_errors": errors[:3]}
+    out = {"rounds": rounds, "warmup": warmup, "errors": len(errors), "first_errors": errors[:3],
+           # what one short request costs the proxy (both kinds; the direct calls cost it nothing)
+           "proxy_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / (2 * rounds), 3)
+           if cpu0 is not None and cpu1 is not None and rounds else None}
     for name, results in sample.items():
         out[name] = {"first_byte": summary([r.ttfb for r in results]),
                      "first_token": summary([r.mark for r in results if r.mark is not None]),
@@ -1086,6 +1093,9 @@ def print_table(f, args):
                 w("%-34s %9s %9s %9s %9s %9s %9s" % ("  %s  %s" % (label, wl), fmt(d["p50_ms"]), fmt(d["p99_ms"]),
                                                      fmt(p["p50_ms"]), fmt(p["p99_ms"]), signed(a["p50_ms"]),
                                                      signed(a["p99_ms"])))
+        if lat.get("proxy_cpu_ms_per_request") is not None:
+            w("  proxy CPU per request (user+system, both kinds)  %s ms"
+              % fmt(lat["proxy_cpu_ms_per_request"], digits=3))
         if lat["errors"]:
             w("  errors: %d (%s)" % (lat["errors"], "; ".join(lat["first_errors"])))
     rel = f.get("relay")

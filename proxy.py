@@ -2929,11 +2929,14 @@ class UpstreamHTTPSConnection(_WithoutNagle, http.client.HTTPSConnection):
 
 class ConnectionPool:
     """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake.
-    A reaper thread (alive only while something is idle) closes a connection once it has been
-    idle `idle_seconds`, or at once when the upstream closes its side, so a burst leaves no
-    sockets behind (ESTABLISHED or CLOSE_WAIT)."""
+    One reaper thread, started with the first idle connection, looks at the idle ones every
+    REAP_EVERY s: it closes a connection once it has been idle `idle_seconds`, or once the
+    upstream closed its side, so a burst leaves no sockets behind (ESTABLISHED or CLOSE_WAIT).
+    It sleeps while nothing is idle; a request never starts a thread or wakes it, except the
+    release that ends such a sleep."""
 
     MAX_IDLE = 64
+    REAP_EVERY = 1.0
 
     def __init__(self, base_url, idle_seconds=50.0):
         parts = urllib.parse.urlsplit(base_url)
@@ -2944,7 +2947,10 @@ class ConnectionPool:
         self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
         self.idle = []  # (connection, released at)
-        self.reaping = False
+        self.reaper_wait = threading.Condition(self.lock)
+        self.reaper = None
+        self.reaper_asleep = False   # waiting for something to be idle (not on its timer)
+        self.closed = False
 
     def acquire(self, timeout):
         """(connection, reused?)"""
@@ -2976,41 +2982,51 @@ class ConnectionPool:
     def close_all(self):
         with self.lock:
             idle, self.idle = self.idle, []
+            self.closed = True
+            self.reaper_wait.notify()
         for conn, _ in idle:
             conn.close()
 
     def release(self, conn):
         with self.lock:
-            if len(self.idle) < self.MAX_IDLE and conn.sock is not None:
+            kept = not self.closed and len(self.idle) < self.MAX_IDLE and conn.sock is not None
+            if kept:
                 self.idle.append((conn, time.monotonic()))
-                start, self.reaping = not self.reaping, True
+                start = self.reaper is None
                 if start:
-                    threading.Thread(target=self._reap, name="upstream-reaper",
-                                     daemon=True).start()
-                return
-        conn.close()
+                    self.reaper = threading.Thread(target=self._reap, name="upstream-reaper",
+                                                   daemon=True)
+                elif self.reaper_asleep:
+                    self.reaper_wait.notify()
+        if not kept:
+            conn.close()
+        elif start:   # outside the lock: a thread's start waits for the thread to run
+            self.reaper.start()
 
     def _reap(self):
-        """Until nothing is idle: close what expired, and what the upstream closed (an idle
-        keep-alive socket turns readable only with EOF or unasked-for bytes)."""
         while True:
             with self.lock:
-                if not self.idle:
-                    self.reaping = False
+                self.reaper_asleep = True
+                while not self.idle and not self.closed:
+                    self.reaper_wait.wait()
+                self.reaper_asleep = False
+                if self.closed:
                     return
                 now = time.monotonic()
                 expired = [c for c, at in self.idle if now - at >= self.idle_seconds]
-                live = [(c, at) for c, at in self.idle if now - at < self.idle_seconds]
-                socks = {c.sock: c for c, _ in live if c.sock is not None}
-                wait = min([self.idle_seconds - (now - at) for _, at in live] or [0])
+                socks = {c.sock: c for c, at in self.idle
+                         if now - at < self.idle_seconds and c.sock is not None}
             for conn in expired:
                 self._drop(conn)
-            try:
-                readable = select.select(list(socks), [], [], max(0.01, min(wait, 5.0)))[0]
-            except (OSError, ValueError):   # a socket closed under us: look again
-                readable = []
-            for sock in readable:
+            try:   # an idle keep-alive socket turns readable only with EOF or unasked-for bytes
+                closed = select.select(list(socks), [], [], 0)[0]
+            except (OSError, ValueError):   # a socket closed under us: look again next time
+                closed = []
+            for sock in closed:
                 self._drop(socks[sock])
+            with self.lock:
+                if not self.closed:
+                    self.reaper_wait.wait(self.REAP_EVERY)
 
     def _drop(self, conn):
         with self.lock:
@@ -6196,10 +6212,16 @@ def _too_large(limit):
 
 class SocketWriter:
     """The handlers' wfile: writes collect until flush(), so a status line, its headers and the
-    first body bytes leave in one send. close() drops what a gone client was not sent."""
+    first body bytes leave in one send. close() drops what a gone client was not sent.
+
+    A socket with a timeout is non-blocking underneath, and its sendall() polls before every
+    send: two system calls, each a turn at the GIL for 200 streaming threads. So what fits the
+    socket buffer goes out in one write(); only the rest waits, in sendall (POSIX; elsewhere
+    sendall does it all)."""
 
     def __init__(self, sock):
         self.sock = sock
+        self.fd = sock.fileno() if os.name == "posix" and sock.gettimeout() else None
         self.pending = []
         self.closed = False
 
@@ -6211,7 +6233,14 @@ class SocketWriter:
         if self.pending:
             data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
             self.pending = []
-            self.sock.sendall(data)
+            sent = 0
+            if self.fd is not None:
+                try:
+                    sent = os.write(self.fd, data)
+                except BlockingIOError:
+                    pass
+            if sent < len(data):
+                self.sock.sendall(data[sent:] if sent else data)
 
     def close(self):
         self.pending = []

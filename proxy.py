@@ -248,6 +248,9 @@ SETTINGS = [
             "wait before the first retry, doubling for each next one, at most 2 s"),
     Setting("apiBase", "CC_API_BASE", "https://api.commandcode.ai", _url, "url",
             "Command Code base URL"),
+    Setting("upstreamCaFile", "CC_CA_FILE", "", _text, "path",
+            "more CA certificates (PEM) to trust for apiBase besides the system's, e.g. a "
+            "TLS-inspecting proxy's; relative to the config file's directory"),
     Setting("projectSlug", "PROJECT_SLUG", "cc-proxy", _text, "text", "x-project-slug header"),
     Setting("ccVersion", "CC_VERSION", "", _text, "text",
             "x-command-code-version; empty = npm latest, refreshed every 24 h"),
@@ -2839,7 +2842,7 @@ class VersionWatcher:
     def _run(self):
         registry = ConnectionPool(self.REGISTRY_URL)
         while not self.stop_event.is_set():
-            conn, _ = registry.acquire(10)
+            conn = registry.new_connection(10)
             try:
                 conn.request("GET", registry.prefix,  # the URL's path
                              headers={"Accept": "application/json"})
@@ -2906,9 +2909,18 @@ class UpstreamSessions:
 
 
 @functools.lru_cache(maxsize=None)
-def tls_context():
-    """The one client TLS context: each context holds its own copy of the CA store (~1 MB)."""
-    return ssl.create_default_context()
+def tls_context(ca_file=""):
+    """One client TLS context per CA choice: each holds its own copy of the CA store (~1 MB).
+    ca_file: more CA certificates (PEM) to trust besides the system's, e.g. those of a
+    TLS-inspecting corporate proxy."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(ca_file)
+        except OSError as e:   # missing, unreadable, or no certificate in it (ssl.SSLError)
+            raise ConfigError("upstreamCaFile %s: cannot load it as PEM certificates (%s)"
+                              % (ca_file, getattr(e, "strerror", None) or e)) from None
+    return context
 
 
 class _WithoutNagle:
@@ -2929,24 +2941,29 @@ class UpstreamHTTPSConnection(_WithoutNagle, http.client.HTTPSConnection):
 
 class ConnectionPool:
     """Idle keep-alive connections per upstream origin, so requests skip a new TCP+TLS handshake.
-    One reaper thread, started with the first idle connection, looks at the idle ones every
-    REAP_EVERY s: it closes a connection once it has been idle `idle_seconds`, or once the
-    upstream closed its side, so a burst leaves no sockets behind (ESTABLISHED or CLOSE_WAIT).
-    It sleeps while nothing is idle; a request never starts a thread or wakes it, except the
-    release that ends such a sleep."""
 
-    MAX_IDLE = 64
+    Every acquire() is answered by one release() (reusable) or discard(). The idle list holds
+    up to as many connections as were in use at once since the pool was last quiet (at least
+    MIN_IDLE), so the next burst of that size finds them all. One reaper thread, started with
+    the first idle connection, looks at the idle ones every REAP_EVERY s: it closes one once it
+    has been idle `idle_seconds`, or once the upstream closed its side, so a burst leaves no
+    sockets behind (ESTABLISHED or CLOSE_WAIT). It sleeps while nothing is idle; a request never
+    starts a thread or wakes it, except the release that ends such a sleep."""
+
+    MIN_IDLE = 8
     REAP_EVERY = 1.0
 
-    def __init__(self, base_url, idle_seconds=50.0):
+    def __init__(self, base_url, idle_seconds=50.0, ca_file=""):
         parts = urllib.parse.urlsplit(base_url)
-        self.tls = parts.scheme == "https"
+        self.tls = tls_context(ca_file) if parts.scheme == "https" else None
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         self.idle_seconds = idle_seconds
         self.lock = threading.Lock()
         self.idle = []  # (connection, released at)
+        self.out = 0    # acquired, not yet released or discarded
+        self.peak = 0   # the most out at once since the pool was last quiet
         self.reaper_wait = threading.Condition(self.lock)
         self.reaper = None
         self.reaper_asleep = False   # waiting for something to be idle (not on its timer)
@@ -2958,6 +2975,8 @@ class ConnectionPool:
         stale = []
         reused = None
         with self.lock:
+            self.out += 1
+            self.peak = max(self.peak, self.out)
             while self.idle:
                 conn, released = self.idle.pop()
                 if (now - released < self.idle_seconds and conn.sock is not None
@@ -2972,12 +2991,14 @@ class ConnectionPool:
             if reused.sock is not None:
                 reused.sock.settimeout(timeout)
             return reused, True
+        return self.new_connection(timeout), False
+
+    def new_connection(self, timeout):
+        """A connection of this origin outside the pool's count (for a one-off request)."""
         if self.tls:
-            conn = UpstreamHTTPSConnection(self.host, self.port, timeout=timeout,
-                                           context=tls_context())
-        else:
-            conn = UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
-        return conn, False
+            return UpstreamHTTPSConnection(self.host, self.port, timeout=timeout,
+                                           context=self.tls)
+        return UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
 
     def close_all(self):
         with self.lock:
@@ -2987,9 +3008,16 @@ class ConnectionPool:
         for conn, _ in idle:
             conn.close()
 
+    def discard(self, conn):
+        with self.lock:
+            self.out -= 1
+        conn.close()
+
     def release(self, conn):
         with self.lock:
-            kept = not self.closed and len(self.idle) < self.MAX_IDLE and conn.sock is not None
+            self.out -= 1
+            kept = (not self.closed and conn.sock is not None
+                    and len(self.idle) < max(self.MIN_IDLE, self.peak))
             if kept:
                 self.idle.append((conn, time.monotonic()))
                 start = self.reaper is None
@@ -3008,6 +3036,8 @@ class ConnectionPool:
             with self.lock:
                 self.reaper_asleep = True
                 while not self.idle and not self.closed:
+                    if not self.out:
+                        self.peak = 0   # quiet: the next burst sizes the idle list afresh
                     self.reaper_wait.wait()
                 self.reaper_asleep = False
                 if self.closed:
@@ -3156,10 +3186,11 @@ class UpstreamCall:
             return UpstreamFailed(e)
 
     def _send(self, fresh=False):
-        self.conn, self.reused = self.pool.acquire(self.socket_timeout)
-        if fresh and self.reused:
+        if fresh:   # the pooled connection had been closed by the server: a new one
             self.conn.close()   # http.client reconnects a closed connection on request()
             self.reused = False
+        else:
+            self.conn, self.reused = self.pool.acquire(self.socket_timeout)
         try:
             self.conn.request(self.method, self.pool.prefix + self.path, self.body, self.headers)
         except (http.client.ImproperConnectionState, ConnectionResetError, BrokenPipeError):
@@ -3233,7 +3264,7 @@ class UpstreamCall:
         sock, self.sock = self.sock, None   # no longer ours to abort
         if response.will_close or self.framing.buffer:
             sock.close()
-            conn.close()
+            self.pool.discard(conn)
         else:
             self.pool.release(conn)   # acquire() restores the socket's timeout
         return UpstreamEnd()
@@ -3263,7 +3294,7 @@ class UpstreamCall:
         if self.response is not None:
             self.response.close()
         if conn is not None:
-            conn.close()
+            self.pool.discard(conn)
 
 
 def parse_upstream_error(body):
@@ -3642,8 +3673,8 @@ class ModelList:
                 self.refreshing = False
 
     def _refresh(self, key):
-        pool = ConnectionPool(self.backend.config["apiBase"])
-        conn, _ = pool.acquire(10)
+        pool = self.backend.pool
+        conn = pool.new_connection(10)
         try:
             conn.request("GET", pool.prefix + "/provider/v1/models",
                          headers=self.backend.headers(key, None, None))
@@ -3675,7 +3706,8 @@ class CommandCodeBackend:
         self.metrics = metrics
         self.sessions = UpstreamSessions()
         self.version = VersionWatcher(config["ccVersion"])
-        self.pool = ConnectionPool(config["apiBase"], config["upstreamIdleMs"] / 1000)
+        self.pool = ConnectionPool(config["apiBase"], config["upstreamIdleMs"] / 1000,
+                                   config_relative_path(config, "upstreamCaFile") or "")
         self.models = ModelList(self)
         self.last_upstream_ok = None
 

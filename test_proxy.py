@@ -21,6 +21,7 @@ import random
 import re
 import select
 import socket
+import ssl
 import sqlite3
 import struct
 import sys
@@ -65,6 +66,9 @@ logging.getLogger().addHandler(logging.NullHandler())
 # ---------------------------------------------------------------------------------------
 
 CAPTURE_FILE = os.path.join(HERE, "testdata", "captures", "commandcode", "01_text_default_model.jsonl")
+# A test CA and a certificate it signed for 127.0.0.1 (and its key), valid until 2126.
+TLS_CA = os.path.join(HERE, "testdata", "tls", "ca.pem")
+TLS_UPSTREAM_CERT = os.path.join(HERE, "testdata", "tls", "upstream.pem")
 # Headers the CLI itself sets on /alpha/generate, in wire order (undici's own defaults such
 # as accept / accept-encoding / host / content-length are left out).
 CAPTURED_GENERATE_HEADER_ORDER = [
@@ -344,8 +348,8 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
                 return
             readable, _, _ = select.select([sock], [], [], min(remaining, 0.02))
             if readable:
-                try:
-                    peek = sock.recv(1, socket.MSG_PEEK)
+                try:   # the TCP bytes themselves, under TLS too (an SSLSocket cannot peek)
+                    peek = socket.socket.recv(sock, 1, socket.MSG_PEEK)
                 except OSError:
                     peek = b""
                 if not peek:
@@ -418,15 +422,21 @@ class FakeCommandCode:
             {"id": "claude-sonnet-5", "name": "Claude Sonnet 5", "context_length": 1000000,
              "supported_endpoints": ["/v1/messages"]}]}
         self.registry_reply = (200, {"name": "command-code", "version": "1.70.2"})
+        self.tls = False   # serve HTTPS with testdata/tls/upstream.pem (trusted via ca.pem)
         self.server = _UpstreamServer(("127.0.0.1", 0), _UpstreamHandler)
         self.server.fake = self
         self.thread = None
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.server.server_address[1]
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http",
+                                      self.server.server_address[1])
 
     def start(self):
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(TLS_UPSTREAM_CERT)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
@@ -780,10 +790,11 @@ class ProxyTestCase(unittest.TestCase):
 
     proxy_overrides = {}
     api_base = None  # None = the fake upstream
+    upstream_tls = False
 
     @classmethod
     def setUpClass(cls):
-        cls.upstream = fake_upstream(cls.addClassCleanup)
+        cls.upstream = fake_upstream(cls.addClassCleanup, tls=cls.upstream_tls)
         overrides = dict(BASE_OVERRIDES)
         overrides["apiBase"] = cls.api_base or cls.upstream.url
         overrides.update(cls.proxy_overrides)
@@ -1969,6 +1980,66 @@ class TestUpstreamPoolAfterAbnormalEnds(ProxyTestCase):
         self.check_next_request_succeeds(
             Reply(200, START + text_parts("Partial")[:2] + [error_event("boom", 500, False)]),
             stream=True)
+
+
+class TestUpstreamOverTls(ProxyTestCase):
+    """api.commandcode.ai is HTTPS: the body is read from a non-blocking TLS socket, where a
+    readable socket may hold part of a record and decrypted bytes may wait inside TLS. The fake
+    upstream serves HTTPS with a test CA's certificate, trusted through upstreamCaFile."""
+
+    upstream_tls = True
+    proxy_overrides = {"upstreamCaFile": TLS_CA, "upstreamRetries": 0}
+
+    def test_streamed_and_plain_answers_arrive_whole(self):
+        r = self.chat(stream=True)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(chunk_content(r.chunks()), "Hello world")
+        self.assertTrue(r.done())
+        self.assertEqual(self.chat().json()["choices"][0]["message"]["content"], "Hello world")
+
+    def test_thousands_of_events_and_a_megabyte_line_cross_tls_records_intact(self):
+        texts = ["%d," % i for i in range(3000)] + ["y" * (1024 * 1024)]
+        self.upstream.script(ok(text_parts(*texts)))
+        r = self.chat(stream=True)
+        self.assertEqual(chunk_content(r.chunks()), "".join(texts))
+        self.assertTrue(r.done())
+
+    def test_events_apart_in_time_arrive_and_the_connection_is_kept_alive(self):
+        self.upstream.script(dripped(5, 0.05))
+        r = self.chat(stream=True)
+        self.assertEqual(chunk_content(r.chunks()), "xxxxx")
+        self.assertEqual(self.chat().status, 200)
+        gens = self.upstream.generates()
+        self.assertEqual(gens[0]["client_port"], gens[1]["client_port"])
+
+    def test_client_disconnect_closes_the_tls_connection_promptly(self):
+        self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
+                                   + finish_parts()))
+        s = send_request(self.port, "chat", {"model": "claude-sonnet-5", "stream": True,
+                                             "messages": [{"role": "user", "content": "hi"}]})
+        self.assertIn(b"partial", read_until(s, b"partial"))
+        closed_at = time.monotonic()
+        s.close()
+        rec = self.upstream.generates()[0]
+        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5))
+        self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
+
+    def test_an_untrusted_certificate_is_a_502_that_says_so(self):
+        server, stop = start_proxy(proxy_config(**dict(
+            BASE_OVERRIDES, apiBase=self.upstream.url, upstreamRetries=0)))
+        self.addCleanup(stop)
+        r = http_request(server.server_address[1], "POST", "/v1/chat/completions",
+                         {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+                         {"Authorization": "Bearer " + KEY})
+        self.assertIn("SSLCertVerificationError", self.assertOpenAIError(r, 502)["message"])
+        self.assertEqual(self.upstream.generates(), [])
+
+    def test_a_ca_file_that_cannot_be_loaded_is_a_config_error(self):
+        for path in ("/nonexistent/ca.pem", CAPTURE_FILE):
+            with self.assertRaises(proxy.ConfigError) as caught:
+                proxy.make_server(proxy_config(**dict(BASE_OVERRIDES, apiBase=self.upstream.url,
+                                                      upstreamCaFile=path)))
+            self.assertIn("upstreamCaFile", str(caught.exception))
 
 
 class TestConnectionRefused(ProxyTestCase):
@@ -7963,8 +8034,8 @@ class TestResponsesEncryptedReasoning(ProxyTestCase):
 # =======================================================================================
 
 class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
-    def burst(self, port, upstream, n=8):
-        upstream.default_reply = lambda: dripped(3, 0.05)   # long enough for n to overlap
+    def burst(self, port, upstream, n=8, apart=0.05):
+        upstream.default_reply = lambda: dripped(3, apart)   # long enough for n to overlap
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             statuses = list(pool.map(lambda _: http_request(
                 port, "POST", "/v1/chat/completions",
@@ -7986,6 +8057,16 @@ class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
         self.assertTrue(wait_for(lambda: not server.backend.pool.idle, 3))
         self.assertTrue(wait_for(lambda: res_fd_count() <= baseline, 3),
                         (res_fd_count(), baseline))
+
+    def test_a_burst_leaves_every_connection_it_used_idle_and_the_next_burst_reuses_them(self):
+        server, port, upstream = self.serve(maxInFlight=200)
+        self.burst(port, upstream, n=80, apart=0.2)
+        first = {r["client_port"] for r in upstream.generates()}
+        self.assertGreater(len(first), 64)   # past the old fixed idle cap of 64
+        self.assertEqual(len(server.backend.pool.idle), len(first))
+        upstream.reset()
+        self.burst(port, upstream, n=60, apart=0.2)
+        self.assertLessEqual({r["client_port"] for r in upstream.generates()}, first)
 
     def test_a_connection_the_upstream_closed_is_closed_at_once_not_left_in_close_wait(self):
         server, port, upstream = self.serve(upstreamIdleMs=60000)

@@ -6726,6 +6726,63 @@ def route_table(frontends, more=()):
     return exact, tuple(r for p, r in table.items() if p not in exact)
 
 
+class HandlerThreads:
+    """The threads that serve client connections, kept for the next one: starting a thread waits
+    until the new thread runs, which under load means waiting behind every streaming thread for
+    the GIL, so a burst that starts 200 costs its last requests hundreds of ms. Kept threads
+    serve the next burst without a start; one idle `idle_seconds` exits."""
+
+    def __init__(self, serve, idle_seconds=60.0):
+        self.serve = serve   # serve(request, client_address)
+        self.idle_seconds = idle_seconds
+        self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)
+        self.jobs = collections.deque()
+        self.count = 0   # threads alive
+        self.idle = 0    # of which waiting for a connection
+        self.closed = False
+
+    def submit(self, request, client_address):
+        with self.lock:
+            self.jobs.append((request, client_address))
+            start = self.idle < len(self.jobs)
+            if start:
+                self.count += 1
+            else:
+                self.ready.notify()
+        if start:
+            try:
+                threading.Thread(target=self._work, name="http-handler", daemon=True).start()
+            except RuntimeError:   # no thread to be had: the server closes this connection
+                with self.lock:
+                    self.count -= 1
+                    if (request, client_address) in self.jobs:
+                        self.jobs.remove((request, client_address))
+                raise
+
+    def busy(self):
+        with self.lock:
+            return self.count - self.idle
+
+    def close(self):
+        """Idle threads exit now, busy ones after their connection."""
+        with self.lock:
+            self.closed = True
+            self.ready.notify_all()
+
+    def _work(self):
+        while True:
+            with self.lock:
+                self.idle += 1
+                self.ready.wait_for(lambda: self.jobs or self.closed, self.idle_seconds)
+                self.idle -= 1
+                if not self.jobs:
+                    self.count -= 1
+                    return
+                job = self.jobs.popleft()
+            self.serve(*job)
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
@@ -6735,6 +6792,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.metrics = Metrics()
         self.connections = Connections()
+        self.handler_threads = HandlerThreads(self.process_request_thread)
         # each server its own front ends: the Responses store (previous_response_id) is per server
         self.frontends = (ChatCompletions(),
                           OpenAIResponses(codex_instructions=codex_instructions(config)),
@@ -6759,11 +6817,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 "in_flight": self.pipeline.inflight.count,
                 **self.backend.health()}
 
+    def process_request(self, request, client_address):
+        self.handler_threads.submit(request, client_address)
+
     def shutdown_request(self, request):
         super().shutdown_request(request)   # the socket is closed only here, after the handler
         self.connections.discard_socket(request)
 
     def server_close(self):
+        self.handler_threads.close()
         self.backend.stop()
         if self.ledger is not None:
             self.ledger.stop()   # what is queued is written before the process exits

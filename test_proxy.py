@@ -7262,8 +7262,8 @@ class TestResilienceHostileClients(ResilienceCase):
 
     def test_slow_sender_is_let_go_after_the_socket_timeout(self):
         """Half a body (or half a head) then silence: the handler thread must be freed."""
-        gc.collect()
-        base_threads = threading.active_count()
+        handlers = self.server.handler_threads
+        base_busy = handlers.busy()
         with mock.patch.object(proxy.ProxyHandler, "timeout", 0.5):
             socks = []
             try:
@@ -7295,8 +7295,8 @@ class TestResilienceHostileClients(ResilienceCase):
             finally:
                 for s in socks:
                     s.close()
-            wait_for(lambda: threading.active_count() <= base_threads + 1, 3, step=0.05)
-            self.assertLessEqual(threading.active_count(), base_threads + 1, "handler threads not freed")
+            wait_for(lambda: handlers.busy() <= base_busy, 3, step=0.05)
+            self.assertLessEqual(handlers.busy(), base_busy, "handler threads not freed")
             # and the server still answers
             self.assertEqual(self.chat(key=unique_key()).status, 200)
         self.assertEqual(len(self.upstream.generates()), 1, "only the final request went upstream")
@@ -7404,7 +7404,9 @@ class TestResilienceLeaks(ResilienceCase):
         self.assertEqual(self.chat(key=unique_key()).status, 200)  # warm the upstream pool
         time.sleep(0.2)
         gc.collect()
-        base_threads, base_fds = threading.active_count(), res_fd_count()
+        # handler threads kept idle for the next connection are not leaks: they are not counted
+        live_threads = lambda: threading.active_count() - self.server.handler_threads.idle
+        base_threads, base_fds = live_threads(), res_fd_count()
         n = 10
         self.upstream.script(*[res_partial_then(Stall(8), *finish_parts()) for _ in range(3 * n)])
 
@@ -7432,7 +7434,7 @@ class TestResilienceLeaks(ResilienceCase):
 
         def back_to_baseline():
             gc.collect()
-            counts[:] = [threading.active_count(), res_fd_count()]
+            counts[:] = [live_threads(), res_fd_count()]
             return counts[0] <= base_threads + 2 and counts[1] <= base_fds + 4
         wait_for(back_to_baseline, 5, step=0.1)
         threads, fds = counts
@@ -8032,6 +8034,60 @@ class TestResponsesEncryptedReasoning(ProxyTestCase):
 # =======================================================================================
 # Idle upstream connections are not kept past their use
 # =======================================================================================
+
+class TestHandlerThreadsAreKept(unittest.TestCase):
+    """A client connection's thread waits for the next connection instead of exiting: starting
+    one means waiting behind every busy thread for the GIL."""
+
+    def test_connections_one_after_another_are_served_by_one_kept_thread(self):
+        upstream = fake_upstream(self.addCleanup)
+        server, port = ops_start_server(self, apiBase=upstream.url)
+        threads = server.handler_threads
+        for _ in range(6):   # a new connection each time
+            self.assertEqual(http_request(port, "GET", "/health").status, 200)
+            self.assertTrue(wait_for(lambda: threads.busy() == 0, 3))
+        self.assertEqual(threads.count, 1)
+
+    def test_a_burst_keeps_its_threads_and_the_next_burst_starts_none(self):
+        upstream = fake_upstream(self.addCleanup, default_reply=lambda: dripped(3, 0.1))
+        server, port = ops_start_server(self, apiBase=upstream.url)
+        threads = server.handler_threads
+
+        def burst(n):
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                return list(pool.map(lambda _: http_request(
+                    port, "POST", "/v1/chat/completions",
+                    {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+                    {"Authorization": "Bearer " + KEY}).status, range(n)))
+        self.assertEqual(burst(20), [200] * 20)
+        self.assertTrue(wait_for(lambda: threads.busy() == 0, 3))
+        kept = threads.count
+        self.assertGreaterEqual(kept, 10)
+        self.assertEqual(burst(kept), [200] * kept)
+        self.assertTrue(wait_for(lambda: threads.busy() == 0, 3))
+        self.assertEqual(threads.count, kept)
+
+    def test_an_idle_thread_exits_after_its_idle_time_and_every_one_at_close(self):
+        served = []
+        gate = threading.Event()
+
+        def serve(request, address):
+            served.append(request)
+            gate.wait(5)
+        threads = proxy.HandlerThreads(serve, idle_seconds=0.2)
+        for i in range(3):
+            threads.submit(i, None)
+        self.assertTrue(wait_for(lambda: len(served) == 3, 3))
+        self.assertEqual((threads.count, threads.busy()), (3, 3))
+        gate.set()
+        self.assertTrue(wait_for(lambda: threads.count == 0, 3), threads.count)
+        kept = proxy.HandlerThreads(serve, idle_seconds=60)
+        kept.submit("a", None)
+        self.assertTrue(wait_for(lambda: kept.busy() == 0, 3))
+        self.assertEqual(kept.count, 1)
+        kept.close()
+        self.assertTrue(wait_for(lambda: kept.count == 0, 3))
+
 
 class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
     def burst(self, port, upstream, n=8, apart=0.05):

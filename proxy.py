@@ -6253,7 +6253,7 @@ class SocketWriter:
 
     def __init__(self, sock):
         self.sock = sock
-        self.fd = sock.fileno() if os.name == "posix" and sock.gettimeout() else None
+        self.direct = os.name == "posix" and bool(sock.gettimeout())
         self.pending = []
         self.closed = False
 
@@ -6266,9 +6266,9 @@ class SocketWriter:
             data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
             self.pending = []
             sent = 0
-            if self.fd is not None:
-                try:
-                    sent = os.write(self.fd, data)
+            if self.direct:
+                try:   # fileno() each time: -1 once closed, never a number reused since
+                    sent = os.write(self.sock.fileno(), data)
                 except BlockingIOError:
                     pass
             if sent < len(data):

@@ -1178,8 +1178,52 @@ def print_table(f, args):
             rows.append(("RSS idle", fmt(proc.get("idle_rss_mb"), " MB", 1), "<= 30 MB"))
         for row in rows:
             w("  %-44s %-16s %s" % row)
+    rows = load_target_rows(f)
+    if rows:
+        w("")
+        w("Issue 14 targets, proxy against direct in this run (reference only)")
+        w("  %-44s %-16s %s" % ("figure", "measured", "target"))
+        for row in rows:
+            w("  %-44s %-16s %s" % row)
     w("")
     w("command: python3 bench_proxy.py%s" % (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""))
+
+
+def load_target_rows(f):
+    """The load targets as ratios and differences to direct, each pair from the same run."""
+    def pair(section, n):
+        rows = {r["via"]: r for r in f.get(section) or [] if r["streams"] == n}
+        return (rows["proxy"], rows["direct"]) if len(rows) == 2 else (None, None)
+
+    def ratio(a, b):
+        return None if a is None or not b else a / b
+    out = []
+    proxy, direct = pair("load", 200)
+    if proxy:
+        out += [("N=200 completed", "%d/%d" % (proxy["ok"], proxy["streams"]), "all"),
+                ("N=200 p99 total / direct p99",
+                 fmt(ratio(proxy["total"]["p99_ms"], direct["total"]["p99_ms"]), "x"), "<= 1.25x"),
+                ("N=200 first byte p50 - direct p50",
+                 fmt(None if proxy["first_byte"]["p50_ms"] is None else
+                     proxy["first_byte"]["p50_ms"] - direct["first_byte"]["p50_ms"], " ms", 1),
+                 "<= 10 ms"),
+                ("N=200 peak RSS", fmt(proxy["peak_rss_mb"], " MB", 1), "<= 60 MB")]
+    for section, label in (("concurrency", "20 events 10 ms apart"), ("load", "50 events")):
+        proxy, direct = pair(section, 50)
+        if proxy:
+            out.append(("N=50 (%s) p99 / direct" % label,
+                        fmt(ratio(proxy["total"]["p99_ms"], direct["total"]["p99_ms"]), "x"),
+                        "<= 1.1x"))
+    lat, rel = f.get("latency"), f.get("relay")
+    if lat:
+        added = lat["stream"]["added"]["first_byte"]
+        out += [("one stream: added first byte p50", fmt(added["p50_ms"], " ms"), "<= 0.8 ms"),
+                ("one stream: added first byte p99", fmt(added["p99_ms"], " ms"), "<= 2 ms")]
+    if rel:
+        out += [("relay throughput", fmt(rel["proxy"].get("events_per_s"), " ev/s"), ">= 400000 ev/s"),
+                ("relay CPU per event", fmt(rel["proxy"].get("proxy_cpu_us_per_event"), " us"),
+                 "<= 2.5 us")]
+    return out
 
 
 def print_claude_table(f):

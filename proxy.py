@@ -68,6 +68,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import itertools
 import http.cookies
 import http.server
 import ipaddress
@@ -1013,8 +1014,21 @@ def append_parts(request, role, parts):
         request.messages.append({"role": role, "parts": parts})
 
 
+# Ids a client or the upstream sees (request, response, trace and call ids): a keyed hash of a
+# counter, as unpredictable as the key, without a getrandom() system call per id (each one a
+# turn at the GIL for every busy thread).
+_ID_KEY = secrets.token_bytes(32)
+_ID_COUNTER = itertools.count()
+
+
+def random_hex(digits):
+    """`digits` (at most 64) hex digits no one without this process's key can predict."""
+    return hashlib.blake2b(next(_ID_COUNTER).to_bytes(8, "little"), key=_ID_KEY).hexdigest()[
+        :digits]
+
+
 def new_id(prefix):
-    return prefix + uuid.uuid4().hex[:24]
+    return prefix + random_hex(24)
 
 
 def fold_system_text(request, text, cache=False):
@@ -2436,15 +2450,16 @@ class Exchange:
     def __init__(self, request_id, frontend, credential, tick):
         self.request_id = request_id
         self.created = int(time.time())
-        self.response_id = frontend.id_prefix + uuid.uuid4().hex[:24]
-        self.trace_id = secrets.token_hex(16)   # shared by every attempt of this request
+        self.response_id = new_id(frontend.id_prefix)
+        self.trace_id = random_hex(32)         # shared by every attempt of this request
         self.tick = tick                       # a backend yields an empty batch at least this often
         self.credential = credential
         self.input_estimate = 0                # calibrated: what a client is told before usage
         self.raw_estimate = 0                  # uncalibrated: what calibration compares with usage
         self.committed = False                 # status line sent: no more retries or HTTP statuses
         self.produced = False                  # any content event seen in the current attempt
-        self.next_client_check = 0.0           # monotonic time of the next "is the client there"
+        # monotonic time of the next "is the client there": it has just sent this request
+        self.next_client_check = time.monotonic() + CLIENT_CHECK_SECONDS
         self.last_write = time.monotonic()
         self.response_headers = {}             # set by the backend (e.g. X-Claude-Cost-Usd)
         self.cost_usd = None                   # what the backend says this request cost
@@ -3794,7 +3809,7 @@ class CommandCodeBackend:
         key = exchange.credential
         session_id = self.sessions.session_for(key, request.session_id)
         body = json_dumps(self.envelope(request, session_id)).encode()
-        traceparent = "00-%s-%s-01" % (exchange.trace_id, secrets.token_hex(8))
+        traceparent = "00-%s-%s-01" % (exchange.trace_id, random_hex(16))
         idle_limit = self.config["streamIdleTimeoutMs" if request.stream
                                  else "nonStreamIdleTimeoutMs"] / 1000
         call = UpstreamCall(self.pool, "POST", "/alpha/generate",
@@ -6336,7 +6351,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not super().parse_request():
             return False
         given = self.headers.get("x-request-id", "")
-        self.request_id = given if _REQUEST_ID.match(given) else "req_" + uuid.uuid4().hex[:24]
+        self.request_id = given if _REQUEST_ID.match(given) else new_id("req_")
         problem = request_head_problem(self.headers)
         if problem:
             self.send_error(400, problem)   # closes: where this request's body ends is unknown
@@ -6357,7 +6372,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (bad request line, header too large, unknown method), as JSON
         in the shape of the protocol the request was for."""
-        self.request_id = self.request_id or "req_" + uuid.uuid4().hex[:24]
+        self.request_id = self.request_id or new_id("req_")
         self.close_connection = True
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # else http.server writes no status line at all

@@ -2939,11 +2939,31 @@ def tls_context(ca_file=""):
 
 
 class _WithoutNagle:
-    """Small NDJSON requests and stream reads: no Nagle delay on the upstream socket."""
+    """Small NDJSON requests and stream reads: no Nagle delay on the upstream socket. Without
+    Nagle, http.client's two sends of a request (its head, then its body) are two packets (two
+    TLS records) and two system calls each; endheaders() here joins them into one."""
+
+    held = None   # what send() was given while endheaders() runs
 
     def connect(self):
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def endheaders(self, message_body=None, **kwargs):
+        self.held = []
+        try:
+            super().endheaders(message_body, **kwargs)
+        except BaseException:
+            self.held = None
+            raise
+        held, self.held = self.held, None
+        if held:
+            super().send(b"".join(held))
+
+    def send(self, data):
+        if self.held is None:
+            return super().send(data)
+        self.held.append(data if isinstance(data, bytes) else bytes(data))
 
 
 class UpstreamHTTPConnection(_WithoutNagle, http.client.HTTPConnection):

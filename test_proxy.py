@@ -1983,6 +1983,33 @@ class TestUpstreamPoolAfterAbnormalEnds(ProxyTestCase):
             stream=True)
 
 
+class TestUpstreamRequestIsOneWrite(unittest.TestCase):
+    def test_the_request_head_and_its_body_leave_in_one_send(self):
+        """http.client sends a head and its body in two calls: with Nagle off, two packets (two
+        TLS records), an upstream blocked in recv() woken for the head alone."""
+        near, far = socket.socketpair()
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        sends = []
+
+        class Recording:   # the real socket, with each sendall() call noted
+            def sendall(self, data):
+                sends.append(bytes(data))
+                near.sendall(data)
+
+            def __getattr__(self, name):
+                return getattr(near, name)
+        conn = proxy.UpstreamHTTPConnection("127.0.0.1", 9)
+        conn.sock = Recording()
+        conn.request("POST", "/alpha/generate", b'{"params": {}}',
+                     {"content-type": "application/json"})
+        self.assertEqual(len(sends), 1, sends)
+        self.assertTrue(sends[0].startswith(b"POST /alpha/generate HTTP/1.1\r\n"))
+        self.assertTrue(sends[0].endswith(b'\r\n\r\n{"params": {}}'))
+        far.settimeout(2)
+        self.assertEqual(far.recv(65536), sends[0])
+
+
 class TestUpstreamOverTls(ProxyTestCase):
     """api.commandcode.ai is HTTPS: the body is read from a non-blocking TLS socket, where a
     readable socket may hold part of a record and decrypted bytes may wait inside TLS. The fake

@@ -887,6 +887,20 @@ class ProxyTestCase(unittest.TestCase):
         self.assertIsInstance(body["error"]["message"], str)
         return body["error"]
 
+    def assertDisconnectClosesUpstream(self, front, body):
+        """A client that hangs up mid-stream: the upstream connection is closed within 3 s."""
+        self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
+                                   + finish_parts()))
+        s = send_request(self.port, front, body)
+        buf = read_until(s, b"partial")
+        self.assertIn(b"partial", buf)
+        closed_at = time.monotonic()
+        s.close()
+        rec = self.upstream.generates()[0]
+        gone = wait_for(lambda: rec["disconnected_at"], 5)
+        self.assertTrue(gone, "upstream never saw the connection close")
+        self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
+
     def assertNoUpstreamCall(self):
         time.sleep(0.05)
         self.assertEqual(self.upstream.generates(), [])
@@ -2041,16 +2055,9 @@ class TestUpstreamOverTls(ProxyTestCase):
         self.assertEqual(gens[0]["client_port"], gens[1]["client_port"])
 
     def test_client_disconnect_closes_the_tls_connection_promptly(self):
-        self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
-                                   + finish_parts()))
-        s = send_request(self.port, "chat", {"model": "claude-sonnet-5", "stream": True,
-                                             "messages": [{"role": "user", "content": "hi"}]})
-        self.assertIn(b"partial", read_until(s, b"partial"))
-        closed_at = time.monotonic()
-        s.close()
-        rec = self.upstream.generates()[0]
-        self.assertTrue(wait_for(lambda: rec["disconnected_at"], 5))
-        self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
+        self.assertDisconnectClosesUpstream("chat", {
+            "model": "claude-sonnet-5", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
 
     def test_an_untrusted_certificate_is_a_502_that_says_so(self):
         server, stop = start_proxy(proxy_config(**dict(
@@ -2216,30 +2223,17 @@ class TestStreamAndNonStreamIdleTimeoutsAreSeparate(ProxyTestCase):
 class TestClientDisconnect(ProxyTestCase):
     proxy_overrides = {"keepAliveIntervalMs": 100}
 
-    def check_disconnect(self, front, body):
-        self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
-                                   + finish_parts()))
-        s = send_request(self.port, front, body)
-        buf = read_until(s, b"partial")
-        self.assertIn(b"partial", buf)
-        closed_at = time.monotonic()
-        s.close()
-        rec = self.upstream.generates()[0]
-        gone = wait_for(lambda: rec["disconnected_at"], 5)
-        self.assertTrue(gone, "upstream never saw the connection close")
-        self.assertLess(rec["disconnected_at"] - closed_at, 3.0)
-
     def test_chat_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+        self.assertDisconnectClosesUpstream("chat", {"model": "claude-sonnet-5", "stream": True,
                                        "messages": [{"role": "user", "content": "hi"}]})
 
     def test_anthropic_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("messages", {"model": "claude-sonnet-5", "stream": True,
+        self.assertDisconnectClosesUpstream("messages", {"model": "claude-sonnet-5", "stream": True,
                                            "max_tokens": 100,
                                            "messages": [{"role": "user", "content": "hi"}]})
 
     def test_responses_client_disconnect_closes_upstream_connection_promptly(self):
-        self.check_disconnect("responses", {"model": "claude-sonnet-5", "stream": True,
+        self.assertDisconnectClosesUpstream("responses", {"model": "claude-sonnet-5", "stream": True,
                                             "input": "hi"})
 
     def test_non_streaming_client_disconnect_closes_upstream_connection_promptly(self):
@@ -2276,7 +2270,7 @@ class TestClientDisconnect(ProxyTestCase):
                     self.assertFalse(rec["completed"])
 
     def test_next_request_works_after_a_client_disconnect(self):
-        self.check_disconnect("chat", {"model": "claude-sonnet-5", "stream": True,
+        self.assertDisconnectClosesUpstream("chat", {"model": "claude-sonnet-5", "stream": True,
                                        "messages": [{"role": "user", "content": "hi"}]})
         self.upstream.reset()
         r = self.chat(stream=True)

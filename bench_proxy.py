@@ -1204,8 +1204,8 @@ def load_target_rows(f):
                 ("N=200 p99 total / direct p99",
                  fmt(ratio(proxy["total"]["p99_ms"], direct["total"]["p99_ms"]), "x"), "<= 1.25x"),
                 ("N=200 first byte p50 - direct p50",
-                 fmt(None if proxy["first_byte"]["p50_ms"] is None else
-                     proxy["first_byte"]["p50_ms"] - direct["first_byte"]["p50_ms"], " ms", 1),
+                 fmt(None if None in (proxy["first_byte"]["p50_ms"], direct["first_byte"]["p50_ms"])
+                     else proxy["first_byte"]["p50_ms"] - direct["first_byte"]["p50_ms"], " ms", 1),
                  "<= 10 ms"),
                 ("N=200 peak RSS", fmt(proxy["peak_rss_mb"], " MB", 1), "<= 60 MB")]
     for section, label in (("concurrency", "20 events 10 ms apart"), ("load", "50 events")):
@@ -1220,7 +1220,8 @@ def load_target_rows(f):
         out += [("one stream: added first byte p50", fmt(added["p50_ms"], " ms"), "<= 0.8 ms"),
                 ("one stream: added first byte p99", fmt(added["p99_ms"], " ms"), "<= 2 ms")]
     if rel:
-        out += [("relay throughput", fmt(rel["proxy"].get("events_per_s"), " ev/s"), ">= 400000 ev/s"),
+        out += [("relay throughput", fmt(rel["proxy"].get("events_per_s"), " ev/s"),
+                 ">= 400000 ev/s"),
                 ("relay CPU per event", fmt(rel["proxy"].get("proxy_cpu_us_per_event"), " us"),
                  "<= 2.5 us")]
     return out

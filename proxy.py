@@ -1022,7 +1022,7 @@ _ID_COUNTER = itertools.count()
 
 
 def random_hex(digits):
-    """`digits` (at most 64) hex digits no one without this process's key can predict."""
+    """`digits` (at most 128) hex digits no one without this process's key can predict."""
     return hashlib.blake2b(next(_ID_COUNTER).to_bytes(8, "little"), key=_ID_KEY).hexdigest()[
         :digits]
 
@@ -2841,8 +2841,9 @@ class VersionWatcher:
 
     REGISTRY_URL = "https://registry.npmjs.org/command-code/latest"
 
-    def __init__(self, configured):
+    def __init__(self, configured, ca_file=""):
         self.configured = configured
+        self.ca_file = ca_file   # behind a TLS-inspecting proxy, npm is behind it too
         self.latest = None
         self.stop_event = threading.Event()
 
@@ -2855,7 +2856,7 @@ class VersionWatcher:
             threading.Thread(target=self._run, name="cc-version", daemon=True).start()
 
     def _run(self):
-        registry = ConnectionPool(self.REGISTRY_URL)
+        registry = ConnectionPool(self.REGISTRY_URL, ca_file=self.ca_file)
         while not self.stop_event.is_set():
             conn = registry.new_connection(10)
             try:
@@ -2925,17 +2926,22 @@ class UpstreamSessions:
 
 @functools.lru_cache(maxsize=None)
 def tls_context(ca_file=""):
-    """One client TLS context per CA choice: each holds its own copy of the CA store (~1 MB).
-    ca_file: more CA certificates (PEM) to trust besides the system's, e.g. those of a
-    TLS-inspecting corporate proxy."""
+    """One client TLS context per CA choice, made on first use: each holds its own copy of the
+    CA store (~1-2 MB). ca_file: more CA certificates (PEM) to trust besides the system's, e.g.
+    those of a TLS-inspecting corporate proxy (checked at start by check_ca_file)."""
     context = ssl.create_default_context()
     if ca_file:
-        try:
-            context.load_verify_locations(ca_file)
-        except OSError as e:   # missing, unreadable, or no certificate in it (ssl.SSLError)
-            raise ConfigError("upstreamCaFile %s: cannot load it as PEM certificates (%s)"
-                              % (ca_file, getattr(e, "strerror", None) or e)) from None
+        context.load_verify_locations(ca_file)
     return context
+
+
+def check_ca_file(ca_file):
+    """A CA file that cannot be loaded stops the start, rather than every upstream request."""
+    try:   # a bare context: without the system's CA store, so nothing big is built twice
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(ca_file)
+    except OSError as e:   # missing, unreadable, or no certificate in it (ssl.SSLError)
+        raise ConfigError("upstreamCaFile %s: cannot load it as PEM certificates (%s)"
+                          % (ca_file, getattr(e, "strerror", None) or e)) from None
 
 
 class _WithoutNagle:
@@ -2990,7 +2996,10 @@ class ConnectionPool:
 
     def __init__(self, base_url, idle_seconds=50.0, ca_file=""):
         parts = urllib.parse.urlsplit(base_url)
-        self.tls = tls_context(ca_file) if parts.scheme == "https" else None
+        self.tls = parts.scheme == "https"
+        self.ca_file = ca_file
+        if ca_file:
+            check_ca_file(ca_file)
         self.host = parts.hostname
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
@@ -3010,6 +3019,8 @@ class ConnectionPool:
         stale = []
         reused = None
         with self.lock:
+            if not self.out and not self.idle:
+                self.peak = 0   # quiet: this burst sizes the idle list afresh
             self.out += 1
             self.peak = max(self.peak, self.out)
             while self.idle:
@@ -3032,7 +3043,7 @@ class ConnectionPool:
         """A connection of this origin outside the pool's count (for a one-off request)."""
         if self.tls:
             return UpstreamHTTPSConnection(self.host, self.port, timeout=timeout,
-                                           context=self.tls)
+                                           context=tls_context(self.ca_file))
         return UpstreamHTTPConnection(self.host, self.port, timeout=timeout)
 
     def close_all(self):
@@ -3071,8 +3082,6 @@ class ConnectionPool:
             with self.lock:
                 self.reaper_asleep = True
                 while not self.idle and not self.closed:
-                    if not self.out:
-                        self.peak = 0   # quiet: the next burst sizes the idle list afresh
                     self.reaper_wait.wait()
                 self.reaper_asleep = False
                 if self.closed:
@@ -3084,10 +3093,10 @@ class ConnectionPool:
             for conn in expired:
                 self._drop(conn)
             try:   # an idle keep-alive socket turns readable only with EOF or unasked-for bytes
-                closed = select.select(list(socks), [], [], 0)[0]
+                spoilt = select.select(list(socks), [], [], 0)[0]
             except (OSError, ValueError):   # a socket closed under us: look again next time
-                closed = []
-            for sock in closed:
+                spoilt = []
+            for sock in spoilt:
                 self._drop(socks[sock])
             with self.lock:
                 if not self.closed:
@@ -3120,11 +3129,14 @@ class UpstreamFailed(NamedTuple):   # the exchange broke (connect, reset, bad fr
     error: Exception
 
 
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class ChunkedBody:
     """HTTP/1.1 chunked framing, undone as bytes arrive: feed(data) returns the payload bytes
-    they complete (every whole chunk at once, so a read that brought ten events yields one
-    piece), `done` once the last chunk and its trailers are in. Extensions and trailers are
-    skipped; a malformed size line is a ValueError (the attempt failed)."""
+    in them (every chunk's at once, so a read that brought ten events yields one piece), `done`
+    once the last chunk and its trailers are in. Extensions and trailers are skipped; a
+    malformed size line is a ValueError (the attempt failed)."""
 
     MAX_LINE = 4096
 
@@ -3162,7 +3174,10 @@ class ChunkedBody:
             if self.trailers:
                 self.done = not line
             else:
-                self.left = int(line.split(b";", 1)[0], 16)   # int() refuses what is not hex
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not _HEX.fullmatch(size):   # int() would take -1, +5, 0x5 and 1_0
+                    raise ValueError("bad chunk size line %r" % line[:40])
+                self.left = int(size, 16)
                 self.trailers = self.left == 0
         self.buffer = buffer[pos:]
         return out[0] if len(out) == 1 else b"".join(out)
@@ -3740,9 +3755,9 @@ class CommandCodeBackend:
         self.config = config
         self.metrics = metrics
         self.sessions = UpstreamSessions()
-        self.version = VersionWatcher(config["ccVersion"])
-        self.pool = ConnectionPool(config["apiBase"], config["upstreamIdleMs"] / 1000,
-                                   config_relative_path(config, "upstreamCaFile") or "")
+        ca_file = config_relative_path(config, "upstreamCaFile") or ""
+        self.version = VersionWatcher(config["ccVersion"], ca_file)
+        self.pool = ConnectionPool(config["apiBase"], config["upstreamIdleMs"] / 1000, ca_file)
         self.models = ModelList(self)
         self.last_upstream_ok = None
 
@@ -6788,12 +6803,14 @@ class HandlerThreads:
         if start:
             try:
                 threading.Thread(target=self._work, name="http-handler", daemon=True).start()
-            except RuntimeError:   # no thread to be had: the server closes this connection
+            except RuntimeError:   # no thread to be had
                 with self.lock:
                     self.count -= 1
-                    if (request, client_address) in self.jobs:
+                    queued = (request, client_address) in self.jobs
+                    if queued:
                         self.jobs.remove((request, client_address))
-                raise
+                if queued:   # else a kept thread took it meanwhile
+                    raise    # the server closes this connection
 
     def busy(self):
         with self.lock:

@@ -1997,6 +1997,37 @@ class TestUpstreamPoolAfterAbnormalEnds(ProxyTestCase):
             stream=True)
 
 
+class TestChunkedBodyFraming(unittest.TestCase):
+    """The upstream body's chunked framing, undone by the proxy as bytes arrive."""
+
+    BODY = (b"5;name=value\r\nhello\r\n1 ; x\r\n,\r\n6\r\n world\r\n"
+            b"0\r\nTrailer: yes\r\n\r\n")
+
+    def test_a_body_fed_a_byte_at_a_time_yields_its_payload_and_ends(self):
+        framing = proxy.ChunkedBody()
+        payload = b"".join(framing.feed(self.BODY[i:i + 1]) for i in range(len(self.BODY)))
+        self.assertEqual(payload, b"hello, world")
+        self.assertTrue(framing.done)
+        self.assertEqual(framing.buffer, b"")
+
+    def test_a_body_in_one_piece_is_one_payload_and_bytes_past_it_are_kept_aside(self):
+        framing = proxy.ChunkedBody()
+        self.assertEqual(framing.feed(self.BODY + b"HTTP/1.1 200"), b"hello, world")
+        self.assertTrue(framing.done)
+        self.assertEqual(framing.buffer, b"HTTP/1.1 200")   # the connection is not reused
+
+    def test_size_lines_that_are_not_plain_hex_are_refused(self):
+        for line in (b"-1", b"+5", b"0x5", b"1_0", b"zz", b"", b"5" * 17):
+            with self.assertRaises(ValueError, msg=line):
+                proxy.ChunkedBody().feed(line + b"\r\nhello\r\n")
+        with self.assertRaises(ValueError):
+            proxy.ChunkedBody().feed(b"1" * 5000)   # no end of line in sight
+
+    def test_a_chunk_not_followed_by_crlf_is_refused(self):
+        with self.assertRaises(ValueError):
+            proxy.ChunkedBody().feed(b"5\r\nhelloXX0\r\n\r\n")
+
+
 class TestUpstreamRequestIsOneWrite(unittest.TestCase):
     def test_the_request_head_and_its_body_leave_in_one_send(self):
         """http.client sends a head and its body in two calls: with Nagle off, two packets (two
@@ -2063,8 +2094,8 @@ class TestUpstreamOverTls(ProxyTestCase):
         server, stop = start_proxy(proxy_config(**dict(
             BASE_OVERRIDES, apiBase=self.upstream.url, upstreamRetries=0)))
         self.addCleanup(stop)
-        r = http_request(server.server_address[1], "POST", "/v1/chat/completions",
-                         {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+        body = {"model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]}
+        r = http_request(server.server_address[1], "POST", "/v1/chat/completions", body,
                          {"Authorization": "Bearer " + KEY})
         self.assertIn("SSLCertVerificationError", self.assertOpenAIError(r, 502)["message"])
         self.assertEqual(self.upstream.generates(), [])
@@ -2224,17 +2255,18 @@ class TestClientDisconnect(ProxyTestCase):
     proxy_overrides = {"keepAliveIntervalMs": 100}
 
     def test_chat_client_disconnect_closes_upstream_connection_promptly(self):
-        self.assertDisconnectClosesUpstream("chat", {"model": "claude-sonnet-5", "stream": True,
-                                       "messages": [{"role": "user", "content": "hi"}]})
+        self.assertDisconnectClosesUpstream("chat", {
+            "model": "claude-sonnet-5", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
 
     def test_anthropic_client_disconnect_closes_upstream_connection_promptly(self):
-        self.assertDisconnectClosesUpstream("messages", {"model": "claude-sonnet-5", "stream": True,
-                                           "max_tokens": 100,
-                                           "messages": [{"role": "user", "content": "hi"}]})
+        self.assertDisconnectClosesUpstream("messages", {
+            "model": "claude-sonnet-5", "stream": True, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "hi"}]})
 
     def test_responses_client_disconnect_closes_upstream_connection_promptly(self):
-        self.assertDisconnectClosesUpstream("responses", {"model": "claude-sonnet-5", "stream": True,
-                                            "input": "hi"})
+        self.assertDisconnectClosesUpstream("responses", {
+            "model": "claude-sonnet-5", "stream": True, "input": "hi"})
 
     def test_non_streaming_client_disconnect_closes_upstream_connection_promptly(self):
         self.upstream.script(Reply(200, START + text_parts("partial")[:2] + [Stall(10)]
@@ -2270,8 +2302,9 @@ class TestClientDisconnect(ProxyTestCase):
                     self.assertFalse(rec["completed"])
 
     def test_next_request_works_after_a_client_disconnect(self):
-        self.assertDisconnectClosesUpstream("chat", {"model": "claude-sonnet-5", "stream": True,
-                                       "messages": [{"role": "user", "content": "hi"}]})
+        self.assertDisconnectClosesUpstream("chat", {
+            "model": "claude-sonnet-5", "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
         self.upstream.reset()
         r = self.chat(stream=True)
         self.assertEqual(r.status, 200, r)

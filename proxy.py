@@ -1023,8 +1023,8 @@ _ID_COUNTER = itertools.count()
 
 def random_hex(digits):
     """`digits` (at most 128) hex digits no one without this process's key can predict."""
-    return hashlib.blake2b(next(_ID_COUNTER).to_bytes(8, "little"), key=_ID_KEY).hexdigest()[
-        :digits]
+    digest = hashlib.blake2b(next(_ID_COUNTER).to_bytes(8, "little"), key=_ID_KEY)
+    return digest.hexdigest()[:digits]
 
 
 def new_id(prefix):

@@ -16,12 +16,17 @@ Data flows through one pipeline, and this file reads in that order:
 
     client JSON --decode--> Request --backend.stream--> event batches --encode--> SSE or JSON
 
-Sections: configuration, logging, canonical request/events/errors, front ends, backend
-Command Code, backend Claude Code CLI, HTTP server, command line.
+Sections: 1 start-up, 2 configuration, 3 logging, 4 canonical request/events/errors, 5 front
+ends, 6 pipeline, 7 backend Command Code, 8 backend Claude Code CLI, 9 HTTP server, 10 usage
+ledger and dashboard, 11 command line.
 """
 
 import os
 import sys
+
+# =====================================================================================
+# 1. Start-up: the re-exec that frees the script's syntax tree
+# =====================================================================================
 
 # Python keeps the syntax tree of the script it runs (~11 MB for this file) until the script's
 # top level returns, which for a server is never; a module run with -m (or imported) has its tree
@@ -2667,6 +2672,8 @@ class Pipeline:
 # 7. Backend: Command Code (POST /alpha/generate, NDJSON), spoken as the official CLI 1.64 does
 # =====================================================================================
 
+# ---- models: the CLI's catalog, ids and version ------------------------------------------
+
 PINNED_CC_VERSION = "1.64.0"   # known-good x-command-code-version when npm cannot be reached
 CC_DEFAULT_MODEL = "deepseek/deepseek-v4-flash"
 CC_MAX_TOKENS_DEFAULT = 64000
@@ -2880,6 +2887,8 @@ class VersionWatcher:
             self.stop_event.wait(24 * 3600)
 
 
+# ---- request -> the /alpha/generate body and its session ---------------------------------
+
 class UpstreamSessions:
     """One upstream session (x-session-id = threadId) per client key: 12 h plus a random 0-1 h,
     unless the client names its own. Also counts consecutive idle timeouts per key."""
@@ -2923,6 +2932,80 @@ class UpstreamSessions:
         with self.lock:
             self.timeouts.pop(self._digest(key), None)
 
+
+def wire_system(request):
+    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic
+    allows), or a single space: an empty system makes the server inject ~7.5k tokens of its own
+    prompt."""
+    parts = [p["text"] for p in request.system if p["text"]]
+    if not parts:
+        return " "
+    if len(parts) > 4:
+        parts = parts[:3] + ["\n".join(parts[3:])]
+    last = len(parts) - 1
+    return [{"type": "text", "text": text if i == last else text + "\n",
+             "cache_control": {"type": "ephemeral"}}
+            for i, text in enumerate(parts)]
+
+
+def wire_image(part):
+    if "url" in part:
+        return {"type": "image", "image": part["url"]}
+    return {"type": "image", "image": "data:%s;base64,%s" % (part["media_type"], part["data"]),
+            "mimeType": part["media_type"]}
+
+
+def wire_messages(request):
+    """Canonical messages -> AI-SDK model messages as CLI 1.64 sends them (toWireMessages)."""
+    wire = []
+    for message in request.messages:
+        role = message["role"]
+        content = []
+        hoisted = []  # images inside tool results travel in a following user message
+        for part in message["parts"]:
+            kind = part["type"]
+            if kind == "text":
+                content.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                content.append(wire_image(part))
+            elif kind == "reasoning":
+                content.append({"type": "reasoning", "text": part["text"]})
+            elif kind == "tool_call":
+                content.append({"type": "tool-call", "toolCallId": part["id"],
+                                "toolName": part["name"], "input": part["arguments"]})
+            elif kind == "tool_result":
+                value = part["content"]
+                for image in part.get("images") or ():
+                    hoisted.append(wire_image(image))
+                    value += "\n[image %d attached below]" % len(hoisted)
+                content.append({"type": "tool-result", "toolCallId": part["call_id"],
+                                "toolName": part["name"],
+                                "output": {"type": "text", "value": value}})
+        if not content:
+            continue
+        if role == "tool" and wire and wire[-1]["role"] == "tool":
+            wire[-1]["content"].extend(content)
+        else:
+            wire.append({"role": role, "content": content})
+        if hoisted:
+            wire.append({"role": "user", "content": hoisted})
+    return wire
+
+
+def drop_dangling_reasoning(request):
+    """A conversation must not end in an assistant turn holding only reasoning (clients resend
+    what they kept of a failed attempt); upstream models refuse such a 'prefill'."""
+    while request.messages and request.messages[-1]["role"] == "assistant" and \
+            all(p["type"] == "reasoning" for p in request.messages[-1]["parts"]):
+        request.messages.pop()
+
+
+def has_images(request):
+    return any(part["type"] == "image" or (part["type"] == "tool_result" and part.get("images"))
+               for message in request.messages for part in message["parts"])
+
+
+# ---- the upstream exchange: TLS, connection pool, one call, body framing -----------------
 
 @functools.lru_cache(maxsize=None)
 def tls_context(ca_file=""):
@@ -3347,6 +3430,8 @@ class UpstreamCall:
             self.pool.discard(conn)
 
 
+# ---- upstream answer -> canonical events: errors, the NDJSON decoder ---------------------
+
 def parse_upstream_error(body):
     """An upstream error body -> (message, code, rateLimit). Shapes seen: {"error": {...}},
     {"success": false, "error": {...}}, a JSON document inside message, bare prose."""
@@ -3615,77 +3700,7 @@ class CommandCodeStreamDecoder:
         raise ProxyError(502, "upstream", "Command Code aborted the answer", retryable=True)
 
 
-def wire_system(request):
-    """params.system: the client's text as parts with cache markers (at most 4, as Anthropic
-    allows), or a single space: an empty system makes the server inject ~7.5k tokens of its own
-    prompt."""
-    parts = [p["text"] for p in request.system if p["text"]]
-    if not parts:
-        return " "
-    if len(parts) > 4:
-        parts = parts[:3] + ["\n".join(parts[3:])]
-    last = len(parts) - 1
-    return [{"type": "text", "text": text if i == last else text + "\n",
-             "cache_control": {"type": "ephemeral"}}
-            for i, text in enumerate(parts)]
-
-
-def wire_image(part):
-    if "url" in part:
-        return {"type": "image", "image": part["url"]}
-    return {"type": "image", "image": "data:%s;base64,%s" % (part["media_type"], part["data"]),
-            "mimeType": part["media_type"]}
-
-
-def wire_messages(request):
-    """Canonical messages -> AI-SDK model messages as CLI 1.64 sends them (toWireMessages)."""
-    wire = []
-    for message in request.messages:
-        role = message["role"]
-        content = []
-        hoisted = []  # images inside tool results travel in a following user message
-        for part in message["parts"]:
-            kind = part["type"]
-            if kind == "text":
-                content.append({"type": "text", "text": part["text"]})
-            elif kind == "image":
-                content.append(wire_image(part))
-            elif kind == "reasoning":
-                content.append({"type": "reasoning", "text": part["text"]})
-            elif kind == "tool_call":
-                content.append({"type": "tool-call", "toolCallId": part["id"],
-                                "toolName": part["name"], "input": part["arguments"]})
-            elif kind == "tool_result":
-                value = part["content"]
-                for image in part.get("images") or ():
-                    hoisted.append(wire_image(image))
-                    value += "\n[image %d attached below]" % len(hoisted)
-                content.append({"type": "tool-result", "toolCallId": part["call_id"],
-                                "toolName": part["name"],
-                                "output": {"type": "text", "value": value}})
-        if not content:
-            continue
-        if role == "tool" and wire and wire[-1]["role"] == "tool":
-            wire[-1]["content"].extend(content)
-        else:
-            wire.append({"role": role, "content": content})
-        if hoisted:
-            wire.append({"role": "user", "content": hoisted})
-    return wire
-
-
-def drop_dangling_reasoning(request):
-    """A conversation must not end in an assistant turn holding only reasoning (clients resend
-    what they kept of a failed attempt); upstream models refuse such a 'prefill'."""
-    while request.messages and request.messages[-1]["role"] == "assistant" and \
-            all(p["type"] == "reasoning" for p in request.messages[-1]["parts"]):
-        request.messages.pop()
-
-
-def has_images(request):
-    return any(part["type"] == "image" or (part["type"] == "tool_result" and part.get("images"))
-               for message in request.messages for part in message["parts"])
-
+# ---- the backend -------------------------------------------------------------------------
 
 class ModelList:
     """/v1/models for Command Code: the live /provider/v1/models list (cached), else the catalog.
@@ -6119,7 +6134,7 @@ BACKENDS = {"commandcode": CommandCodeBackend, "claude-code": ClaudeCodeBackend}
 
 
 # =====================================================================================
-# 9. HTTP server: routing, auth, CORS, request ids, byte writer, metrics, access log
+# 9. HTTP server: threads, routing, auth, CORS, request ids, byte writer, metrics, access log
 # =====================================================================================
 
 class Metrics:

@@ -73,10 +73,10 @@ import functools
 import hashlib
 import hmac
 import http.client
-import itertools
 import http.cookies
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import queue
@@ -811,6 +811,15 @@ _json_decode = _json_decoder.decode
 # The C scanner itself, for the upstream's NDJSON lines: (value, end) or StopIteration, without
 # decode()'s two Python frames and whitespace regex per line (~0.3 us of every relayed event).
 _json_scan = _json_decoder.scan_once
+
+
+def json_line_object(line):
+    """A line of JSON that should hold an object -> the object, or {} when it does not."""
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return {}
+    return item if isinstance(item, dict) else {}
 
 
 class Fields:
@@ -3027,10 +3036,10 @@ def check_ca_file(ca_file):
                           % (ca_file, getattr(e, "strerror", None) or e)) from None
 
 
-class _WithoutNagle:
-    """Small NDJSON requests and stream reads: no Nagle delay on the upstream socket. Without
-    Nagle, http.client's two sends of a request (its head, then its body) are two packets (two
-    TLS records) and two system calls each; endheaders() here joins them into one."""
+class _OnePacketRequest:
+    """A request leaves at once and whole: no Nagle delay on the upstream socket, and without
+    Nagle http.client's two sends of a request (its head, then its body) would be two packets
+    (two TLS records) and two system calls each, so endheaders() here joins them into one."""
 
     held = None   # what send() was given while endheaders() runs
 
@@ -3055,11 +3064,11 @@ class _WithoutNagle:
         self.held.append(data if isinstance(data, bytes) else bytes(data))
 
 
-class UpstreamHTTPConnection(_WithoutNagle, http.client.HTTPConnection):
+class UpstreamHTTPConnection(_OnePacketRequest, http.client.HTTPConnection):
     pass
 
 
-class UpstreamHTTPSConnection(_WithoutNagle, http.client.HTTPSConnection):
+class UpstreamHTTPSConnection(_OnePacketRequest, http.client.HTTPSConnection):
     pass
 
 
@@ -3304,6 +3313,7 @@ class UpstreamCall:
          self.headers, self.body) = pool, method, path, headers, body
         self.socket_timeout = socket_timeout
         self.conn = self.response = self.sock = self.framing = None
+        self.tls_pending = None   # a TLS socket's pending(): bytes decrypted, not yet read
         self.done = False
         self.reused = False     # the connection came from the pool (it may have been closed)
 
@@ -3349,10 +3359,10 @@ class UpstreamCall:
         if response.status != 200:
             body = response.read(65536)
             self.abort()
-            self.done = True
             return UpstreamHead(response.status, response.getheaders(), body)
         self.framing = ChunkedBody() if response.chunked else PlainBody(response.length)
         self.sock.settimeout(0.0)
+        self.tls_pending = self.sock.pending if isinstance(self.sock, ssl.SSLSocket) else None
         try:   # what http.client read past the head is the body's start
             self.framing.buffer = response.fp.read1(self.CHUNK) + self.framing.buffer
         except self.WOULD_BLOCK:
@@ -3367,9 +3377,9 @@ class UpstreamCall:
                 return UpstreamChunk(data)
         if framing.done:
             return self._end()
-        sock = self.sock
+        sock, pending = self.sock, self.tls_pending
         while True:
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            if not (pending and pending()):
                 if not select.select([sock], [], [], timeout)[0]:
                     return None
             try:
@@ -4358,6 +4368,10 @@ def claude_user_blocks(messages):
     return blocks
 
 
+CLAUDE_MCP_SERVER = "client"   # the proxy's sdk MCP server: the model sees mcp__client__<tool>
+CLAUDE_MCP_PREFIX = "mcp__%s__" % CLAUDE_MCP_SERVER
+
+
 def claude_tool_choice_hint(request):
     """A forced tool_choice, asked for in words: the CLI has no way to force a tool call."""
     if not request.tools or request.tool_choice in (None, "auto", "none"):
@@ -4385,10 +4399,6 @@ def claude_transcript(messages):
     lines.append("")
     lines.append("The user's new message:")
     return "\n".join(lines)
-
-
-CLAUDE_MCP_SERVER = "client"   # the proxy's sdk MCP server: the model sees mcp__client__<tool>
-CLAUDE_MCP_PREFIX = "mcp__%s__" % CLAUDE_MCP_SERVER
 
 
 class ClaudeSpawn(NamedTuple):
@@ -4939,11 +4949,8 @@ class ClaudeProcess:
 
     def _control(self, line):
         """A control request (the CLI asking its host) -> on_control; True when it was one."""
-        try:
-            item = json.loads(line)
-        except ValueError:
-            return False
-        if not isinstance(item, dict) or item.get("type") != "control_request":
+        item = json_line_object(line)
+        if item.get("type") != "control_request":
             return False
         try:
             self.on_control(item)
@@ -5244,7 +5251,8 @@ class ClaudeWorker:
                 return False
             if line is None:
                 return False
-            if type(line) is bytes and b'"result"' in line and _json_type(line) == "result":
+            if type(line) is bytes and b'"result"' in line and \
+                    json_line_object(line).get("type") == "result":
                 self.end_turn()
         return True
 
@@ -5257,14 +5265,6 @@ class ClaudeWorker:
                     os.unlink(self.system_file)
                 except OSError:
                     pass
-
-
-def _json_type(line):
-    try:
-        item = json.loads(line)
-    except ValueError:
-        return None
-    return item.get("type") if isinstance(item, dict) else None
 
 
 @dataclass

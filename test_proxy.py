@@ -8178,6 +8178,21 @@ class TestIdleUpstreamConnectionsAreReaped(unittest.TestCase):
         self.burst(port, upstream, n=60, apart=0.2)
         self.assertLessEqual({r["client_port"] for r in upstream.generates()}, first)
 
+    def test_a_pooled_connection_the_upstream_closed_before_the_reaper_saw_it_is_replaced(self):
+        server, port, upstream = self.serve(upstreamIdleMs=60000, upstreamRetries=0)
+        upstream.idle_timeout = 0.05   # the fake closes an idle keep-alive connection this soon
+        ask = lambda: http_request(port, "POST", "/v1/chat/completions", {
+            "model": "claude-sonnet-5", "messages": [{"role": "user", "content": "hi"}]},
+            {"Authorization": "Bearer " + KEY})
+        self.assertEqual(ask().status, 200)
+        time.sleep(0.25)   # closed by now; the reaper looks again only after REAP_EVERY (1 s)
+        self.assertEqual(len(server.backend.pool.idle), 1)
+        r = ask()
+        self.assertEqual(r.json()["choices"][0]["message"]["content"], "Hello world")
+        ports = [g["client_port"] for g in upstream.generates()]
+        self.assertEqual(len(ports), 2)
+        self.assertNotEqual(ports[0], ports[1])   # sent again on a new connection, not failed
+
     def test_a_connection_the_upstream_closed_is_closed_promptly_not_left_in_close_wait(self):
         server, port, upstream = self.serve(upstreamIdleMs=60000)
         upstream.idle_timeout = 0.2
